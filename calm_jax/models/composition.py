@@ -1,0 +1,203 @@
+"""CALM: compose a frozen anchor LM with frozen augmenting LMs.
+
+For every chosen pair (augmenting layer i, anchor layer j) the composition
+trains a projection f_proj: D_A -> D_B and a cross-attention f_cross whose
+queries come from the anchor stream and whose keys and values come from the
+projected augmenting states. The result is added to the anchor's residual
+stream right after layer j, and the next anchor layer reads the sum:
+
+    H_B[j] <- H_B[j] + f_cross(f_proj(H_A[i]), H_B[j])
+
+Parameters live under three kinds of top-level keys: `anchor` and
+`aug_<name>` (frozen pretrained models) and `composition` (trainable). The
+augmenting forward runs under `stop_gradient`: m_A is read, never trained.
+
+Ours (the paper is silent): the cross-attention is causal, so anchor
+position t only reads augmenting positions <= t; the queries and keys are
+RMS-normalised; the output projection starts at zero so that the composed
+model begins exactly as the anchor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax.models import transformer
+
+Array = jax.Array
+DecoderConfig = transformer.DecoderConfig
+
+
+def select_pairs(num_aug_layers: int, num_anchor_layers: int, every_k: int,
+                 field: str = 'composition') -> tuple[tuple[int, int], ...]:
+  """The paper's rule: every k-th augmenting layer, anchors spread evenly.
+
+  With n = N_A // k, augmenting layers k-1, 2k-1, ... are paired with anchor
+  layers at the same relative depth, round((i + 1) * N_B / n) - 1. Indices
+  are 0-based and name the output of that block.
+  """
+  if every_k <= 0:
+    raise ValueError(f'{field}.every_k must be positive, got {every_k}.')
+  n = num_aug_layers // every_k
+  if n == 0:
+    raise ValueError(
+        f'{field}.every_k={every_k} yields no layer pair: the augmenting '
+        f'model has only {num_aug_layers} layers. Use every_k <= '
+        f'{num_aug_layers}, or give explicit {field}.pairs.')
+  if n > num_anchor_layers:
+    raise ValueError(
+        f'{field}.every_k={every_k} asks for {n} pairs but the anchor has '
+        f'only {num_anchor_layers} layers; increase every_k.')
+  return tuple((every_k * (i + 1) - 1,
+                int(round((i + 1) * num_anchor_layers / n)) - 1)
+               for i in range(n))
+
+
+def validate_pairs(pairs: Sequence[Sequence[int]], num_aug_layers: int,
+                   num_anchor_layers: int, field: str
+                   ) -> tuple[tuple[int, int], ...]:
+  """Checks explicit (augmenting layer, anchor layer) pairs."""
+  out = []
+  for p in pairs:
+    if len(p) != 2:
+      raise ValueError(f'{field}: each pair is (augmenting_layer, '
+                       f'anchor_layer), got {tuple(p)}.')
+    a, b = int(p[0]), int(p[1])
+    if not 0 <= a < num_aug_layers:
+      raise ValueError(
+          f'{field}: augmenting layer {a} is out of range; the augmenting '
+          f'model has layers 0..{num_aug_layers - 1}.')
+    if not 0 <= b < num_anchor_layers:
+      raise ValueError(
+          f'{field}: anchor layer {b} is out of range; the anchor has '
+          f'layers 0..{num_anchor_layers - 1}.')
+    out.append((a, b))
+  if not out:
+    raise ValueError(f'{field} is empty; give at least one pair or use '
+                     'every_k.')
+  if len(set(out)) != len(out):
+    raise ValueError(f'{field} has duplicate pairs: {out}.')
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmenting:
+  """One augmenting model and the layer pairs that connect it."""
+  name: str
+  config: DecoderConfig
+  pairs: tuple[tuple[int, int], ...]
+
+
+class CrossAttentionBridge(nn.Module):
+  """f_cross(f_proj(H_A), H_B) for one layer pair: [b, t, D_B]."""
+  d_model: int
+  num_heads: int
+  cache_len: int = 512  # Decode-time slots; the anchor's max_len.
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
+               decode: bool = False) -> Array:
+    h, d = self.num_heads, self.d_model // self.num_heads
+    init = lambda names, fn=nn.initializers.lecun_normal(): (
+        nn.with_logical_partitioning(fn, names))
+    dense = lambda feats, axis, names, name, **kw: nn.DenseGeneral(
+        feats, axis=axis, use_bias=False, dtype=jnp.float32, name=name,
+        kernel_init=init(names, **kw))
+    # f_proj: D_A -> D_B.
+    proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
+    proj = transformer.Norm('rmsnorm', 1e-6, name='kv_norm')(proj)
+    query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
+    q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(query_in)
+    k = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'key')(proj)
+    v = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'value')(proj)
+    if decode:
+      # The cached projected states of earlier steps are the keys/values.
+      k, v, mask = transformer.update_cache(self, k, v, self.cache_len)
+    else:
+      t, s = anchor_h.shape[1], aug_h.shape[1]
+      mask = jnp.ones((1, 1, t, s), bool)
+      if self.causal:
+        mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
+    if prompt_len is not None:
+      mask = mask & (jnp.arange(k.shape[1])[None, None, None, :]
+                     < prompt_len[:, None, None, None])
+    out = transformer.dot_product_attention(q, k, v, mask)
+    return dense(self.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
+                 'out', fn=nn.initializers.zeros)(out)
+
+
+class Composition(nn.Module):
+  """All trainable bridges; `__call__(j, ...)` is what joins anchor layer j."""
+  d_model: int
+  num_heads: int
+  augmenting: tuple[Augmenting, ...]
+  cache_len: int = 512
+
+  def setup(self):
+    self.bridges = {
+        (a.name, i, j): CrossAttentionBridge(
+            self.d_model, self.num_heads, self.cache_len,
+            name=f'{a.name}_{i}_{j}')
+        for a in self.augmenting for (i, j) in a.pairs}
+
+  def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
+               prompt_len: Array | None, decode: bool = False
+               ) -> Array | None:
+    """Sum of the bridges into anchor layer j, or None if there are none."""
+    add = None
+    for (name, i, jj), bridge in self.bridges.items():
+      if jj == j:
+        y = bridge(x.astype(jnp.float32), aug[name][i].astype(jnp.float32),
+                   prompt_len, decode)
+        add = y if add is None else add + y
+    return add
+
+
+class ComposedLM(nn.Module):
+  """The anchor with one or more augmenting models bridged into it."""
+  anchor: DecoderConfig
+  augmenting: tuple[Augmenting, ...]
+  cross_heads: int | None = None  # None: the anchor's head count.
+  prompt_only: bool = False  # Ablation: m_A reads the prompt only.
+
+  def setup(self):
+    self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
+    self.aug_lms = {a.name: transformer.Decoder(a.config, name=f'aug_{a.name}')
+                    for a in self.augmenting}
+    self.composition = Composition(
+        self.anchor.d_model, self.cross_heads or self.anchor.num_heads,
+        self.augmenting, self.anchor.max_len)
+
+  def augmenting_states(self, tokens: Array, decode: bool = False
+                        ) -> dict[str, dict[int, Array]]:
+    """Hidden states of every augmenting model at its paired layers."""
+    states = {}
+    for a in self.augmenting:
+      layers = sorted({i for i, _ in a.pairs})
+      hs = self.aug_lms[a.name].hidden_states(tokens, layers, decode)
+      states[a.name] = jax.tree_util.tree_map(jax.lax.stop_gradient, hs)
+    return states
+
+  def __call__(self, tokens: Array, *, prompt_len: Array | None = None,
+               decode: bool = False) -> Array:
+    """Composed logits [b, t, vocab]; float32."""
+    if self.prompt_only and prompt_len is None:
+      raise ValueError('composition.prompt_only needs the batch to carry '
+                       'prompt_len.')
+    plen = prompt_len if self.prompt_only else None
+    aug = self.augmenting_states(tokens, decode)
+    anchor = self.anchor_lm
+    positions = anchor.positions(tokens, decode)
+    x = anchor.embed(tokens, positions)
+    for j in range(self.anchor.num_layers):
+      x = anchor.block(j, x, positions, decode)
+      add = self.composition(j, x, aug, plen, decode)
+      if add is not None:
+        x = x + add.astype(x.dtype)
+    return anchor.head(x)

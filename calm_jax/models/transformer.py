@@ -1,0 +1,371 @@
+"""A configurable decoder-only transformer in Flax linen.
+
+One module covers the usual families (GPT-2, Llama, Gemma, ...) through
+`DecoderConfig`: RMSNorm or LayerNorm, RoPE or learned positions, gated or
+plain MLP, multi-head or grouped-query attention, tied or separate embeddings.
+
+The forward pass is split into `embed`, `block` and `head` so that a parent
+module (the CALM composition) can read hidden states after chosen layers and
+add to the residual stream between layers. Every parameter carries logical
+axis names so that the same code shards over any mesh.
+
+Decoding uses linen's `cache` collection: call with `decode=True` and one
+token per step; positions come from the cache index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+NORMS = ('rmsnorm', 'layernorm')
+POSITIONS = ('rope', 'learned', 'none')
+MLPS = ('gated_silu', 'gated_gelu', 'gelu', 'relu')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of one decoder LM. Frozen so it can be a module field."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  num_kv_heads: int | None = None  # None: multi-head (= num_heads).
+  head_dim: int | None = None  # None: d_model // num_heads.
+  max_len: int = 512
+  norm: str = 'rmsnorm'
+  norm_eps: float = 1e-6
+  position: str = 'rope'
+  rope_theta: float = 10_000.0
+  mlp: str = 'gated_silu'
+  tie_embeddings: bool = True
+  # Gemma multiplies embeddings by sqrt(d_model).
+  scale_embeddings: bool = False
+  use_bias: bool = False
+  logit_softcap: float | None = None
+  dtype: str = 'float32'  # Compute dtype.
+  param_dtype: str = 'float32'
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def validate(self, field: str = 'model') -> 'DecoderConfig':
+    """Raises ValueError naming `field.<name>` for any inconsistent value."""
+    def fail(name, msg):
+      raise ValueError(f'{field}.{name}: {msg}')
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff',
+                 'max_len'):
+      if int(getattr(self, name)) <= 0:
+        fail(name, f'must be a positive integer, got {getattr(self, name)}.')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      fail('num_heads', f'd_model={self.d_model} is not divisible by '
+           f'num_heads={self.num_heads}; set head_dim or change num_heads.')
+    if self.num_heads % self.kv_heads:
+      fail('num_kv_heads', f'num_heads={self.num_heads} must be a multiple '
+           f'of num_kv_heads={self.kv_heads}.')
+    if self.position == 'rope' and self.dim_per_head % 2:
+      fail('head_dim', 'RoPE needs an even head dimension.')
+    for name, choices in (('norm', NORMS), ('position', POSITIONS),
+                          ('mlp', MLPS), ('dtype', DTYPES),
+                          ('param_dtype', DTYPES)):
+      if getattr(self, name) not in choices:
+        fail(name, f'unknown value {getattr(self, name)!r}; choose one of '
+             f'{sorted(choices)}.')
+    return self
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], field: str = 'model'
+                ) -> 'DecoderConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'{field}: unknown architecture fields {unknown}; '
+                       f'known fields are {sorted(known)}.')
+    return cls(**dict(d)).validate(field)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _init(initializer, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(initializer, tuple(names))
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding on [..., length, heads, head_dim] (half-split layout)."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., :, None, None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm, computed in float32."""
+  kind: str
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    scale = self.param('scale', _init(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    if self.kind == 'rmsnorm':
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+      return (x * scale).astype(dtype)
+    mean = jnp.mean(x, -1, keepdims=True)
+    x = x - mean
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    bias = self.param('bias', _init(nn.initializers.zeros, ('embed',)),
+                      (x.shape[-1],), self.param_dtype)
+    return (x * scale + bias).astype(dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
+                          softcap: float | None = None) -> Array:
+  """q [b, t, h, d]; k, v [b, s, kv, d]; mask broadcastable to [b, h, t, s].
+
+  Grouped-query attention shares each key/value head across h // kv query
+  heads. Softmax runs in float32 whatever the compute dtype.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', q, k,
+                      preferred_element_type=jnp.float32) * d ** -0.5
+  logits = _softcap(logits, softcap)
+  mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1]))
+  mask = mask.reshape(b, kv, h // kv, t, k.shape[1])
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class SelfAttention(nn.Module):
+  """Causal self-attention with optional grouped-query heads and a KV cache."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, decode: bool = False
+               ) -> Array:
+    cfg = self.config
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    dense = lambda feats, axes, names, name: nn.DenseGeneral(
+        feats, axis=axes, use_bias=cfg.use_bias, dtype=dtype,
+        param_dtype=pdtype, name=name,
+        kernel_init=_init(nn.initializers.lecun_normal(), names),
+        bias_init=_init(nn.initializers.zeros, names[-len(
+            feats if isinstance(feats, tuple) else (feats,)):]))
+    q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(x)
+    k = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'key')(x)
+    v = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'value')(x)
+    if cfg.position == 'rope':
+      q = rope(q, positions, cfg.rope_theta)
+      k = rope(k, positions, cfg.rope_theta)
+
+    if decode:
+      k, v, mask = update_cache(self, k, v, cfg.max_len)
+    else:
+      t = x.shape[1]
+      mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    out = dot_product_attention(q, k, v, mask)
+    return dense(cfg.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
+                 'out')(out)
+
+
+def update_cache(module: nn.Module, k: Array, v: Array, max_len: int):
+  """Writes one step's keys/values into the module's cache; returns all.
+
+  The cache holds `max_len` slots; step t attends to slots 0..t. As in the
+  Flax examples, `init(..., decode=True)` only creates the zero cache.
+  """
+  b, t, heads, d = k.shape
+  if t != 1:
+    raise ValueError(f'decode=True takes one token per step, got length {t}.')
+  initialized = module.has_variable('cache', 'cached_key')
+  ck = module.variable('cache', 'cached_key', jnp.zeros, (b, max_len, heads, d),
+                       k.dtype)
+  cv = module.variable('cache', 'cached_value', jnp.zeros, (b, max_len, heads, d),
+                       v.dtype)
+  idx = module.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+  i = idx.value
+  if initialized:  # The init pass only creates the (zero) cache.
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+    idx.value = i + 1
+  mask = (jnp.arange(max_len) <= i)[None, None, None, :]
+  return ck.value, cv.value, mask
+
+
+class Mlp(nn.Module):
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    dense = lambda feats, names, name: nn.Dense(
+        feats, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
+        name=name, kernel_init=_init(nn.initializers.lecun_normal(), names),
+        bias_init=_init(nn.initializers.zeros, names[-1:]))
+    act = {'gated_silu': nn.silu, 'relu': nn.relu,
+           'gated_gelu': lambda y: nn.gelu(y, approximate=True),
+           'gelu': lambda y: nn.gelu(y, approximate=True)}[cfg.mlp]
+    hidden = act(dense(cfg.d_ff, ('embed', 'mlp'), 'wi')(x))
+    if cfg.mlp.startswith('gated'):
+      hidden = hidden * dense(cfg.d_ff, ('embed', 'mlp'), 'wi_gate')(x)
+    return dense(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, decode: bool = False
+               ) -> Array:
+    cfg = self.config
+    pdtype = DTYPES[cfg.param_dtype]
+    y = Norm(cfg.norm, cfg.norm_eps, pdtype, name='attn_norm')(x)
+    x = x + SelfAttention(cfg, name='attn')(y, positions, decode)
+    y = Norm(cfg.norm, cfg.norm_eps, pdtype, name='mlp_norm')(x)
+    return x + Mlp(cfg, name='mlp')(y)
+
+
+class DecodePosition(nn.Module):
+  """Counts the tokens seen while decoding (a `cache` variable)."""
+
+  @nn.compact
+  def __call__(self, length: int) -> Array:
+    initialized = self.has_variable('cache', 'index')
+    idx = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
+    pos = idx.value
+    if initialized:  # The init pass only creates the (zero) cache.
+      idx.value = pos + length
+    return pos
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM. `__call__` gives logits; the pieces are public.
+
+  `embed`, `block(i, ...)` and `head` let a parent interleave its own
+  computation between layers (see `calm_jax.models.composition`).
+  """
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    pdtype = DTYPES[cfg.param_dtype]
+    self.embedding = self.param(
+        'embedding', _init(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.d_model), pdtype)
+    if cfg.position == 'learned':
+      self.pos_embedding = self.param(
+          'pos_embedding', _init(nn.initializers.normal(0.02),
+                                 (None, 'embed')),
+          (cfg.max_len, cfg.d_model), pdtype)
+    self.layers = [Block(cfg, name=f'layer_{i}')
+                   for i in range(cfg.num_layers)]
+    self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype)
+    self.decode_position = DecodePosition()
+    if not cfg.tie_embeddings:
+      self.unembedding = self.param(
+          'unembedding', _init(nn.initializers.lecun_normal(),
+                               ('embed', 'vocab')),
+          (cfg.d_model, cfg.vocab_size), pdtype)
+
+  def positions(self, tokens: Array, decode: bool) -> Array:
+    """Positions of `tokens`; while decoding, the number of tokens seen."""
+    if not decode:
+      return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    pos = self.decode_position(tokens.shape[1])
+    return jnp.broadcast_to(pos + jnp.arange(tokens.shape[1]), tokens.shape)
+
+  def embed(self, tokens: Array, positions: Array) -> Array:
+    cfg = self.config
+    dtype = DTYPES[cfg.dtype]
+    x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    if cfg.position == 'learned':
+      x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dtype)
+    return x
+
+  def block(self, i: int, x: Array, positions: Array, decode: bool = False
+            ) -> Array:
+    return self.layers[i](x, positions, decode)
+
+  def head(self, x: Array) -> Array:
+    """Final norm and unembedding; logits are float32."""
+    cfg = self.config
+    x = self.final_norm(x)
+    w = self.embedding.T if cfg.tie_embeddings else self.unembedding
+    logits = jnp.einsum('btd,dv->btv', x, w.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return _softcap(logits, cfg.logit_softcap)
+
+  def __call__(self, tokens: Array, *, decode: bool = False,
+               return_hidden: Sequence[int] = (),
+               residual_adds: Mapping[int, Array] | None = None,
+               ) -> Array | tuple[Array, dict[int, Array]]:
+    """Logits [b, t, vocab] for int tokens [b, t].
+
+    Args:
+      tokens: input ids.
+      decode: one token per call, reading and writing the `cache` collection.
+      return_hidden: layer indices whose outputs (the residual stream after
+        that block) are also returned, as a dict.
+      residual_adds: {layer: array} added to the residual stream right after
+        that layer, before the next layer reads it.
+    """
+    positions = self.positions(tokens, decode)
+    x = self.embed(tokens, positions)
+    hidden = {}
+    for i in range(self.config.num_layers):
+      x = self.block(i, x, positions, decode)
+      if residual_adds and i in residual_adds:
+        x = x + residual_adds[i].astype(x.dtype)
+      if i in return_hidden:
+        hidden[i] = x
+    logits = self.head(x)
+    return (logits, hidden) if return_hidden else logits
+
+  def hidden_states(self, tokens: Array, layers: Sequence[int],
+                    decode: bool = False) -> dict[int, Array]:
+    """Hidden states after `layers`, skipping everything above the highest."""
+    positions = self.positions(tokens, decode)
+    x = self.embed(tokens, positions)
+    out = {}
+    for i in range(max(layers) + 1):
+      x = self.block(i, x, positions, decode)
+      if i in layers:
+        out[i] = x
+    return out
+
+
+def count_params(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
