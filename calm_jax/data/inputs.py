@@ -1,0 +1,108 @@
+"""The data an experiment needs, by config: sources, iterators, eval sets.
+
+`Data(config.data, workdir)` is what the trainer holds: it prepares TFDS
+datasets under the workdir on first use, hands out per-process training
+iterators for a split, and builds (once) the padded eval batches of a split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from calm_jax.data import kv_arithmetic
+from calm_jax.data import pipeline
+from calm_jax.data import tokenizers
+
+# Batch entries the models read; the rest (texts, masks) is for scoring.
+MODEL_KEYS = ('inputs', 'targets', 'weights', 'prompt_len')
+
+# dataset name -> (its split names, its config check).
+_DATASETS = {
+    'kv_arithmetic': (kv_arithmetic.SPLITS, pipeline.kv_arithmetic_config),
+}
+
+
+def split_names(dataset: str) -> list[str]:
+  _check_dataset(dataset)
+  return list(_DATASETS[dataset][0])
+
+
+def tokenizer_vocab_size(name: str) -> int:
+  return tokenizers.get_tokenizer(name).vocab_size
+
+
+def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
+  """Checks `config.data` without building anything."""
+  _check_dataset(data_cfg.dataset)
+  tokenizers.get_tokenizer(data_cfg.tokenizer)
+  if int(data_cfg.seq_len) <= 1:
+    raise ValueError(f'data.seq_len must be at least 2, got '
+                     f'{data_cfg.seq_len}.')
+  _DATASETS[data_cfg.dataset][1](data_cfg)
+
+
+def _check_dataset(dataset: str) -> None:
+  if dataset not in _DATASETS:
+    raise ValueError(f'data.dataset={dataset!r} is not a known dataset; '
+                     f'choose one of {sorted(_DATASETS)}.')
+
+
+@dataclasses.dataclass
+class TrainData:
+  """One training split; `iterator` gives this process's batches."""
+  source: Sequence[Any]
+  tokenizer: tokenizers.Tokenizer
+  seq_len: int
+
+  def iterator(self, global_batch_size: int, seed: int):
+    """A checkpointable grain iterator of this process's share of batches."""
+    per_process, rem = divmod(global_batch_size, jax.process_count())
+    if rem:
+      raise ValueError(
+          f'batch_size={global_batch_size} is not divisible by the '
+          f'{jax.process_count()} processes; use a multiple of it.')
+    return iter(pipeline.train_dataset(
+        self.source, tokenizer=self.tokenizer, seq_len=self.seq_len,
+        batch_size=per_process, seed=seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count()))
+
+
+class Data:
+  """Datasets of one experiment, prepared under `data.data_dir`."""
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, workdir: str):
+    validate_config(data_cfg)
+    self.config = data_cfg
+    self.data_dir = data_cfg.data_dir or os.path.join(workdir, 'tfds')
+    self.tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    self._eval: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
+
+  def source(self, split: str, field: str = 'train.split') -> Sequence[Any]:
+    return pipeline.make_source(self.config.dataset, split, self.config,
+                                self.data_dir, split_field=field)
+
+  def train(self, split: str, field: str = 'train.split') -> TrainData:
+    return TrainData(self.source(split, field), self.tokenizer,
+                     self.config.seq_len)
+
+  def eval(self, split: str, batch_size: int, num_examples: int = 0
+           ) -> list[dict[str, np.ndarray]]:
+    """Padded eval batches of `split` (first `num_examples`; 0: all).
+
+    Every process holds the whole eval set and contributes its slice of
+    each batch, so scoring needs no gather.
+    """
+    key = (split, batch_size, num_examples)
+    if key not in self._eval:
+      batches = pipeline.eval_batches(
+          self.source(split, 'eval.splits'), tokenizer=self.tokenizer,
+          seq_len=self.config.seq_len, batch_size=batch_size,
+          num_examples=num_examples or None)
+      self._eval[key] = batches
+    return self._eval[key]

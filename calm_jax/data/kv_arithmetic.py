@@ -1,0 +1,473 @@
+"""The key-value arithmetic task of CALM (Bansal et al. 2024, Table 1).
+
+A fixed map assigns each key (a string of 2-6 lowercase letters) a unique
+integer value. Expressions of 3-6 operands with `+ - *` give three tasks:
+
+  KV-SUBS   prompt "abc+de*fgh="  target "10+22*24"   (m_A's skill)
+  NUM-MATH  prompt "10+22*24="    target "538"        (m_B's skill)
+  KV-MATH   prompt "abc+de*fgh="  target "538"        (the composed skill)
+
+Results follow standard precedence (`*` before `+`/`-`, left to right
+otherwise), may be negative, and are exact Python ints. The text is compact
+(no spaces) so that a byte tokenizer sees one token per character.
+
+Keys are split once: `compose_key_fraction` of them are "compose keys", the
+only keys in the composition set D_C (`kv_math_compose`); the rest are
+"held-out keys", the only keys in the KV evaluation splits. m_A's training
+split `kv_subs_train` covers all keys, so CALM can only solve KV-MATH on the
+held-out keys by reading m_A's knowledge through the composition.
+
+Generation is pure Python/numpy (`make_keys`, `generate_split`, ...) and
+deterministic in `seed`; `KvArithmetic` wraps it as a TFDS builder written to
+array_record so that grain reads it with random access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+ALLOWED_OPERATORS = '+-*'
+
+TRAIN_SPLITS = ('kv_subs_train', 'num_math_train', 'kv_math_compose')
+EVAL_SPLITS = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval')
+SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+
+# split -> (task, operand pool, size field, train split whose prompts to avoid).
+_SPLIT_SPECS = {
+    'kv_subs_train': ('kv_subs', 'all_keys', 'num_kv_subs_train', None),
+    'num_math_train': ('num_math', 'numbers', 'num_num_math_train', None),
+    'kv_math_compose': ('kv_math', 'compose_keys', 'num_kv_math_compose', None),
+    'kv_subs_eval': ('kv_subs', 'held_out_keys', 'num_eval', 'kv_subs_train'),
+    'num_math_eval': ('num_math', 'numbers', 'num_eval', 'num_math_train'),
+    'kv_math_eval': ('kv_math', 'held_out_keys', 'num_eval', 'kv_math_compose'),
+}
+
+# Independent random streams, so that e.g. changing a split size leaves the
+# key map and every other split unchanged.
+_STREAMS = {name: i + 2 for i, name in enumerate(SPLITS)}
+_KEYS_STREAM, _KEY_SPLIT_STREAM = 0, 1
+
+
+@dataclasses.dataclass(eq=False)
+class KvArithmeticConfig(tfds.core.BuilderConfig):
+  """Parameters of the task; the config's `name` is its data directory."""
+
+  # Number of distinct keys (the paper uses 25K).
+  num_keys: int = 25_000
+  # Key lengths, in letters, inclusive.
+  key_min_len: int = 2
+  key_max_len: int = 6
+  # Values are distinct integers in [1, max_value].
+  max_value: int = 25_000
+  # Operands per expression, inclusive.
+  min_operands: int = 3
+  max_operands: int = 6
+  # Operators drawn uniformly from this string (a subset of '+-*').
+  operators: str = '+-*'
+  # Fraction of keys usable in the composition set D_C (the paper uses 20%).
+  compose_key_fraction: float = 0.2
+  seed: int = 0
+  # Examples per split (ours: the paper does not report split sizes).
+  num_kv_subs_train: int = 250_000
+  num_num_math_train: int = 250_000
+  num_kv_math_compose: int = 25_000
+  num_eval: int = 2_000  # Per evaluation split.
+
+
+_BASE_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(tfds.core.BuilderConfig))
+FIELDS = tuple(
+    f.name for f in dataclasses.fields(KvArithmeticConfig)
+    if f.name not in _BASE_FIELDS
+)
+
+
+def config_fields(config: KvArithmeticConfig) -> dict[str, Any]:
+  """Returns the task fields of `config` (everything except TFDS metadata)."""
+  return {name: getattr(config, name) for name in FIELDS}
+
+
+def num_possible_keys(min_len: int, max_len: int) -> int:
+  """Number of distinct lowercase strings with length in [min_len, max_len]."""
+  return sum(26**n for n in range(min_len, max_len + 1))
+
+
+def num_compose_keys(config: KvArithmeticConfig) -> int:
+  return int(round(config.compose_key_fraction * config.num_keys))
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def validate_config(config: KvArithmeticConfig) -> None:
+  """Raises ValueError naming the first bad `data.kv.<field>` and its fix."""
+
+  def fail(field: str, msg: str):
+    raise ValueError(f'data.kv.{field}={getattr(config, field)!r}: {msg}')
+
+  for field in FIELDS:
+    if field not in ('operators', 'compose_key_fraction') and not _is_int(
+        getattr(config, field)):
+      fail(field, 'must be an int.')
+  if config.key_min_len < 1:
+    fail('key_min_len', 'must be >= 1.')
+  if config.key_max_len < config.key_min_len:
+    fail('key_max_len',
+         f'must be >= data.kv.key_min_len={config.key_min_len}.')
+  if config.num_keys < 2:
+    fail('num_keys', 'must be >= 2 (one compose and one held-out key).')
+  capacity = num_possible_keys(config.key_min_len, config.key_max_len)
+  if config.num_keys > capacity:
+    fail('num_keys', f'only {capacity} distinct keys of '
+         f'{config.key_min_len}-{config.key_max_len} letters exist; lower '
+         'num_keys or raise data.kv.key_max_len.')
+  if config.max_value < config.num_keys:
+    fail('max_value', f'must be >= data.kv.num_keys={config.num_keys} so that '
+         'every key gets a unique value; raise it.')
+  if config.min_operands < 2:
+    fail('min_operands', 'must be >= 2 (an expression needs an operator).')
+  if config.max_operands < config.min_operands:
+    fail('max_operands',
+         f'must be >= data.kv.min_operands={config.min_operands}.')
+  ops = config.operators
+  if not isinstance(ops, str) or not ops:
+    fail('operators', f'must be a non-empty string of {ALLOWED_OPERATORS!r}.')
+  for op in ops:
+    if op not in ALLOWED_OPERATORS:
+      fail('operators', f'unknown operator {op!r}; use characters of '
+           f'{ALLOWED_OPERATORS!r}.')
+  if len(set(ops)) != len(ops):
+    fail('operators', 'contains a repeated operator; list each once.')
+  frac = config.compose_key_fraction
+  if not isinstance(frac, (float, int)) or not 0.0 < frac < 1.0:
+    fail('compose_key_fraction', 'must be in (0, 1), e.g. 0.2.')
+  if not 1 <= num_compose_keys(config) <= config.num_keys - 1:
+    fail('compose_key_fraction', f'leaves {num_compose_keys(config)} of '
+         f'{config.num_keys} keys for composition; need at least one compose '
+         'and one held-out key. Move it towards 0.5 or raise data.kv.num_keys.')
+  if config.seed < 0:
+    fail('seed', 'must be >= 0.')
+  for field in ('num_kv_subs_train', 'num_num_math_train',
+                'num_kv_math_compose', 'num_eval'):
+    if getattr(config, field) < 1:
+      fail(field, 'must be >= 1.')
+
+
+def _named_config(name: str, description: str, **fields) -> KvArithmeticConfig:
+  config = KvArithmeticConfig(name=name, description=description, **fields)
+  validate_config(config)
+  return config
+
+
+DEFAULT_CONFIG = _named_config(
+    'default', 'Paper sizes: 25K keys, values in [1, 25K].')
+SMOKE_CONFIG = _named_config(
+    'smoke', 'Tiny, for tests and local runs.',
+    num_keys=200, max_value=1000, num_kv_subs_train=512,
+    num_num_math_train=512, num_kv_math_compose=256, num_eval=64)
+NAMED_CONFIGS = (DEFAULT_CONFIG, SMOKE_CONFIG)
+
+
+def make_config(**fields: Any) -> KvArithmeticConfig:
+  """Returns a validated config whose name is a function of all its fields.
+
+  Equal fields give the same name (prepared data is reused), different fields
+  a different directory. Fields equal to a named config return that config.
+  """
+  for field in fields:
+    if field not in FIELDS:
+      raise ValueError(f'Unknown field data.kv.{field}. Known fields: '
+                       f'{list(FIELDS)}. Remove it or fix its spelling.')
+  config = KvArithmeticConfig(name='unnamed', **fields)
+  validate_config(config)
+  values = config_fields(config)
+  for named in NAMED_CONFIGS:
+    if config_fields(named) == values:
+      return named
+  digest = hashlib.sha256(
+      json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+  config.name = (
+      f'k{config.num_keys}_v{config.max_value}_s{config.seed}_{digest}')
+  config.description = f'Custom: {values}'
+  return config
+
+
+# --------------------------------------------------------------------------
+# Key map.
+
+
+def make_keys(config: KvArithmeticConfig) -> list[str]:
+  """Returns `num_keys` distinct lowercase keys, deterministic in the seed.
+
+  Each candidate first draws its length uniformly, then its letters; repeats
+  are rejected. Short lengths saturate (there are only 676 two-letter keys),
+  after which their draws are simply rejected.
+  """
+  rng = np.random.default_rng([config.seed, _KEYS_STREAM])
+  lo, hi = config.key_min_len, config.key_max_len
+  keys, seen = [], set()
+  while len(keys) < config.num_keys:
+    # Vectorised draws in chunks; Python only dedupes and slices.
+    n = 2 * (config.num_keys - len(keys)) + 64
+    lengths = rng.integers(lo, hi + 1, size=n)
+    letters = rng.integers(0, 26, size=(n, hi), dtype=np.uint8) + ord('a')
+    rows = letters.view(f'S{hi}').ravel()
+    for row, length in zip(rows, lengths):
+      key = row[:length].decode('ascii')
+      if key not in seen:
+        seen.add(key)
+        keys.append(key)
+        if len(keys) == config.num_keys:
+          break
+  return keys
+
+
+def make_values(config: KvArithmeticConfig) -> np.ndarray:
+  """Returns distinct int64 values in [1, max_value], one per key."""
+  # A stream of its own, so the values do not depend on how many key draws
+  # were rejected.
+  rng = np.random.default_rng([config.seed, _KEYS_STREAM, 1])
+  values = rng.permutation(config.max_value)[:config.num_keys]
+  return values.astype(np.int64) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+  """The key -> value map and its split into compose and held-out keys."""
+
+  keys: list[str]
+  values: np.ndarray  # int64 [num_keys], values[i] belongs to keys[i].
+  compose: np.ndarray  # Sorted indices of the compose keys (D_C only).
+  held_out: np.ndarray  # Sorted indices of the held-out keys (evaluation).
+
+  def as_dict(self) -> dict[str, int]:
+    return {k: int(v) for k, v in zip(self.keys, self.values)}
+
+
+def make_key_map(config: KvArithmeticConfig) -> KeyMap:
+  """Returns the deterministic key map of `config`."""
+  rng = np.random.default_rng([config.seed, _KEY_SPLIT_STREAM])
+  perm = rng.permutation(config.num_keys)
+  n = num_compose_keys(config)
+  return KeyMap(
+      keys=make_keys(config),
+      values=make_values(config),
+      compose=np.sort(perm[:n]),
+      held_out=np.sort(perm[n:]),
+  )
+
+
+# --------------------------------------------------------------------------
+# Expressions.
+
+
+def evaluate(operands: Sequence[int], operators: Sequence[str]) -> int:
+  """Exact value of `o0 op0 o1 op1 ...` with `*` binding tighter than +/-."""
+  if len(operators) != len(operands) - 1:
+    raise ValueError(f'{len(operands)} operands need {len(operands) - 1} '
+                     f'operators, got {len(operators)}.')
+  # Python ints throughout: products of 6 values overflow int64.
+  total, sign, term = 0, 1, int(operands[0])
+  for op, x in zip(operators, operands[1:]):
+    if op == '*':
+      term *= int(x)
+    elif op in '+-':
+      total += sign * term
+      sign, term = (1 if op == '+' else -1), int(x)
+    else:
+      raise ValueError(f'Unknown operator {op!r}.')
+  return total + sign * term
+
+
+def render(operands: Sequence[Any], operators: Sequence[str]) -> str:
+  """Renders `o0 op0 o1 ...` compactly: 'abc+de*fgh' or '10+22*24'."""
+  parts = [str(operands[0])]
+  for op, x in zip(operators, operands[1:]):
+    parts += [op, str(x)]
+  return ''.join(parts)
+
+
+def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
+                 operators: Sequence[str]) -> dict[str, str]:
+  """One example of `task`; `keys` may be None for 'num_math'."""
+  if task == 'kv_subs':
+    prompt, target = render(keys, operators), render(values, operators)
+  elif task == 'num_math':
+    prompt, target = render(values, operators), str(evaluate(values, operators))
+  elif task == 'kv_math':
+    prompt, target = render(keys, operators), str(evaluate(values, operators))
+  else:
+    raise ValueError(f'Unknown task {task!r}.')
+  return {'prompt': prompt + '=', 'target': target, 'task': task}
+
+
+def sample_expressions(
+    rng: np.random.Generator, pool_size: int, count: int,
+    config: KvArithmeticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Draws `count` expression skeletons over a pool of `pool_size` operands.
+
+  Returns (lengths [count], operand indices [count, max_operands], operator
+  indices into `config.operators` [count, max_operands - 1]); row i uses the
+  first lengths[i] operands and lengths[i] - 1 operators. Operands are drawn
+  with replacement, everything uniformly.
+  """
+  k = config.max_operands
+  lengths = rng.integers(config.min_operands, k + 1, size=count)
+  operands = rng.integers(0, pool_size, size=(count, k))
+  operators = rng.integers(0, len(config.operators), size=(count, k - 1))
+  return lengths, operands, operators
+
+
+def _pool(key_map: KeyMap, name: str) -> np.ndarray | None:
+  return {'all_keys': np.arange(len(key_map.keys)), 'compose_keys':
+          key_map.compose, 'held_out_keys': key_map.held_out,
+          'numbers': None}[name]
+
+
+def generate_split(config: KvArithmeticConfig, split: str, *,
+                   key_map: KeyMap | None = None,
+                   exclude_prompts: set[str] | None = None
+                   ) -> list[dict[str, str]]:
+  """Returns the examples of `split`, deterministic in the config.
+
+  Evaluation splits hold distinct prompts, none of which appears in the
+  matching training split (generated here unless `exclude_prompts` is given).
+  """
+  if split not in _SPLIT_SPECS:
+    raise ValueError(f'Unknown split {split!r}; valid: {list(SPLITS)}.')
+  task, pool_name, count_field, avoid = _SPLIT_SPECS[split]
+  count = getattr(config, count_field)
+  if key_map is None:
+    key_map = make_key_map(config)
+  if avoid and exclude_prompts is None:
+    exclude_prompts = {ex['prompt'] for ex in generate_split(
+        config, avoid, key_map=key_map)}
+  pool = _pool(key_map, pool_name)
+  pool_size = config.max_value if pool is None else len(pool)
+  rng = np.random.default_rng([config.seed, _STREAMS[split]])
+
+  examples, seen, drawn = [], set(), 0
+  max_draws = 20 * count + 10_000
+  while len(examples) < count:
+    if drawn >= max_draws:
+      raise ValueError(
+          f'data.kv.{count_field}={count}: found only {len(examples)} '
+          f'distinct {split} prompts unseen in {avoid} after {drawn} draws. '
+          f'Lower data.kv.{count_field} or raise data.kv.num_keys / '
+          'max_value / max_operands.')
+    n = count - len(examples) + (count // 8 + 16 if avoid else 0)
+    lengths, operand_idx, op_idx = sample_expressions(rng, pool_size, n, config)
+    drawn += n
+    for length, row, ops in zip(lengths, operand_idx, op_idx):
+      row, ops = row[:length], [config.operators[o] for o in ops[:length - 1]]
+      if pool is None:
+        keys, values = None, (row + 1).tolist()
+      else:
+        idx = pool[row]
+        keys = [key_map.keys[i] for i in idx]
+        values = key_map.values[idx].tolist()
+      example = make_example(task, keys, values, ops)
+      if avoid:
+        if example['prompt'] in exclude_prompts or example['prompt'] in seen:
+          continue
+        seen.add(example['prompt'])
+      examples.append(example)
+      if len(examples) == count:
+        break
+  return examples
+
+
+def generate_all(config: KvArithmeticConfig) -> dict[str, list[dict[str, str]]]:
+  """Returns every split, generating each training split once."""
+  key_map = make_key_map(config)
+  out = {s: generate_split(config, s, key_map=key_map) for s in TRAIN_SPLITS}
+  for split in EVAL_SPLITS:
+    avoid = _SPLIT_SPECS[split][3]
+    out[split] = generate_split(
+        config, split, key_map=key_map,
+        exclude_prompts={ex['prompt'] for ex in out[avoid]})
+  return out
+
+
+def max_example_chars(config: KvArithmeticConfig) -> int:
+  """Upper bound on len(prompt) + len(target) over all splits.
+
+  With the byte tokenizer an example needs this + 2 tokens (BOS, EOS), i.e.
+  `data.seq_len >= max_example_chars(config) + 1`.
+  """
+  n, v = config.max_operands, config.max_value
+  digits = len(str(v))
+  # |sum of signed products| <= v**n when v >= 2 (a + b <= a * b for a,b >= 2).
+  bound = max(v**n, n * v) if '*' in config.operators else n * v
+  result = len(str(bound)) + 1  # Sign.
+  key_prompt = n * config.key_max_len + n  # n - 1 operators and '='.
+  num_prompt = n * digits + n
+  subs_target = n * digits + n - 1
+  return max(key_prompt + max(subs_target, result), num_prompt + result)
+
+
+# --------------------------------------------------------------------------
+# TFDS builder.
+
+
+class KvArithmetic(tfds.core.GeneratorBasedBuilder):
+  """CALM key-value arithmetic: KV-SUBS, NUM-MATH and KV-MATH splits."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = list(NAMED_CONFIGS)
+
+  # TFDS 4.9.10 locates a packaged builder's source through the
+  # `importlib_resources` backport, which is not installed (nor needed) here;
+  # the source path only serves to look up a checksums file we do not have.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'prompt': tfds.features.Text(),
+            'target': tfds.features.Text(),
+            'task': tfds.features.Text(),
+        }),
+        # Keep generation order on disk: index i of the data source is
+        # example i of generate_split. Training shuffles with grain anyway.
+        disable_shuffling=True,
+        homepage='https://arxiv.org/abs/2401.02412',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    validate_config(self.builder_config)
+    splits = generate_all(self.builder_config)
+    return {name: self._generate_examples(exs) for name, exs in splits.items()}
+
+  def _generate_examples(self, examples: list[dict[str, str]]
+                         ) -> Iterator[tuple[int, dict[str, str]]]:
+    yield from enumerate(examples)
+
+
+def prepare(config: KvArithmeticConfig, data_dir: str) -> KvArithmetic:
+  """Returns the builder of `config`, generating the data if not on disk.
+
+  Single process for now; under multi-host, generate on process 0 only and
+  have the others wait (e.g. on a barrier) before reading.
+  """
+  validate_config(config)
+  builder = KvArithmetic(config=config, data_dir=data_dir,
+                         file_format='array_record')
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(file_format='array_record')
+  return builder

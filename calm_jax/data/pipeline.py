@@ -1,0 +1,243 @@
+"""Grain input pipelines: TFDS array_record sources to fixed-shape batches.
+
+Every example is one sequence `[BOS] prompt target [EOS] PAD...`; the loss
+weights cover only the target and EOS predictions, so the models are trained
+(and scored) on answers, never on prompts.
+
+Training (`train_dataset`) reads a per-process slice of the source, shuffles
+it globally with a seed (reshuffled every epoch), repeats forever, encodes and
+batches. `batch_size` is the per-process batch; the trainer assembles global
+arrays with `jax.make_array_from_process_local_data`, passing
+`shard_index=jax.process_index(), shard_count=jax.process_count()` here.
+
+Checkpointing the iterator (MaxText style). The iterator state is a small
+JSON dict (grain records how many elements were consumed; prefetched but
+unconsumed elements are not counted), saved next to the model state:
+
+    it = iter(train_dataset(...))
+    mngr = ocp.CheckpointManager(ckpt_dir)
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(it)))
+    ...
+    it = iter(train_dataset(...))  # Same arguments as before.
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))
+    # `it` was restored in place (restored['data'] is it) and yields exactly
+    # the batches the saved run would have produced next.
+
+Each process writes its own `process_<i>-of-<n>.json`. Without orbax,
+`it.get_state()` / `it.set_state(state)` round-trip the same dict.
+
+Evaluation (`eval_batches`) is a short deterministic list of padded numpy
+batches carrying what greedy decoding and exact match need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import functools
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from calm_jax.data import kv_arithmetic
+from calm_jax.data import tokenizers
+
+Batch = dict[str, np.ndarray]
+
+
+def _text(value: Any) -> str:
+  """TFDS data sources return Text features as bytes; generators give str."""
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.ndarray):  # 0-d object/bytes array.
+    return _text(value.item())
+  return str(value)
+
+
+def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
+                   seq_len: int) -> Batch:
+  """Turns a {'prompt', 'target'} example into fixed-length model inputs.
+
+  tokens = [BOS] + prompt + target + [EOS], padded to seq_len + 1, then
+  shifted: `inputs` = tokens[:-1], `targets` = tokens[1:]. `weights` is 1.0
+  exactly where `targets` holds a target token or the EOS. `prompt_len`
+  (= 1 + len(prompt)) is the number of leading input positions that hold BOS
+  and the prompt, i.e. where greedy decoding starts.
+  """
+  prompt = tokenizer.encode(_text(example['prompt']))
+  target = tokenizer.encode(_text(example['target']))
+  tokens = [tokenizer.bos_id] + prompt + target + [tokenizer.eos_id]
+  if len(tokens) > seq_len + 1:
+    raise ValueError(
+        f'data.seq_len={seq_len} is too short: an example needs '
+        f'{len(tokens) - 1} positions ({len(prompt)} prompt + {len(target)} '
+        f'target tokens + BOS/EOS). Raise data.seq_len to at least '
+        f'{len(tokens) - 1}. Example prompt: {_text(example["prompt"])!r}.')
+  padded = np.full(seq_len + 1, tokenizer.pad_id, np.int32)
+  padded[:len(tokens)] = tokens
+  prompt_len = 1 + len(prompt)
+  weights = np.zeros(seq_len, np.float32)
+  # Position prompt_len - 1 (the last prompt token) predicts the first target
+  # token; the last weighted position predicts EOS.
+  weights[prompt_len - 1:prompt_len + len(target)] = 1.0
+  return {
+      'inputs': padded[:-1],
+      'targets': padded[1:],
+      'weights': weights,
+      'prompt_len': np.int32(prompt_len),
+  }
+
+
+def _check_positive(name: str, value: int) -> None:
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{name}={value!r} must be a positive int.')
+
+
+def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
+                  seq_len: int, batch_size: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1,
+                  num_threads: int = 4,
+                  prefetch_buffer_size: int = 256) -> grain.IterDataset:
+  """Infinite, shuffled, per-process training batches from `source`.
+
+  `source` is any random-access sequence (e.g. a TFDS data source). Process
+  `shard_index` reads the disjoint slice `source[shard_index::shard_count]`;
+  the slice is shuffled with `seed` and reshuffled each epoch. Batches are
+  dicts of `inputs`, `targets`, `weights` [batch_size, seq_len] and
+  `prompt_len` [batch_size]. `iter()` of the result is a checkpointable
+  `grain.DatasetIterator` (see the module docstring).
+  """
+  _check_positive('data.seq_len', seq_len)
+  _check_positive('batch_size', batch_size)
+  _check_positive('shard_count', shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} must be in [0, '
+                     f'shard_count={shard_count}).')
+  ds = grain.MapDataset.source(source)
+  # Shard before shuffling so processes never share an example, whatever the
+  # epoch's permutation.
+  ds = ds[shard_index::shard_count]
+  if len(ds) < batch_size:
+    raise ValueError(
+        f'Process shard {shard_index}/{shard_count} holds {len(ds)} examples, '
+        f'fewer than one batch of {batch_size}; lower the batch size or use a '
+        'larger split.')
+  ds = ds.shuffle(seed=seed).repeat()  # Epoch e is shuffled with (seed, e).
+  ds = ds.map(functools.partial(
+      encode_example, tokenizer=tokenizer, seq_len=seq_len))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
+                 seq_len: int, batch_size: int,
+                 num_examples: int | None = None) -> list[Batch]:
+  """The first `num_examples` examples of `source` (all if None), batched.
+
+  Order is the source order. The last batch is padded to `batch_size` with
+  rows that hold only BOS (`prompt_len` 1), zero weights and `valid` False,
+  so every batch has one shape and metrics divide by `valid.sum()`. Besides
+  the training fields, each batch has `valid` (bool [B]), and `target_text`
+  and `prompt_text` (object [B], '' for padding) for exact-match scoring.
+  """
+  _check_positive('batch_size', batch_size)
+  n = len(source)
+  if num_examples is not None:
+    if num_examples < 0:
+      raise ValueError(f'num_examples={num_examples} must be >= 0 or None.')
+    n = min(n, num_examples)
+  rows = []
+  for i in range(n):
+    example = source[i]
+    row = encode_example(example, tokenizer, seq_len)
+    row['valid'] = np.bool_(True)
+    row['target_text'] = _text(example['target'])
+    row['prompt_text'] = _text(example['prompt'])
+    rows.append(row)
+  pad = encode_example({'prompt': '', 'target': ''}, tokenizer, seq_len)
+  pad['weights'][:] = 0.0
+  pad['targets'][:] = tokenizer.pad_id  # Drop the EOS of the empty target.
+  pad.update(valid=np.bool_(False), target_text='', prompt_text='')
+
+  batches = []
+  for start in range(0, n, batch_size):
+    chunk = rows[start:start + batch_size]
+    chunk += [pad] * (batch_size - len(chunk))
+    batch = {}
+    for name in chunk[0]:
+      values = [row[name] for row in chunk]
+      if name.endswith('_text'):
+        batch[name] = np.empty(batch_size, dtype=object)
+        batch[name][:] = values
+      else:
+        batch[name] = np.stack(values)
+    batches.append(batch)
+  return batches
+
+
+# --------------------------------------------------------------------------
+# Sources by name (config field `data.dataset`).
+
+
+def kv_arithmetic_config(data_cfg: ml_collections.ConfigDict
+                         ) -> kv_arithmetic.KvArithmeticConfig:
+  """The validated task config of `data.kv`, checked against data.seq_len."""
+  kv_cfg = data_cfg.get('kv', None)
+  if kv_cfg is None:
+    fields = {}
+  elif isinstance(kv_cfg, ml_collections.ConfigDict):
+    fields = kv_cfg.to_dict()
+  else:
+    fields = dict(kv_cfg)
+  config = kv_arithmetic.make_config(**fields)
+  seq_len = data_cfg.get('seq_len', None)
+  # One token per character with the byte tokenizer, so the longest possible
+  # example is known up front: fail now, not when a rare long example is
+  # drawn thousands of steps into training.
+  if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':
+    needed = kv_arithmetic.max_example_chars(config) + 1
+    if seq_len < needed:
+      raise ValueError(
+          f'data.seq_len={seq_len} is too short for data.kv: the longest '
+          f'possible example needs {needed} positions (BOS + prompt + target '
+          f'+ EOS, shifted). Raise data.seq_len to >= {needed} or lower '
+          'data.kv.max_operands / key_max_len / max_value.')
+  return config
+
+
+def _kv_arithmetic_source(split: str, data_cfg: ml_collections.ConfigDict,
+                          data_dir: str, split_field: str) -> Sequence[Any]:
+  if split not in kv_arithmetic.SPLITS:
+    raise ValueError(
+        f"Unknown split {split_field}={split!r} for data.dataset="
+        f"'kv_arithmetic'. Valid splits: {list(kv_arithmetic.SPLITS)}. Set "
+        f'config.{split_field} to one of them.')
+  builder = kv_arithmetic.prepare(kv_arithmetic_config(data_cfg), data_dir)
+  return builder.as_data_source(split)
+
+
+_SOURCES: dict[str, Callable[..., Sequence[Any]]] = {
+    'kv_arithmetic': _kv_arithmetic_source,
+}
+
+
+def make_source(dataset: str, split: str, data_cfg: ml_collections.ConfigDict,
+                data_dir: str, *, split_field: str = 'train.split'
+                ) -> Sequence[Any]:
+  """Prepares `dataset` under `data_dir` if needed; returns a split source.
+
+  The result is a random-access sequence of examples (dicts of bytes) for
+  `train_dataset` / `eval_batches`. `split_field` names the config field the
+  split came from, for the error message.
+  """
+  if dataset not in _SOURCES:
+    raise ValueError(
+        f'Unknown dataset data.dataset={dataset!r}. Known datasets: '
+        f'{sorted(_SOURCES)}. Set config.data.dataset to one of them.')
+  return _SOURCES[dataset](split, data_cfg, data_dir, split_field)

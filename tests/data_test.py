@@ -1,0 +1,383 @@
+"""Tests for calm_jax.data: tokenizer, key-value arithmetic, grain pipelines."""
+
+import ast
+import dataclasses
+import json
+import operator
+import re
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import parameterized
+import grain
+import ml_collections
+import numpy as np
+
+from calm_jax.data import kv_arithmetic as kv
+from calm_jax.data import pipeline
+from calm_jax.data import tokenizers
+
+SMOKE = kv.SMOKE_CONFIG
+SEQ_LEN = kv.max_example_chars(SMOKE) + 1
+TOKENIZER = tokenizers.ByteTokenizer()
+KEY_RE = re.compile(r'[a-z]+')
+
+
+def setUpModule():
+  # pytest does not parse absl flags, which create_tempdir() reads.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _reference_eval(expression: str) -> int:
+  """Evaluates 'a+b*c-d' via Python's own parser, independent of kv.evaluate."""
+  ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+  def walk(node):
+    if isinstance(node, ast.BinOp):
+      return ops[type(node.op)](walk(node.left), walk(node.right))
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+      return node.value
+    raise ValueError(f'Unexpected node {ast.dump(node)} in {expression!r}.')
+
+  return walk(ast.parse(expression, mode='eval').body)
+
+
+def _smoke_splits():
+  return kv.generate_all(SMOKE)
+
+
+def _data_cfg(**kv_fields) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'dataset': 'kv_arithmetic', 'tokenizer': 'byte', 'seq_len': SEQ_LEN,
+      'kv': kv_fields or kv.config_fields(SMOKE)})
+
+
+class TokenizerTest(absltest.TestCase):
+
+  def test_round_trip_and_specials(self):
+    tok = tokenizers.get_tokenizer('byte')
+    self.assertEqual(tok.vocab_size, 259)
+    self.assertEqual((tok.pad_id, tok.bos_id, tok.eos_id), (0, 1, 2))
+    ids = tok.encode('ab+12=é')
+    self.assertEqual(ids[:2], [ord('a') + 3, ord('b') + 3])
+    self.assertNotIn(tok.eos_id, ids)
+    self.assertEqual(tok.decode([tok.bos_id] + ids + [tok.eos_id, 50, 0]),
+                     'ab+12=é')
+    self.assertEqual(tok.decode([0, 1, 0xFF + 3]), '\ufffd')
+
+  def test_unknown_tokenizer_names_field(self):
+    with self.assertRaisesRegex(ValueError, r'data\.tokenizer.*byte'):
+      tokenizers.get_tokenizer('sentencepiece')
+
+
+class KeyMapTest(absltest.TestCase):
+
+  def test_keys_values_deterministic_unique_in_range(self):
+    a, b = kv.make_key_map(SMOKE), kv.make_key_map(SMOKE)
+    self.assertEqual(a.keys, b.keys)
+    np.testing.assert_array_equal(a.values, b.values)
+    self.assertLen(a.keys, SMOKE.num_keys)
+    self.assertLen(set(a.keys), SMOKE.num_keys)
+    for key in a.keys:
+      self.assertRegex(key, r'^[a-z]{2,6}$')
+    self.assertLen(set(a.values.tolist()), SMOKE.num_keys)
+    self.assertTrue(((a.values >= 1) & (a.values <= SMOKE.max_value)).all())
+    other = kv.make_key_map(dataclasses.replace(SMOKE, seed=1))
+    self.assertNotEqual(a.keys, other.keys)
+
+  def test_compose_held_out_partition(self):
+    key_map = kv.make_key_map(SMOKE)
+    compose, held_out = set(key_map.compose), set(key_map.held_out)
+    self.assertEmpty(compose & held_out)
+    self.assertEqual(compose | held_out, set(range(SMOKE.num_keys)))
+    self.assertLen(compose, round(SMOKE.compose_key_fraction * SMOKE.num_keys))
+
+
+class ExamplesTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.splits = _smoke_splits()
+    key_map = kv.make_key_map(SMOKE)
+    cls.values = key_map.as_dict()
+    cls.compose = {key_map.keys[i] for i in key_map.compose}
+    cls.held_out = {key_map.keys[i] for i in key_map.held_out}
+
+  def test_deterministic(self):
+    self.assertEqual(self.splits, _smoke_splits())
+    self.assertEqual(self.splits['kv_math_eval'],
+                     kv.generate_split(SMOKE, 'kv_math_eval'))
+
+  def test_split_sizes_and_tasks(self):
+    expected = {
+        'kv_subs_train': ('kv_subs', SMOKE.num_kv_subs_train),
+        'num_math_train': ('num_math', SMOKE.num_num_math_train),
+        'kv_math_compose': ('kv_math', SMOKE.num_kv_math_compose),
+        'kv_subs_eval': ('kv_subs', SMOKE.num_eval),
+        'num_math_eval': ('num_math', SMOKE.num_eval),
+        'kv_math_eval': ('kv_math', SMOKE.num_eval),
+    }
+    self.assertEqual(set(self.splits), set(expected))
+    for split, (task, size) in expected.items():
+      self.assertLen(self.splits[split], size)
+      self.assertEqual({ex['task'] for ex in self.splits[split]}, {task})
+
+  def test_key_sets_per_split(self):
+    def keys_of(split):
+      return {k for ex in self.splits[split]
+              for k in KEY_RE.findall(ex['prompt'])}
+    self.assertLessEqual(keys_of('kv_math_compose'), self.compose)
+    self.assertLessEqual(keys_of('kv_subs_eval'), self.held_out)
+    self.assertLessEqual(keys_of('kv_math_eval'), self.held_out)
+    # m_A's training split sees both kinds of key.
+    self.assertTrue(keys_of('kv_subs_train') & self.held_out)
+    self.assertTrue(keys_of('kv_subs_train') & self.compose)
+
+  def test_eval_prompts_unseen_and_distinct(self):
+    for eval_split, train_split in [('kv_subs_eval', 'kv_subs_train'),
+                                    ('num_math_eval', 'num_math_train'),
+                                    ('kv_math_eval', 'kv_math_compose')]:
+      prompts = [ex['prompt'] for ex in self.splits[eval_split]]
+      self.assertLen(set(prompts), len(prompts))
+      train = {ex['prompt'] for ex in self.splits[train_split]}
+      self.assertEmpty(set(prompts) & train, eval_split)
+
+  def test_operand_counts_and_format(self):
+    for examples in self.splits.values():
+      for ex in examples:
+        self.assertTrue(ex['prompt'].endswith('='))
+        n = len(re.split(r'[-+*]', ex['prompt'][:-1]))
+        self.assertBetween(n, SMOKE.min_operands, SMOKE.max_operands)
+
+  def test_arithmetic_matches_reference(self):
+    for split in ('num_math_train', 'num_math_eval'):
+      for ex in self.splits[split]:
+        self.assertEqual(int(ex['target']), _reference_eval(ex['prompt'][:-1]))
+    for split in ('kv_subs_train', 'kv_subs_eval'):
+      for ex in self.splits[split]:
+        subbed = KEY_RE.sub(lambda m: str(self.values[m.group()]),
+                            ex['prompt'][:-1])
+        self.assertEqual(ex['target'], subbed)
+    for split in ('kv_math_compose', 'kv_math_eval'):
+      for ex in self.splits[split]:
+        subbed = KEY_RE.sub(lambda m: str(self.values[m.group()]),
+                            ex['prompt'][:-1])
+        self.assertEqual(int(ex['target']), _reference_eval(subbed))
+
+  def test_precedence_and_negatives(self):
+    self.assertEqual(kv.evaluate([2, 3, 4], ['+', '*']), 14)
+    self.assertEqual(kv.evaluate([2, 3, 4, 5], ['*', '-', '*']), -14)
+    self.assertEqual(kv.evaluate([10, 22, 24], ['+', '-']), 8)
+    self.assertEqual(kv.evaluate([25_000] * 6, ['*'] * 5), 25_000**6)
+    self.assertTrue(any(ex['target'].startswith('-')
+                        for ex in self.splits['num_math_train']))
+
+  def test_max_example_chars_bounds_examples(self):
+    longest = max(len(ex['prompt']) + len(ex['target'])
+                  for exs in self.splits.values() for ex in exs)
+    self.assertLessEqual(longest, kv.max_example_chars(SMOKE))
+
+
+class ConfigTest(parameterized.TestCase):
+
+  def test_make_config_names(self):
+    a = kv.make_config(num_keys=300, seed=3)
+    self.assertEqual(a.name, kv.make_config(seed=3, num_keys=300).name)
+    self.assertNotEqual(a.name, kv.make_config(num_keys=300, seed=4).name)
+    self.assertIs(kv.make_config(**kv.config_fields(SMOKE)), SMOKE)
+    self.assertEqual(kv.make_config().name, 'default')
+
+  @parameterized.parameters(
+      ('num_keys', dict(num_keys=700, key_max_len=2, max_value=1000)),
+      ('max_value', dict(num_keys=100, max_value=50)),
+      ('compose_key_fraction', dict(compose_key_fraction=1.0)),
+      ('max_operands', dict(min_operands=5, max_operands=4)),
+      ('operators', dict(operators='+/')),
+      ('num_eval', dict(num_eval=0)),
+      ('bogus', dict(bogus=1)),
+  )
+  def test_invalid_fields_named(self, field, fields):
+    with self.assertRaisesRegex(ValueError, rf'data\.kv\.{field}'):
+      kv.make_config(**fields)
+
+  def test_too_many_eval_examples(self):
+    config = kv.make_config(
+        num_keys=4, key_max_len=2, max_value=4, min_operands=2,
+        max_operands=2, operators='+', compose_key_fraction=0.5,
+        num_kv_subs_train=1, num_num_math_train=1, num_kv_math_compose=1,
+        num_eval=10)
+    with self.assertRaisesRegex(ValueError, r'data\.kv\.num_eval'):
+      kv.generate_split(config, 'kv_math_eval')
+
+
+class TfdsTest(absltest.TestCase):
+
+  def test_build_and_read_back(self):
+    data_dir = self.create_tempdir().full_path
+    builder = kv.prepare(SMOKE, data_dir)
+    expected = _smoke_splits()
+    self.assertEqual(set(builder.info.splits), set(kv.SPLITS))
+    for split in ('kv_math_compose', 'kv_math_eval'):
+      source = builder.as_data_source(split)
+      self.assertLen(source, len(expected[split]))
+      got = [{k: v.decode() for k, v in source[i].items()}
+             for i in range(len(source))]
+      self.assertEqual(got, expected[split])
+    # A second prepare reuses the files.
+    again = kv.prepare(SMOKE, data_dir)
+    self.assertEqual(again.data_dir, builder.data_dir)
+
+  def test_make_source_errors(self):
+    data_dir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ValueError, r'data\.dataset.*kv_arithmetic'):
+      pipeline.make_source('c4', 'train', _data_cfg(), data_dir)
+    with self.assertRaisesRegex(ValueError, r'eval\.split.*kv_math_eval'):
+      pipeline.make_source('kv_arithmetic', 'test', _data_cfg(), data_dir,
+                           split_field='eval.split')
+    cfg = _data_cfg()
+    cfg.seq_len = 16
+    with self.assertRaisesRegex(ValueError, r'data\.seq_len=16'):
+      pipeline.make_source('kv_arithmetic', 'kv_math_eval', cfg, data_dir)
+
+
+class EncodeTest(absltest.TestCase):
+
+  def test_alignment(self):
+    example = {'prompt': b'ab+cd=', 'target': b'12+345'}
+    out = pipeline.encode_example(example, TOKENIZER, seq_len=20)
+    self.assertEqual(out['inputs'].shape, (20,))
+    self.assertEqual(out['inputs'].dtype, np.int32)
+    self.assertEqual(out['weights'].dtype, np.float32)
+    self.assertEqual(int(out['prompt_len']), 1 + 6)
+    self.assertEqual(out['inputs'][0], TOKENIZER.bos_id)
+    np.testing.assert_array_equal(out['inputs'][1:], out['targets'][:-1])
+    weighted = out['targets'][out['weights'] == 1.0]
+    self.assertEqual(weighted[-1], TOKENIZER.eos_id)
+    self.assertEqual(TOKENIZER.decode(weighted), '12+345')
+    self.assertEqual(int(out['weights'].sum()), len('12+345') + 1)
+    # Weights start at the last prompt input ('='), which predicts the answer.
+    self.assertEqual(np.argmax(out['weights']), out['prompt_len'] - 1)
+    self.assertEqual(TOKENIZER.decode(out['inputs'][:out['prompt_len']]),
+                     'ab+cd=')
+    self.assertTrue((out['targets'][out['weights'] == 0][-5:] == 0).all())
+
+  def test_exact_fit_and_too_long(self):
+    example = {'prompt': 'ab=', 'target': '7'}  # BOS + 4 + EOS = 6 tokens.
+    pipeline.encode_example(example, TOKENIZER, seq_len=5)
+    with self.assertRaisesRegex(ValueError, r'data\.seq_len=4.*at least 5'):
+      pipeline.encode_example(example, TOKENIZER, seq_len=4)
+
+
+class PipelineTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # A plain list is a valid random-access source and keeps these tests off
+    # the disk; TfdsTest covers the array_record path.
+    cls.source = kv.generate_split(SMOKE, 'kv_subs_train')
+
+  def _train(self, **kwargs):
+    args = dict(tokenizer=TOKENIZER, seq_len=SEQ_LEN, batch_size=8, seed=0)
+    return pipeline.train_dataset(self.source, **(args | kwargs))
+
+  def _assert_same(self, batches_a, batches_b):
+    self.assertLen(batches_a, len(batches_b))
+    for a, b in zip(batches_a, batches_b):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+  def test_batch_shapes(self):
+    batch = next(iter(self._train()))
+    self.assertEqual(batch['inputs'].shape, (8, SEQ_LEN))
+    self.assertEqual(batch['targets'].shape, (8, SEQ_LEN))
+    self.assertEqual(batch['weights'].shape, (8, SEQ_LEN))
+    self.assertEqual(batch['prompt_len'].shape, (8,))
+
+  def test_state_round_trip(self):
+    it = iter(self._train())
+    for _ in range(3):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    # 80 batches of 8 cross the 512-example epoch boundary.
+    expected = [next(it) for _ in range(80)]
+    resumed = iter(self._train())
+    resumed.set_state(state)
+    self._assert_same([next(resumed) for _ in range(80)], expected)
+
+  def test_epochs_reshuffle_and_cover(self):
+    it = iter(self._train(batch_size=64))
+    per_epoch = len(self.source) // 64
+    epochs = [[next(it) for _ in range(per_epoch)] for _ in range(2)]
+    orders = [np.concatenate([b['inputs'] for b in e]) for e in epochs]
+    self.assertFalse(np.array_equal(orders[0], orders[1]))
+    np.testing.assert_array_equal(np.unique(orders[0], axis=0),
+                                  np.unique(orders[1], axis=0))
+
+  def test_orbax_checkpoint(self):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    it = iter(self._train())
+    for _ in range(5):
+      next(it)
+    ckpt_dir = self.create_tempdir().full_path
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+      mngr.save(5, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointSave(it)))
+      mngr.wait_until_finished()
+    expected = [next(it) for _ in range(4)]
+    fresh = iter(self._train())
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+      restored = mngr.restore(5, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(fresh)))
+    self.assertIs(restored['data'], fresh)
+    self._assert_same([next(fresh) for _ in range(4)], expected)
+
+  def test_sharding_disjoint(self):
+    # Distinct prompts make every example identifiable after encoding.
+    source = [{'prompt': f'{i}=', 'target': '1'} for i in range(96)]
+    for index in range(3):
+      ds = pipeline.train_dataset(
+          source, tokenizer=TOKENIZER, seq_len=8, batch_size=8, seed=0,
+          shard_index=index, shard_count=3)
+      it = iter(ds)
+      seen = []
+      for _ in range(96 // 3 // 8):  # One epoch of this shard.
+        batch = next(it)
+        seen += [int(TOKENIZER.decode(row[1:n - 1]))
+                 for row, n in zip(batch['inputs'], batch['prompt_len'])]
+      self.assertCountEqual(seen, range(index, 96, 3))
+    with self.assertRaisesRegex(ValueError, 'shard_index'):
+      self._train(shard_index=3, shard_count=3)
+
+  def test_eval_batches_padding(self):
+    batches = pipeline.eval_batches(self.source, tokenizer=TOKENIZER,
+                                    seq_len=SEQ_LEN, batch_size=8,
+                                    num_examples=21)
+    self.assertLen(batches, 3)
+    valid = np.concatenate([b['valid'] for b in batches])
+    self.assertEqual(valid.tolist(), [True] * 21 + [False] * 3)
+    last = batches[-1]
+    self.assertEqual(last['weights'][5:].sum(), 0.0)
+    self.assertTrue((last['weights'][:5].sum(axis=1) > 0).all())
+    self.assertEqual(last['target_text'].dtype, object)
+    self.assertEqual(list(last['target_text'][5:]), [''] * 3)
+    texts = np.concatenate([b['target_text'] for b in batches])[:21]
+    self.assertEqual(list(texts), [ex['target'] for ex in self.source[:21]])
+    for b in batches:
+      for k in ('inputs', 'targets', 'weights'):
+        self.assertEqual(b[k].shape, (8, SEQ_LEN))
+      self.assertEqual(b['prompt_len'].shape, (8,))
+    again = pipeline.eval_batches(self.source, tokenizer=TOKENIZER,
+                                  seq_len=SEQ_LEN, batch_size=8,
+                                  num_examples=21)
+    self._assert_same(again, batches)
+    everything = pipeline.eval_batches(self.source, tokenizer=TOKENIZER,
+                                       seq_len=SEQ_LEN, batch_size=100)
+    self.assertEqual(sum(b['valid'].sum() for b in everything),
+                     len(self.source))
+
+
+if __name__ == '__main__':
+  absltest.main()
