@@ -1,0 +1,219 @@
+"""Shapes, causality and bookkeeping of the decoder and the composition."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax.models import composition as C
+from calm_jax.models import transformer as T
+
+VOCAB = 40
+AUG = T.DecoderConfig(vocab_size=VOCAB, d_model=16, num_layers=4, num_heads=2,
+                      d_ff=32, max_len=24)
+ANCHOR = T.DecoderConfig(vocab_size=VOCAB, d_model=32, num_layers=4,
+                         num_heads=4, num_kv_heads=2, d_ff=64, max_len=24)
+FAMILIES = {
+    'llama_like': {},
+    'gpt2_like': dict(norm='layernorm', position='learned', mlp='gelu',
+                      tie_embeddings=True, use_bias=True),
+    'gemma_like': dict(mlp='gated_gelu', scale_embeddings=True,
+                       logit_softcap=30.0),
+    'separate_embeddings': dict(tie_embeddings=False, mlp='relu',
+                                position='none'),
+}
+
+
+@jax.jit
+def _noisy(params, seed=1, scale=0.2):
+  """Perturbs every leaf so zero-initialised bridge outputs matter."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [
+      x + scale * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+
+
+def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
+  model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, pairs),),
+                       prompt_only=prompt_only)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, VOCAB)
+  params = nn.meta.unbox(jax.jit(model.init)(
+      jax.random.key(0), tokens, prompt_len=jnp.array([3, 5]))['params'])
+  return model, params, tokens
+
+
+class DecoderTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      *[(name, kw) for name, kw in FAMILIES.items()])
+  def test_shapes_and_causality(self, kw):
+    cfg = T.DecoderConfig(vocab_size=VOCAB, d_model=32, num_layers=2,
+                          num_heads=4, d_ff=64, max_len=16, **kw)
+    model = T.Decoder(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (3, 10), 0, VOCAB)
+    params = model.init(jax.random.key(1), tokens)['params']
+    logits = model.apply({'params': params}, tokens)
+    self.assertEqual(logits.shape, (3, 10, VOCAB))
+    self.assertEqual(logits.dtype, jnp.float32)
+    changed = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % VOCAB)
+    logits2 = model.apply({'params': params}, changed)
+    np.testing.assert_array_equal(logits[:, :6], logits2[:, :6])
+    self.assertGreater(float(jnp.abs(logits[:, 6:] - logits2[:, 6:]).max()),
+                       1e-4)
+
+  def test_every_param_has_logical_axes(self):
+    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, ((3, 3),)),))
+    boxed = jax.eval_shape(model.init, jax.random.key(0),
+                           jnp.zeros((1, 4), jnp.int32))
+    leaves = jax.tree_util.tree_leaves(
+        boxed['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    self.assertNotEmpty(leaves)
+    for leaf in leaves:
+      self.assertIsInstance(leaf, nn.Partitioned)
+      self.assertLen(leaf.names, len(leaf.value.shape))
+
+  def test_hidden_states_and_residual_adds(self):
+    model = T.Decoder(ANCHOR)
+    tokens = jnp.arange(8)[None] % VOCAB
+    params = model.init(jax.random.key(0), tokens)['params']
+    logits, hidden = model.apply({'params': params}, tokens,
+                                 return_hidden=(1, 3))
+    self.assertEqual(sorted(hidden), [1, 3])
+    self.assertEqual(hidden[1].shape, (1, 8, ANCHOR.d_model))
+    np.testing.assert_allclose(
+        model.apply({'params': params}, tokens, method='hidden_states',
+                    layers=(1,))[1], hidden[1], rtol=1e-6)
+    zero = {1: jnp.zeros_like(hidden[1])}
+    np.testing.assert_allclose(
+        model.apply({'params': params}, tokens, residual_adds=zero), logits,
+        rtol=1e-6)
+    bumped = model.apply({'params': params}, tokens,
+                         residual_adds={1: jnp.ones_like(hidden[1])})
+    self.assertGreater(float(jnp.abs(bumped - logits).max()), 1e-3)
+
+  def test_config_errors_name_the_field(self):
+    with self.assertRaisesRegex(ValueError, r'model\.num_heads'):
+      T.DecoderConfig(vocab_size=8, d_model=30, num_layers=1, num_heads=4,
+                      d_ff=8).validate()
+    with self.assertRaisesRegex(ValueError, r'model\.norm.*rmsnorm'):
+      T.DecoderConfig(vocab_size=8, d_model=32, num_layers=1, num_heads=4,
+                      d_ff=8, norm='batchnorm').validate()
+    with self.assertRaisesRegex(ValueError, r'unknown architecture fields'):
+      T.DecoderConfig.from_dict({'vocab_size': 8, 'dmodel': 3})
+
+
+class PairSelectionTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (4, 8, 4, ((3, 7),)),
+      (8, 8, 4, ((3, 3), (7, 7))),
+      (12, 6, 4, ((3, 1), (7, 3), (11, 5))),
+      (4, 4, 1, ((0, 0), (1, 1), (2, 2), (3, 3))),
+  )
+  def test_paper_rule(self, n_aug, n_anchor, k, expected):
+    self.assertEqual(C.select_pairs(n_aug, n_anchor, k), expected)
+
+  def test_no_pair_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, r'every_k=8 yields no layer pair'):
+      C.select_pairs(4, 8, 8)
+
+  def test_out_of_range_pairs(self):
+    with self.assertRaisesRegex(ValueError, r'augmenting layer 4 is out of'):
+      C.validate_pairs([(4, 0)], 4, 8, 'models.augmenting.a.pairs')
+    with self.assertRaisesRegex(ValueError, r'anchor layer -1 is out of'):
+      C.validate_pairs([(0, -1)], 4, 8, 'models.augmenting.a.pairs')
+
+
+class CompositionTest(parameterized.TestCase):
+
+  def test_param_tree_and_count(self):
+    model, params, _ = _composed()
+    self.assertEqual(sorted(params), ['anchor', 'aug_a', 'composition'])
+    self.assertEqual(sorted(params['composition']), ['a_1_1', 'a_3_3'])
+    d_a, d_b, n = AUG.d_model, ANCHOR.d_model, 2
+    # The paper's n * (D_A * D_B + 4 * D_B^2), plus two RMSNorm scales.
+    self.assertEqual(T.count_params(params['composition']),
+                     n * (d_a * d_b + 4 * d_b * d_b + 2 * d_b))
+
+  def test_starts_as_the_anchor(self):
+    model, params, tokens = _composed()
+    composed = model.apply({'params': params}, tokens)
+    anchor = T.Decoder(ANCHOR).apply({'params': params['anchor']}, tokens)
+    np.testing.assert_allclose(composed, anchor, atol=1e-6)
+
+  @parameterized.parameters(False, True)
+  def test_causal_through_every_path(self, prompt_only):
+    model, params, tokens = _composed(prompt_only)
+    params = _noisy(params)
+    plen = jnp.array([3, 5])
+    apply = jax.jit(model.apply)
+    base = apply({'params': params}, tokens, prompt_len=plen)
+    for cut in (1, 4, 7, 11):
+      changed = tokens.at[:, cut:].set((tokens[:, cut:] + 7) % VOCAB)
+      out = apply({'params': params}, changed, prompt_len=plen)
+      np.testing.assert_array_equal(base[:, :cut], out[:, :cut])
+      self.assertGreater(float(jnp.abs(base[:, cut:] - out[:, cut:]).max()),
+                         1e-4)
+
+  def test_augmenting_model_changes_the_output(self):
+    model, params, tokens = _composed()
+    params = _noisy(params)
+    other = dict(params, aug_a=_noisy(params['aug_a'], seed=5))
+    apply = jax.jit(model.apply)
+    a = apply({'params': params}, tokens)
+    b = apply({'params': other}, tokens)
+    self.assertGreater(float(jnp.abs(a - b).max()), 1e-3)
+
+  def test_prompt_only_bridge_ignores_later_states(self):
+    bridge = C.CrossAttentionBridge(d_model=32, num_heads=4)
+    anchor_h = jax.random.normal(jax.random.key(0), (2, 10, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (2, 10, 16))
+    plen = jnp.array([3, 6])
+    params = _noisy(nn.meta.unbox(bridge.init(
+        jax.random.key(2), anchor_h, aug_h, plen)['params']))
+    out = bridge.apply({'params': params}, anchor_h, aug_h, plen)
+    late = aug_h.at[:, 6:].add(1.0).at[0, 3:].add(1.0)
+    np.testing.assert_allclose(
+        out, bridge.apply({'params': params}, anchor_h, late, plen),
+        atol=1e-6)
+    early = aug_h.at[:, 0].add(1.0)
+    self.assertGreater(float(jnp.abs(out - bridge.apply(
+        {'params': params}, anchor_h, early, plen)).max()), 1e-4)
+
+  def test_no_gradient_reaches_the_augmenting_model(self):
+    model, params, tokens = _composed()
+    params = _noisy(params)
+
+    def loss(p):
+      return model.apply({'params': p}, tokens).mean()
+    grads = jax.jit(jax.grad(loss))(params)
+    self.assertEqual(float(sum(jnp.abs(g).sum() for g in
+                               jax.tree_util.tree_leaves(grads['aug_a']))),
+                     0.0)
+    self.assertGreater(float(sum(jnp.abs(g).sum() for g in
+                                 jax.tree_util.tree_leaves(
+                                     grads['composition']))), 0.0)
+
+  def test_several_augmenting_models(self):
+    aug2 = T.DecoderConfig(vocab_size=VOCAB, d_model=8, num_layers=2,
+                           num_heads=2, d_ff=16, max_len=24)
+    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, ((3, 3),)),
+                                  C.Augmenting('b', aug2, ((1, 3), (0, 1)))))
+    tokens = jnp.ones((1, 6), jnp.int32)
+    params = nn.meta.unbox(
+        jax.jit(model.init)(jax.random.key(0), tokens)['params'])
+    self.assertEqual(sorted(params), ['anchor', 'aug_a', 'aug_b',
+                                      'composition'])
+    self.assertEqual(sorted(params['composition']),
+                     ['a_3_3', 'b_0_1', 'b_1_3'])
+    self.assertEqual(params['composition']['b_1_3']['proj']['kernel'].shape,
+                     (8, 32))
+    self.assertEqual(model.apply({'params': params}, tokens).shape,
+                     (1, 6, VOCAB))
+
+
+if __name__ == '__main__':
+  absltest.main()
