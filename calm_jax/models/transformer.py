@@ -281,7 +281,9 @@ class Decoder(nn.Module):
     cfg = self.config
     pdtype = DTYPES[cfg.param_dtype]
     self.embedding = self.param(
-        'embedding', _init(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        # Unit-scale logits at init whether or not the head is tied.
+        'embedding', _init(nn.initializers.normal(cfg.d_model ** -0.5),
+                           ('vocab', 'embed')),
         (cfg.vocab_size, cfg.d_model), pdtype)
     if cfg.position == 'learned':
       self.pos_embedding = self.param(

@@ -1,0 +1,144 @@
+"""Checkpoints: frozen model directories and the training-run manager.
+
+Two kinds of things are written:
+
+* A *model directory* holds one frozen LM: `model.json` (architecture and
+  format) and `params/` (an Orbax PyTree checkpoint). `save_model` writes it
+  under a temporary name and renames it into place, so a reader never sees a
+  half-written model.
+* A *training run* (`RunCheckpointer`) is an Orbax CheckpointManager over
+  `{state: trainable params + optimizer state + step, data: grain iterator}`.
+  Only the trainable tree is saved; frozen models are never copied. Orbax
+  finalises each step atomically, so a run killed at any moment leaves the
+  previous step restorable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from calm_jax import config_lib
+from calm_jax.models import transformer
+
+FORMAT = 'calm_jax.decoder/v1'
+
+
+# ------------------------------------------------------------ model dirs
+
+
+def save_model(path: str, config: transformer.DecoderConfig, params: Any,
+               **metadata: Any) -> None:
+  """Writes a model directory atomically (tmp dir + rename)."""
+  path = os.path.abspath(os.fspath(path))
+  tmp = f'{path}.tmp-{os.getpid()}'
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, 'params'), params)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(tmp, config_lib.MODEL_FILE), 'w') as f:
+      json.dump({'format': FORMAT, 'arch': config.to_dict(), **metadata}, f,
+                indent=2)
+    if os.path.exists(path):  # Keep the old one until the new one is whole.
+      old = f'{path}.old-{os.getpid()}'
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+
+
+def load_model(path: str, field: str = 'checkpoint', shardings: Any = None
+               ) -> tuple[transformer.DecoderConfig, Any]:
+  """Reads a model directory; errors name `field` and say what to do."""
+  config = config_lib.read_model_file(path, field)
+  params_dir = os.path.join(os.path.abspath(path), 'params')
+  abstract = jax.eval_shape(
+      lambda: _init_params(config))
+  if shardings is not None:
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, shardings)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir, abstract)
+  except Exception as e:  # Orbax raises many types; all mean "unreadable".
+    raise ValueError(
+        f'{field}: the parameters in {params_dir!r} are missing or corrupted '
+        f'({type(e).__name__}: {str(e)[:300]}). Re-export the model, or set '
+        f"{field} to '' to pretrain it.") from e
+  return config, params
+
+
+def _init_params(config: transformer.DecoderConfig) -> Any:
+  import flax.linen as nn
+  import jax.numpy as jnp
+  model = transformer.Decoder(config)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return nn.meta.unbox(variables['params'])
+
+
+def model_exists(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, config_lib.MODEL_FILE))
+
+
+# ----------------------------------------------------------- training runs
+
+
+class RunCheckpointer:
+  """Saves and restores one training run's state and data position."""
+
+  def __init__(self, directory: str, *, keep: int = 2,
+               save_every: int = 500):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(1, save_every),
+            create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True),
+        item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any,
+           force: bool = False) -> bool:
+    """Saves if `step` is due (or `force`); returns whether it saved."""
+    saved = self.manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force)
+    self.manager.wait_until_finished()
+    return saved
+
+  def restore(self, abstract_state: Any, data_iter: Any,
+              step: int | None = None) -> tuple[int, Any]:
+    """Restores `step` (default: latest) into `data_iter`; returns state."""
+    step = self.latest_step() if step is None else step
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:
+      raise ValueError(
+          f'The checkpoint {self.directory}/{step} is corrupted or does not '
+          f'match this config ({type(e).__name__}: {str(e)[:300]}). Nothing '
+          'was changed. Delete that step directory to resume from an earlier '
+          'one, or use a fresh --workdir.') from e
+    logging.info('Restored step %d from %s', step, self.directory)
+    return step, restored['state']
+
+  def close(self) -> None:
+    self.manager.close()

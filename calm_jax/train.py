@@ -1,0 +1,378 @@
+"""Training and evaluation, top to bottom.
+
+`train_and_evaluate(config, workdir)` is the whole experiment:
+  1. validate the config (before any compute),
+  2. build the data,
+  3. load each frozen model, or pretrain it once and cache it in the workdir,
+  4. train the composition (only its parameters reach the optimizer and
+     the checkpoint; the frozen trees are never written),
+  5. evaluate every row (each model alone, then CALM) and write
+     `results.json`.
+
+`run_training` is the one training loop; pretraining a plain LM and training
+a composition are the same loop with a different trainable/frozen split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from calm_jax import checkpoints
+from calm_jax import config_lib
+from calm_jax import data as data_lib
+from calm_jax import evaluation
+from calm_jax import metrics_writer
+from calm_jax import sharding
+from calm_jax.models import composition as composition_lib
+from calm_jax.models import transformer
+
+ConfigDict = ml_collections.ConfigDict
+Params = Any
+ApplyFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one training run trains: a model, its frozen part, its init."""
+  name: str
+  model: nn.Module
+  apply: ApplyFn  # (all params, batch) -> logits [b, t, vocab].
+  init_trainable: Callable[[jax.Array], Params]  # rng -> boxed params.
+  frozen: Params  # Placed on the mesh; {} when everything trains.
+
+
+# =================================================================== loss
+
+
+def weighted_xent(logits: jax.Array, batch: dict[str, jax.Array]
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token cross-entropy over weighted positions, and accuracy."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  w = batch['weights']
+  denom = jnp.maximum(w.sum(), 1.0)
+  correct = (logits.argmax(-1) == batch['targets']).astype(jnp.float32)
+  return (nll * w).sum() / denom, {
+      'accuracy': (correct * w).sum() / denom, 'weight': w.sum()}
+
+
+# ============================================================== optimizer
+
+
+def make_optimizer(cfg: ConfigDict) -> tuple[optax.GradientTransformation,
+                                             optax.Schedule]:
+  warmup = cfg.warmup_steps or max(1, int(0.05 * cfg.steps))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup_steps=min(warmup, cfg.steps),
+      decay_steps=max(cfg.steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                   weight_decay=cfg.weight_decay)
+  if cfg.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  return tx, schedule
+
+
+# ============================================================ update step
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+  """The jitted update. Only `state['params']` (the trainable tree) is
+  differentiated; the frozen tree is an input like the batch."""
+
+  def loss_fn(trainable, frozen, batch):
+    logits = task.apply({**frozen, **trainable}, batch)
+    return weighted_xent(logits, batch)
+
+  def train_step(state, frozen, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], frozen, batch)
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    new_state = {'params': optax.apply_updates(state['params'], updates),
+                 'opt': opt, 'step': state['step'] + 1}
+    metrics = {'loss': loss, 'accuracy': aux['accuracy'],
+               'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state['step'])}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(task: Task):
+  def eval_step(params, batch):
+    logits = task.apply(params, batch)
+    loss, aux = weighted_xent(logits, batch)
+    return {'loss_sum': loss * aux['weight'],
+            'correct_sum': aux['accuracy'] * aux['weight'],
+            'weight': aux['weight']}
+  return jax.jit(eval_step)
+
+
+# =========================================================== training loop
+
+
+def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
+                 data: data_lib.TrainData, mesh: jax.sharding.Mesh,
+                 rules: Any, seed: int,
+                 eval_batches: list[dict[str, np.ndarray]] | None = None,
+                 stop_after: int | None = None,
+                 ) -> tuple[Params, list[dict[str, float]]]:
+  """Trains `task` for `cfg.steps`, resuming from `run_dir` if it can.
+
+  `stop_after` ends this invocation early (after checkpointing), as a
+  preemption would; the schedule still spans `cfg.steps`.
+
+  Returns the trained (unboxed, sharded) trainable params and the logged
+  metrics, one dict per log line.
+  """
+  is_main = jax.process_index() == 0
+  writer = metrics_writer.MetricsWriter(os.path.join(run_dir, 'tensorboard'),
+                                        enabled=is_main)
+  tx, schedule = make_optimizer(cfg)
+
+  # ---- shapes first, then shardings, then a jitted init placed on them.
+  rng = jax.random.key(seed)
+  boxed = jax.eval_shape(task.init_trainable, rng)
+  param_sh = sharding.param_shardings(boxed, mesh, rules)
+  init_params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)),
+                        out_shardings=param_sh)
+  abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(
+      task.init_trainable(r)), rng)
+  opt_sh = sharding.opt_state_shardings(tx, abstract_params, param_sh, mesh)
+  rep = sharding.replicated(mesh)
+  state_sh = {'params': param_sh, 'opt': opt_sh, 'step': rep}
+  frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, task.frozen)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def init_state(r):
+    params = nn.meta.unbox(task.init_trainable(r))
+    return {'params': params, 'opt': tx.init(params),
+            'step': jnp.zeros((), jnp.int32)}
+
+  # ---- data and (maybe) resume.
+  data_iter = data.iterator(cfg.batch_size, seed=seed)
+  ckpt = checkpoints.RunCheckpointer(
+      os.path.join(run_dir, 'checkpoints'), keep=cfg.keep_checkpoints,
+      save_every=cfg.checkpoint_every)
+  if ckpt.latest_step() is not None:
+    abstract = jax.eval_shape(init_state, rng)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, state_sh)
+    start, state = ckpt.restore(abstract, data_iter)
+    logging.info('[%s] resuming at step %d/%d', task.name, start, cfg.steps)
+  else:
+    start = 0
+    state = jax.jit(init_state, out_shardings=state_sh)(rng)
+  del init_params
+
+  n_trainable = transformer.count_params(state['params'])
+  n_frozen = transformer.count_params(task.frozen)
+  logging.info('[%s] trainable params %s, frozen params %s, %d steps, '
+               'batch %d x %d tokens', task.name, f'{n_trainable:,}',
+               f'{n_frozen:,}', cfg.steps, cfg.batch_size, data.seq_len)
+  writer.write_text(0, 'params', f'trainable={n_trainable} frozen={n_frozen}')
+
+  train_step = jax.jit(
+      make_train_step(task, tx, schedule),
+      in_shardings=(state_sh, frozen_sh, batch_sh),
+      out_shardings=(state_sh, rep), donate_argnums=(0,))
+  eval_step = make_eval_step(task)
+
+  # ---- the loop.
+  pending, t_last, history = [], time.perf_counter(), []
+  tokens_per_step = cfg.batch_size * data.seq_len
+  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  for step in range(start, end):
+    batch = sharding.global_batch(
+        {k: v for k, v in next(data_iter).items() if k in data_lib.MODEL_KEYS},
+        mesh)
+    state, metrics = train_step(state, task.frozen, batch)
+    pending.append(metrics)
+    done = step + 1
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      pending = jax.device_get(pending)  # One sync per log line.
+      now = time.perf_counter()
+      step_s = (now - t_last) / len(pending)
+      t_last = now
+      summary = {k: float(np.mean([m[k] for m in pending]))
+                 for k in pending[0]}
+      summary.update(step_s=step_s, tokens_per_s=tokens_per_step / step_s)
+      eta = step_s * (cfg.steps - done)
+      logging.info('[%s] step %d/%d | loss %.4f | acc %.3f | %.0f tok/s | '
+                   '%.3f s/step | eta %s', task.name, done, cfg.steps,
+                   summary['loss'], summary['accuracy'],
+                   summary['tokens_per_s'], step_s, _fmt_time(eta))
+      writer.write_scalars(done, {f'train/{k}': v for k, v in summary.items()})
+      history.append({'step': done, **summary})
+      pending = []
+    if eval_batches and (done == cfg.steps or (
+        cfg.eval_every and done % cfg.eval_every == 0)):
+      ev = evaluate_loss(eval_step, {**task.frozen, **state['params']},
+                         eval_batches, mesh)
+      logging.info('[%s] eval step %d | loss %.4f | token acc %.3f',
+                   task.name, done, ev['loss'], ev['accuracy'])
+      writer.write_scalars(done, {f'eval/{k}': v for k, v in ev.items()})
+    ckpt.save(done, state, data_iter, force=done == end)
+  ckpt.close()
+  writer.close()
+  return state['params'], history
+
+
+def evaluate_loss(eval_step, params: Params, batches, mesh
+                  ) -> dict[str, float]:
+  """Teacher-forced loss and token accuracy over `batches`."""
+  totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight': 0.0}
+  for b in batches:
+    out = jax.device_get(eval_step(params, sharding.global_batch(
+        {k: b[k] for k in data_lib.MODEL_KEYS}, mesh, whole=True)))
+    for k in totals:
+      totals[k] += float(out[k])
+  w = max(totals['weight'], 1.0)
+  return {'loss': totals['loss_sum'] / w, 'accuracy': totals['correct_sum'] / w}
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 \
+      else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+# ================================================================ models
+
+
+def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
+  """A plain LM trained from scratch: everything trainable."""
+  model = transformer.Decoder(config)
+  return Task(
+      name=name, model=model, frozen={},
+      apply=lambda p, b: model.apply({'params': p}, b['inputs']),
+      init_trainable=lambda r: model.init(
+          r, jnp.zeros((1, 8), jnp.int32))['params'])
+
+
+def composition_task(config: ConfigDict, frozen: Params,
+                     anchor: transformer.DecoderConfig,
+                     augmenting: tuple[composition_lib.Augmenting, ...]
+                     ) -> Task:
+  """CALM: anchor and augmenting trees frozen, the bridges trainable."""
+  model = composition_lib.ComposedLM(
+      anchor, augmenting, cross_heads=config.composition.cross_heads or None,
+      prompt_only=config.composition.prompt_only)
+
+  def init_trainable(rng):
+    # Only the composition subtree leaves this function, so under jit XLA
+    # drops the work of initialising the (discarded) frozen models.
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32))
+    return {'composition': params['params']['composition']}
+
+  return Task(
+      name='calm', model=model, frozen=frozen, init_trainable=init_trainable,
+      apply=lambda p, b: model.apply({'params': p}, b['inputs'],
+                                     prompt_len=b['prompt_len']))
+
+
+def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
+                 workdir: str, data: data_lib.Data, mesh, rules, seed: int
+                 ) -> tuple[transformer.DecoderConfig, Params]:
+  """Loads a model, pretraining it first (once, cached) if it has no path."""
+  path = model_cfg.checkpoint or os.path.join(workdir, 'models', role)
+  if not model_cfg.checkpoint and not checkpoints.model_exists(path):
+    arch = config_lib.decoder_config(model_cfg, field)
+    task = decoder_task(f'pretrain:{role}', arch)
+    params, _ = run_training(
+        task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
+                                                       role),
+        data=data.train(model_cfg.pretrain.split), mesh=mesh, rules=rules,
+        seed=seed)
+    checkpoints.save_model(path, arch, params, role=role,
+                           trained_on=model_cfg.pretrain.split,
+                           steps=model_cfg.pretrain.steps)
+    logging.info('[%s] pretrained model saved to %s', role, path)
+  arch = config_lib.read_model_file(path, f'{field}.checkpoint')
+  return checkpoints.load_model(
+      path, f'{field}.checkpoint',
+      shardings=decoder_shardings(arch, mesh, rules))
+
+
+def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
+  """Where each parameter of a plain LM lives on the mesh."""
+  boxed = jax.eval_shape(decoder_task('shapes', arch).init_trainable,
+                         jax.random.key(0))
+  return sharding.param_shardings(boxed, mesh, rules)
+
+
+# ============================================================= experiment
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs a whole experiment in `workdir`; returns the results dict."""
+  # ---- 1. validation, before any compute.
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = config_lib.make_mesh(config)
+  rules = sharding.logical_rules(config.mesh.rules)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---- 2. data.
+  data = data_lib.Data(config.data, workdir)
+
+  # ---- 3. frozen models.
+  kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
+            seed=config.seed)
+  anchor_cfg, anchor_params = frozen_model(
+      'anchor', 'models.anchor', config.models.anchor, **kw)
+  frozen = {'anchor': anchor_params}
+  for name, m in config.models.augmenting.items():
+    _, frozen[f'aug_{name}'] = frozen_model(
+        f'aug_{name}', f'models.augmenting.{name}', m, **kw)
+  augmenting = config_lib.augmenting_models(config)
+
+  # ---- 4. the composition.
+  task = composition_task(config, frozen, anchor_cfg, augmenting)
+  eval_split = config.eval.during_training_split
+  trained, _ = run_training(
+      task, config.train, run_dir=os.path.join(workdir, 'calm'),
+      data=data.train(config.train.split), mesh=mesh, rules=rules,
+      seed=config.seed,
+      eval_batches=data.eval(eval_split, config.eval.batch_size,
+                             config.eval.num_examples) if eval_split else None)
+
+  # ---- 5. evaluation of every row.
+  rows = [evaluation.Row('m_B (anchor)', transformer.Decoder(anchor_cfg),
+                         anchor_params)]
+  for a in augmenting:
+    rows.append(evaluation.Row(f'm_A ({a.name})', transformer.Decoder(a.config),
+                               frozen[f'aug_{a.name}']))
+  rows.append(evaluation.Row('CALM', task.model, {**frozen, **trained},
+                             composed=True))
+  results = evaluation.evaluate(
+      rows, {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
+             for s in config.eval.splits},
+      tokenizer=data.tokenizer, mesh=mesh,
+      max_new_tokens=config.eval.max_new_tokens)
+  results['params'] = {
+      'composition': transformer.count_params(trained),
+      **{k: transformer.count_params(v) for k, v in frozen.items()}}
+  if jax.process_index() == 0:
+    evaluation.write_results(results, workdir)
+  print(evaluation.format_table(results), flush=True)
+  return results

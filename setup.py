@@ -1,0 +1,30 @@
+"""calm_jax: CALM (Composition to Augment Language Models) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='calm_jax',
+    version='0.1.0',
+    description='Compose frozen LLMs with trained cross-attention bridges '
+                '(CALM, Bansal et al. 2024) in JAX/Flax.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['calm_jax', 'calm_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py>=2.1',
+        'array_record>=0.5',
+        'flax>=0.12',
+        'grain>=0.2.12',
+        'jax>=0.10',
+        'ml-collections>=1.0',
+        'numpy>=1.26',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'tensorboardX>=2.6',
+        'tensorflow-datasets>=4.9.9',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'portpicker>=1.6'],
+    },
+)

@@ -1,0 +1,170 @@
+"""Bad input fails before any compute, with a message naming field and fix."""
+
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from calm_jax import checkpoints
+from calm_jax import config_lib
+from calm_jax import train
+from calm_jax.models import transformer
+from experiments import kv_arithmetic
+
+
+def smoke():
+  return kv_arithmetic.get_config('smoke')
+
+
+class ValidateTest(absltest.TestCase):
+
+  def assertInvalid(self, config, pattern, exc=ValueError, devices=None):
+    with self.assertRaisesRegex(exc, pattern):
+      config_lib.validate(config, devices)
+
+  def test_smoke_and_default_configs_are_valid(self):
+    config_lib.validate(smoke())
+    config_lib.validate(kv_arithmetic.get_config(''))
+
+  def test_unknown_variant(self):
+    with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
+      kv_arithmetic.get_config('large')
+
+  def test_layer_index_out_of_range(self):
+    c = smoke()
+    c.models.augmenting.kv.pairs = ((1, 9),)
+    self.assertInvalid(c, r'models\.augmenting\.kv\.pairs: anchor layer 9 is '
+                       r'out of range.*0\.\.3')
+    c.models.augmenting.kv.pairs = ((4, 0),)
+    self.assertInvalid(c, r'augmenting layer 4 is out of range')
+
+  def test_k_that_yields_no_pair(self):
+    c = smoke()
+    c.models.augmenting.kv.every_k = 5
+    self.assertInvalid(c, r'models\.augmenting\.kv\.every_k=5 yields no '
+                       r'layer pair.*every_k <= 4')
+
+  def test_different_vocabularies(self):
+    c = smoke()
+    c.models.anchor.arch.vocab_size = 300
+    self.assertInvalid(c, r'different vocabularies.*models\.anchor\.'
+                       r'vocab_size=300.*models\.augmenting\.kv\.vocab_size'
+                       r'=259')
+
+  def test_vocab_smaller_than_tokenizer(self):
+    c = smoke()
+    c.models.anchor.arch.vocab_size = 100
+    c.models.augmenting.kv.arch.vocab_size = 100
+    self.assertInvalid(c, r'models\.anchor\.arch\.vocab_size=100 is smaller '
+                       r"than the 'byte' tokenizer")
+
+  def test_missing_checkpoint(self):
+    c = smoke()
+    c.models.anchor.checkpoint = '/nonexistent/anchor'
+    self.assertInvalid(c, r"models\.anchor\.checkpoint: no model directory "
+                       r"at '/nonexistent/anchor'", FileNotFoundError)
+
+  def test_corrupted_model_file(self):
+    path = self.create_tempdir().full_path
+    with open(os.path.join(path, 'model.json'), 'w') as f:
+      f.write('{"arch": {"vocab_')
+    c = smoke()
+    c.models.augmenting.kv.checkpoint = path
+    self.assertInvalid(c, r'models\.augmenting\.kv\.checkpoint: .*model\.json'
+                       r".* is missing or corrupted")
+
+  def test_corrupted_model_params(self):
+    path = os.path.join(self.create_tempdir().full_path, 'm')
+    arch = transformer.DecoderConfig(vocab_size=259, d_model=16, num_layers=1,
+                                     num_heads=2, d_ff=16, max_len=64)
+    params = train.decoder_task('m', arch).init_trainable(jax.random.key(0))
+    import flax.linen as nn
+    checkpoints.save_model(path, arch, nn.meta.unbox(params))
+    loaded_arch, loaded = checkpoints.load_model(path, 'x.checkpoint')
+    self.assertEqual(loaded_arch, arch)
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           nn.meta.unbox(params), loaded)
+    for root, _, files in os.walk(os.path.join(path, 'params')):
+      for name in files:
+        os.remove(os.path.join(root, name))
+    with self.assertRaisesRegex(ValueError, r'x\.checkpoint: the parameters '
+                                r'in .* are missing or corrupted'):
+      checkpoints.load_model(path, 'x.checkpoint')
+
+  def test_batch_size_not_divisible_by_devices(self):
+    c = smoke()
+    c.train.batch_size = 12
+    n = jax.device_count()
+    if n == 1:
+      self.skipTest('needs several devices (tests/conftest.py forces 8)')
+    self.assertInvalid(c, rf'train\.batch_size=12 is not divisible by the '
+                       rf'{n} data-parallel devices')
+    c = smoke()
+    c.models.anchor.pretrain.batch_size = 3
+    self.assertInvalid(c, r'models\.anchor\.pretrain\.batch_size=3')
+
+  def test_mesh_that_does_not_fit(self):
+    c = smoke()
+    c.mesh.tensor = 3
+    self.assertInvalid(c, r'mesh\.tensor')
+
+  def test_unknown_model_name(self):
+    c = smoke()
+    c.models.anchor.model = 'gpt5'
+    self.assertInvalid(c, r"models\.anchor\.model='gpt5' is not a model in "
+                       r"calm_jax\.models; choose one of \['transformer'\]")
+
+  def test_unknown_dataset_and_split(self):
+    c = smoke()
+    c.data.dataset = 'imagenet'
+    self.assertInvalid(c, r"data\.dataset='imagenet' is not a known dataset; "
+                       r"choose one of \['kv_arithmetic'\]")
+    c = smoke()
+    c.train.split = 'kv_math_train'
+    self.assertInvalid(c, r"train\.split='kv_math_train' is not a split.*"
+                       r'kv_math_compose')
+    c = smoke()
+    c.eval.splits = ('kv_subs_eval', 'nope')
+    self.assertInvalid(c, r"eval\.splits\[1\]='nope'")
+
+  def test_unknown_tokenizer_and_arch_field(self):
+    c = smoke()
+    c.data.tokenizer = 'sentencepiece'
+    self.assertInvalid(c, r'data\.tokenizer')
+    c = smoke()
+    c.models.anchor.arch.norm = 'batchnorm'
+    self.assertInvalid(c, r"models\.anchor\.arch\.norm: unknown value "
+                       r"'batchnorm'")
+
+  def test_seq_len_too_short(self):
+    c = smoke()
+    c.data.seq_len = 20
+    self.assertInvalid(c, r'data\.seq_len=20 is too short')
+
+  def test_typo_in_override_is_an_error(self):
+    workdir = self.create_tempdir().full_path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'calm_jax.main',
+         '--config=experiments/kv_arithmetic.py:smoke',
+         f'--workdir={workdir}', '--config.train.stpes=3'],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=root))
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn('stpes', proc.stderr)
+    self.assertEmpty(os.listdir(workdir))
+
+  def test_errors_come_before_any_compute(self):
+    workdir = self.create_tempdir().full_path
+    c = smoke()
+    c.models.augmenting.kv.every_k = 5
+    with self.assertRaisesRegex(ValueError, 'every_k=5'):
+      train.train_and_evaluate(c, workdir)
+    self.assertEmpty(os.listdir(workdir))
+
+
+if __name__ == '__main__':
+  absltest.main()

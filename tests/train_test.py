@@ -1,0 +1,165 @@
+"""The training loop: frozen trees, checkpoint contents, resumption, smoke run."""
+
+import json
+import os
+
+from absl import flags
+from absl.testing import absltest
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from calm_jax import checkpoints
+from calm_jax import config_lib
+from calm_jax import data as data_lib
+from calm_jax import sharding
+from calm_jax import train
+from experiments import kv_arithmetic
+
+
+def setUpModule():
+  # pytest does not parse absl flags, which create_tempdir() reads.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def tiny_config():
+  """The smoke experiment shrunk to seconds."""
+  config = kv_arithmetic.get_config('smoke')
+  for m in [config.models.anchor] + list(config.models.augmenting.values()):
+    m.pretrain.steps = 8
+    m.pretrain.batch_size = 8
+    m.pretrain.log_every = 4
+  config.train.steps = 6
+  config.train.batch_size = 8
+  config.train.log_every = 1
+  config.train.checkpoint_every = 2
+  config.train.eval_every = 3
+  config.eval.num_examples = 8
+  config.eval.batch_size = 8
+  config.eval.max_new_tokens = 20
+  return config
+
+
+def _numpy(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+class TrainLoopTest(absltest.TestCase):
+  """run_training on a composition whose frozen models are random."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = self.create_tempdir().full_path
+    self.config = tiny_config()
+    self.mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    self.rules = sharding.logical_rules(())
+    self.data = data_lib.Data(self.config.data, self.workdir)
+    anchor = config_lib.decoder_config(self.config.models.anchor,
+                                       'models.anchor')
+    self.augmenting = config_lib.augmenting_models(self.config)
+    frozen = {'anchor': self._init(anchor, 1)}
+    for a in self.augmenting:
+      frozen[f'aug_{a.name}'] = self._init(a.config, 2)
+    self.frozen = frozen
+    self.task = train.composition_task(self.config, frozen, anchor,
+                                       self.augmenting)
+
+  def _init(self, arch, seed):
+    """A random frozen model, placed on the mesh as a loaded one would be."""
+    task = train.decoder_task('x', arch)
+    return jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)),
+                   out_shardings=train.decoder_shardings(
+                       arch, self.mesh, self.rules))(jax.random.key(seed))
+
+  def _run(self, run_dir, **kw):
+    return train.run_training(
+        self.task, self.config.train, run_dir=run_dir,
+        data=self.data.train(self.config.train.split), mesh=self.mesh,
+        rules=self.rules, seed=0, **kw)
+
+  def test_frozen_trees_unchanged_and_checkpoint_holds_only_composition(self):
+    before = _numpy(self.frozen)
+    params, history = self._run(os.path.join(self.workdir, 'run'))
+    self.assertEqual(list(params), ['composition'])
+    self.assertLen(history, 6)
+    self.assertTrue(all(np.isfinite(h['loss']) for h in history))
+    # Frozen trees: bit-identical after training.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                           _numpy(self.frozen))
+    # The composition moved.
+    init = jax.jit(self.task.init_trainable)(jax.random.key(0))
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(jnp.abs(a - b).max()), nn.meta.unbox(init), params)
+    self.assertGreater(max(jax.tree_util.tree_leaves(moved)), 0.0)
+    # The checkpoint: composition params, its optimizer state and the step.
+    ckpt_dir = os.path.join(self.workdir, 'run', 'checkpoints')
+    self.assertEqual(sorted(os.listdir(ckpt_dir)), ['4', '6'])
+    raw = ocp.StandardCheckpointer().restore(
+        os.path.join(ckpt_dir, '6', 'state'))
+    self.assertEqual(sorted(raw), ['opt', 'params', 'step'])
+    self.assertEqual(list(raw['params']), ['composition'])
+    saved = {k for path, _ in jax.tree_util.tree_leaves_with_path(raw)
+             for k in map(str, path)}
+    self.assertFalse(any('anchor' in k or 'aug_' in k for k in saved), saved)
+    self.assertEqual(int(raw['step']), 6)
+    n_saved = sum(np.size(x) for x in jax.tree_util.tree_leaves(raw))
+    n_comp = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    self.assertLess(n_saved, 3 * n_comp + 10)  # params + Adam mu, nu + count.
+
+  def test_resume_gives_the_same_next_step_loss(self):
+    _, full = self._run(os.path.join(self.workdir, 'full'))
+    part_dir = os.path.join(self.workdir, 'part')
+    _, first = self._run(part_dir, stop_after=4)
+    self.assertEqual([h['step'] for h in first], [1, 2, 3, 4])
+    # A save killed mid-write leaves only a temporary directory behind.
+    os.makedirs(os.path.join(part_dir, 'checkpoints',
+                             '5.orbax-checkpoint-tmp-1234', 'state'))
+    _, rest = self._run(part_dir)
+    self.assertEqual([h['step'] for h in rest], [5, 6])
+    np.testing.assert_allclose([h['loss'] for h in first + rest],
+                               [h['loss'] for h in full], rtol=1e-6)
+
+  def test_corrupted_run_checkpoint_is_a_clear_error(self):
+    run_dir = os.path.join(self.workdir, 'run')
+    self._run(run_dir, stop_after=2)
+    state_dir = os.path.join(run_dir, 'checkpoints', '2', 'state')
+    for root, _, files in os.walk(state_dir):
+      for f in files:
+        with open(os.path.join(root, f), 'wb') as fh:
+          fh.write(b'garbage')
+    with self.assertRaisesRegex(ValueError, r'checkpoints/2 is corrupted'):
+      self._run(run_dir)
+
+
+class SmokePipelineTest(absltest.TestCase):
+
+  def test_end_to_end_and_rerun_resumes(self):
+    workdir = self.create_tempdir().full_path
+    results = train.train_and_evaluate(tiny_config(), workdir)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      on_disk = json.load(f)
+    self.assertEqual(on_disk['rows'], json.loads(json.dumps(results['rows'])))
+    self.assertEqual(sorted(on_disk['rows']),
+                     ['CALM', 'm_A (kv)', 'm_B (anchor)'])
+    for row in on_disk['rows'].values():
+      self.assertEqual(sorted(row), sorted(kv_arithmetic.get_config(
+          'smoke').eval.splits))
+      for metrics in row.values():
+        self.assertBetween(metrics['accuracy'], 0.0, 100.0)
+        self.assertTrue(np.isfinite(metrics['loss']))
+        self.assertEqual(metrics['examples'], 8)
+    for role in ('anchor', 'aug_kv'):
+      self.assertTrue(checkpoints.model_exists(
+          os.path.join(workdir, 'models', role)))
+    self.assertTrue(any(f.startswith('events') for f in os.listdir(
+        os.path.join(workdir, 'calm', 'tensorboard'))))
+    # Rerunning the same workdir retrains nothing and gives the same table.
+    again = train.train_and_evaluate(tiny_config(), workdir)
+    self.assertEqual(again['rows'], results['rows'])
+
+
+if __name__ == '__main__':
+  absltest.main()
