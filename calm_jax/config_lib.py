@@ -76,6 +76,19 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
   # are given.
   c.every_k = every_k
   c.pairs = ()
+  # Augmenting models only, for the `calm_vanilla_aug` row: the same
+  # architecture pretrained on this split instead (or loaded from a path).
+  c.vanilla_split = ''
+  c.vanilla_checkpoint = ''
+  return c
+
+
+def baselines_config() -> ConfigDict:
+  c = ConfigDict()
+  # LoRA rank; 0 matches CALM's trainable parameter count (the paper's).
+  c.lora_rank = 0
+  # Regexes of the anchor kernels LoRA adapts; () = attention query/value.
+  c.lora_targets = ()
   return c
 
 
@@ -200,6 +213,21 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
         + ', '.join(f'{f}.vocab_size={v}' for f, v in vocab.items())
         + '. Use models that share one tokenizer.')
   augmenting_models(config)  # Layer pairs.
+  from calm_jax import rows as rows_lib
+  if not config.rows:
+    raise ValueError("rows is empty; list the table's rows, e.g. "
+                     "('m_B', 'm_A', 'calm').")
+  for i, row in enumerate(config.rows):
+    if row not in rows_lib.BUILDERS:
+      raise ValueError(f'rows[{i}]={row!r} is not a known row; choose from '
+                       f'{sorted(rows_lib.BUILDERS)}.')
+  if not config.seeds:
+    raise ValueError('seeds is empty; give at least one, e.g. (0,).')
+  if 'calm_vanilla_aug' in config.rows:
+    for name, m in config.models.augmenting.items():
+      if not m.vanilla_checkpoint:
+        check_split(m.vanilla_split,
+                    f'models.augmenting.{name}.vanilla_split')
   check_train(config.train, 'train')
   for i, split in enumerate(config.eval.splits):
     check_split(split, f'eval.splits[{i}]')

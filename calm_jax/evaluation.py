@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,24 +95,82 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
   return results
 
 
+def aggregate(per_seed: dict[str, list[dict[str, dict[str, float]]]],
+              splits: Sequence[str]) -> dict[str, Any]:
+  """Mean and (population) std over seeds of each row's metrics."""
+  rows = {}
+  for name, runs in per_seed.items():
+    rows[name] = {}
+    for split in splits:
+      acc = np.array([r[split]['accuracy'] for r in runs])
+      loss = np.array([r[split]['loss'] for r in runs])
+      rows[name][split] = {
+          'accuracy': float(acc.mean()), 'accuracy_std': float(acc.std()),
+          'loss': float(loss.mean()), 'loss_std': float(loss.std()),
+          'examples': runs[0][split]['examples'],
+          'seeds': len(runs), 'accuracy_per_seed': acc.tolist()}
+  return {'rows': rows, 'splits': list(splits)}
+
+
 def format_table(results: dict[str, Any]) -> str:
-  """A markdown table: exact match % (loss) per row and split."""
+  """A markdown table: exact match % (mean ± std over seeds), and loss."""
   splits = results['splits']
-  lines = ['| model | ' + ' | '.join(splits) + ' |',
-           '|---|' + '---|' * len(splits)]
+  lines = ['| row | seeds | ' + ' | '.join(
+      f'{s} acc % | {s} loss' for s in splits) + ' |',
+           '|---|---|' + '---|---|' * len(splits)]
   for name, per_split in results['rows'].items():
-    cells = [f"{per_split[s]['accuracy']:.1f} ({per_split[s]['loss']:.3f})"
-             for s in splits]
-    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-  lines.append('exact-match accuracy % (target loss), greedy decoding')
+    cells = []
+    for s in splits:
+      m = per_split[s]
+      cells.append(f"{m['accuracy']:.1f} ± {m.get('accuracy_std', 0):.1f}")
+      cells.append(f"{m['loss']:.3f}")
+    seeds = per_split[splits[0]].get('seeds', 1)
+    lines.append(f'| {name} | {seeds} | ' + ' | '.join(cells) + ' |')
+  lines.append('')
+  lines.append('Exact match by greedy decoding (mean ± std over seeds); loss '
+               'is the mean target-token cross-entropy.')
   return '\n'.join(lines)
 
 
 def write_results(results: dict[str, Any], workdir: str) -> str:
-  """Writes `results.json` atomically; returns its path."""
+  """Writes results.json, results.md and results.png; returns the json path."""
   path = os.path.join(workdir, 'results.json')
+  _atomic_write(path, json.dumps(results, indent=2, sort_keys=True))
+  _atomic_write(os.path.join(workdir, 'results.md'),
+                format_table(results) + '\n')
+  try:
+    plot(results, os.path.join(workdir, 'results.png'))
+  except ImportError as e:  # matplotlib is optional.
+    logging.warning('No results.png: %s', e)
+  return path
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+  """Grouped bars: accuracy per split for every row, std as error bars."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names, splits = list(results['rows']), results['splits']
+  width = 0.8 / len(splits)
+  fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+  for i, split in enumerate(splits):
+    acc = [results['rows'][n][split]['accuracy'] for n in names]
+    std = [results['rows'][n][split].get('accuracy_std', 0) for n in names]
+    ax.bar(np.arange(len(names)) + i * width, acc, width, yerr=std,
+           label=split, capsize=2)
+  ax.set_xticks(np.arange(len(names)) + width * (len(splits) - 1) / 2)
+  ax.set_xticklabels(names, rotation=30, ha='right')
+  ax.set_ylabel('exact match %')
+  ax.set_ylim(0, 100)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path + '.tmp.png', dpi=120)
+  plt.close(fig)
+  os.replace(path + '.tmp.png', path)
+
+
+def _atomic_write(path: str, text: str) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+    f.write(text)
   os.replace(tmp, path)
-  return path

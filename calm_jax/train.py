@@ -35,6 +35,7 @@ from calm_jax import config_lib
 from calm_jax import data as data_lib
 from calm_jax import evaluation
 from calm_jax import metrics_writer
+from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
@@ -267,12 +268,14 @@ def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
 
 def composition_task(config: ConfigDict, frozen: Params,
                      anchor: transformer.DecoderConfig,
-                     augmenting: tuple[composition_lib.Augmenting, ...]
+                     augmenting: tuple[composition_lib.Augmenting, ...], *,
+                     prompt_only: bool | None = None, name: str = 'calm'
                      ) -> Task:
   """CALM: anchor and augmenting trees frozen, the bridges trainable."""
   model = composition_lib.ComposedLM(
       anchor, augmenting, cross_heads=config.composition.cross_heads or None,
-      prompt_only=config.composition.prompt_only)
+      prompt_only=(config.composition.prompt_only if prompt_only is None
+                   else prompt_only))
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA
@@ -282,7 +285,7 @@ def composition_task(config: ConfigDict, frozen: Params,
     return {'composition': params['params']['composition']}
 
   return Task(
-      name='calm', model=model, frozen=frozen, init_trainable=init_trainable,
+      name=name, model=model, frozen=frozen, init_trainable=init_trainable,
       apply=lambda p, b: model.apply({'params': p}, b['inputs'],
                                      prompt_len=b['prompt_len']))
 
@@ -346,32 +349,43 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         f'aug_{name}', f'models.augmenting.{name}', m, **kw)
   augmenting = config_lib.augmenting_models(config)
 
-  # ---- 4. the composition.
-  task = composition_task(config, frozen, anchor_cfg, augmenting)
+  # ---- 4. every row of the table: train (per seed), then score.
+  ctx = rows_lib.Context(
+      config, anchor_cfg, augmenting, frozen, seed=config.seed,
+      extra_model=lambda role, field, m: frozen_model(role, field, m, **kw),
+      place=lambda arch, p: jax.device_put(
+          p, decoder_shardings(arch, mesh, rules)))
   eval_split = config.eval.during_training_split
-  trained, _ = run_training(
-      task, config.train, run_dir=os.path.join(workdir, 'calm'),
-      data=data.train(config.train.split), mesh=mesh, rules=rules,
-      seed=config.seed,
-      eval_batches=data.eval(eval_split, config.eval.batch_size,
-                             config.eval.num_examples) if eval_split else None)
+  splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
+            for s in config.eval.splits}
+  per_seed: dict[str, list[dict[str, Any]]] = {}
+  sizes = {}
+  for row_name in config.rows:
+    built = rows_lib.BUILDERS[row_name](ctx)
+    for seed in (config.seeds if built.trained else (config.seed,)):
+      trained = None
+      if built.task is not None:
+        trained, _ = run_training(
+            built.task, config.train,
+            run_dir=os.path.join(workdir, 'runs', row_name, f'seed_{seed}'),
+            data=data.train(config.train.split), mesh=mesh, rules=rules,
+            seed=seed, eval_batches=data.eval(
+                eval_split, config.eval.batch_size, config.eval.num_examples)
+            if eval_split else None)
+        sizes[row_name] = transformer.count_params(trained)
+      scored = evaluation.evaluate(
+          built.to_eval(trained), splits, tokenizer=data.tokenizer,
+          mesh=mesh, max_new_tokens=config.eval.max_new_tokens)
+      for name, metrics in scored['rows'].items():
+        per_seed.setdefault(name, []).append(metrics)
+        logging.info('[%s] seed %d: %s', name, seed, ', '.join(
+            f"{s} {m['accuracy']:.1f}%" for s, m in metrics.items()))
 
-  # ---- 5. evaluation of every row.
-  rows = [evaluation.Row('m_B (anchor)', transformer.Decoder(anchor_cfg),
-                         anchor_params)]
-  for a in augmenting:
-    rows.append(evaluation.Row(f'm_A ({a.name})', transformer.Decoder(a.config),
-                               frozen[f'aug_{a.name}']))
-  rows.append(evaluation.Row('CALM', task.model, {**frozen, **trained},
-                             composed=True))
-  results = evaluation.evaluate(
-      rows, {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
-             for s in config.eval.splits},
-      tokenizer=data.tokenizer, mesh=mesh,
-      max_new_tokens=config.eval.max_new_tokens)
-  results['params'] = {
-      'composition': transformer.count_params(trained),
-      **{k: transformer.count_params(v) for k, v in frozen.items()}}
+  # ---- 5. the table.
+  results = evaluation.aggregate(per_seed, list(config.eval.splits))
+  results['trainable_params'] = sizes
+  results['frozen_params'] = {k: transformer.count_params(v)
+                              for k, v in frozen.items()}
   if jax.process_index() == 0:
     evaluation.write_results(results, workdir)
   print(evaluation.format_table(results), flush=True)

@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
           eval_every=0, log_every=20 if smoke else 200),
       every_k=2 if smoke else 4)
+  # The `calm_vanilla_aug` row's m_A: same architecture, arithmetic text
+  # without the key map.
+  config.models.augmenting.kv.vanilla_split = 'num_math_train'
 
   # --------------------------------------------------------- composition
   config.composition = ml_collections.ConfigDict()
@@ -88,6 +91,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
       eval_every=20 if smoke else 500, log_every=10 if smoke else 100,
       checkpoint_every=20 if smoke else 500)
+
+  # ---------------------------------------------------------------- rows
+  # Rows of the results table (see calm_jax/rows.py), each trained row once
+  # per seed; seeds vary the composition's init and data order.
+  config.rows = ('m_A', 'm_B', 'calm', 'lora', 'full_ft', 'calm_vanilla_aug',
+                 'calm_random_aug', 'calm_prompt_only', 'calm_n1', 'calm_n2',
+                 'calm_every_layer')
+  config.seeds = (0,) if smoke else (0, 1, 2)
+  config.baselines = config_lib.baselines_config()
 
   # ---------------------------------------------------------------- eval
   config.eval = ml_collections.ConfigDict()

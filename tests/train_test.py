@@ -32,11 +32,11 @@ def tiny_config():
     m.pretrain.steps = 8
     m.pretrain.batch_size = 8
     m.pretrain.log_every = 4
-  config.train.steps = 6
+  config.train.steps = 4
   config.train.batch_size = 8
   config.train.log_every = 1
   config.train.checkpoint_every = 2
-  config.train.eval_every = 3
+  config.train.eval_every = 2
   config.eval.num_examples = 8
   config.eval.batch_size = 8
   config.eval.max_new_tokens = 20
@@ -54,6 +54,7 @@ class TrainLoopTest(absltest.TestCase):
     super().setUp()
     self.workdir = self.create_tempdir().full_path
     self.config = tiny_config()
+    self.config.train.steps = 6
     self.mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
     self.rules = sharding.logical_rules(())
     self.data = data_lib.Data(self.config.data, self.workdir)
@@ -142,8 +143,9 @@ class SmokePipelineTest(absltest.TestCase):
     with open(os.path.join(workdir, 'results.json')) as f:
       on_disk = json.load(f)
     self.assertEqual(on_disk['rows'], json.loads(json.dumps(results['rows'])))
-    self.assertEqual(sorted(on_disk['rows']),
-                     ['CALM', 'm_A (kv)', 'm_B (anchor)'])
+    # Every row of the paper's table runs at smoke size.
+    self.assertEqual(sorted(on_disk['rows']), sorted(tiny_config().rows))
+    self.assertLen(tiny_config().rows, 11)
     for row in on_disk['rows'].values():
       self.assertEqual(sorted(row), sorted(kv_arithmetic.get_config(
           'smoke').eval.splits))
@@ -151,11 +153,16 @@ class SmokePipelineTest(absltest.TestCase):
         self.assertBetween(metrics['accuracy'], 0.0, 100.0)
         self.assertTrue(np.isfinite(metrics['loss']))
         self.assertEqual(metrics['examples'], 8)
-    for role in ('anchor', 'aug_kv'):
+    for role in ('anchor', 'aug_kv', 'vanilla_kv'):
       self.assertTrue(checkpoints.model_exists(
           os.path.join(workdir, 'models', role)))
     self.assertTrue(any(f.startswith('events') for f in os.listdir(
-        os.path.join(workdir, 'calm', 'tensorboard'))))
+        os.path.join(workdir, 'runs', 'calm', 'seed_0', 'tensorboard'))))
+    for name in ('results.md', 'results.png'):
+      self.assertGreater(os.path.getsize(os.path.join(workdir, name)), 100)
+    # LoRA's rank is matched to CALM's trainable parameter count.
+    sizes = results['trainable_params']
+    self.assertLess(abs(sizes['lora'] - sizes['calm']) / sizes['calm'], 0.1)
     # Rerunning the same workdir retrains nothing and gives the same table.
     again = train.train_and_evaluate(tiny_config(), workdir)
     self.assertEqual(again['rows'], results['rows'])
