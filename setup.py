@@ -17,6 +17,7 @@ setuptools.setup(
         'flax>=0.12',
         'grain>=0.2.12',
         'jax>=0.10',
+        'matplotlib>=3.8',
         'ml-collections>=1.0',
         'numpy>=1.26',
         'optax>=0.2.4',
