@@ -221,6 +221,9 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     if row not in rows_lib.BUILDERS:
       raise ValueError(f'rows[{i}]={row!r} is not a known row; choose from '
                        f'{sorted(rows_lib.BUILDERS)}.')
+  if config.frozen_dtype not in transformer.DTYPES:
+    raise ValueError(f'frozen_dtype={config.frozen_dtype!r} is not one of '
+                     f'{sorted(transformer.DTYPES)}.')
   if not config.seeds:
     raise ValueError('seeds is empty; give at least one, e.g. (0,).')
   if 'calm_vanilla_aug' in config.rows:

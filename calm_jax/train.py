@@ -291,9 +291,14 @@ def composition_task(config: ConfigDict, frozen: Params,
 
 
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
-                 workdir: str, data: data_lib.Data, mesh, rules, seed: int
+                 workdir: str, data: data_lib.Data, mesh, rules, seed: int,
+                 dtype: str = 'float32'
                  ) -> tuple[transformer.DecoderConfig, Params]:
-  """Loads a model, pretraining it first (once, cached) if it has no path."""
+  """Loads a model, pretraining it first (once, cached) if it has no path.
+
+  `dtype` is what the frozen copy is held and computed in (bfloat16 halves
+  its memory and speeds its matmuls; the composition stays float32).
+  """
   path = model_cfg.checkpoint or os.path.join(workdir, 'models', role)
   if not model_cfg.checkpoint and not checkpoints.model_exists(path):
     arch = config_lib.decoder_config(model_cfg, field)
@@ -308,9 +313,21 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                            steps=model_cfg.pretrain.steps)
     logging.info('[%s] pretrained model saved to %s', role, path)
   arch = config_lib.read_model_file(path, f'{field}.checkpoint')
-  return checkpoints.load_model(
+  arch, params = checkpoints.load_model(
       path, f'{field}.checkpoint',
       shardings=decoder_shardings(arch, mesh, rules))
+  return cast_frozen(arch, params, dtype)
+
+
+def cast_frozen(arch: transformer.DecoderConfig, params: Params, dtype: str
+                ) -> tuple[transformer.DecoderConfig, Params]:
+  """A frozen model held and computed in `dtype`."""
+  if dtype == arch.param_dtype and dtype == arch.dtype:
+    return arch, params
+  arch = dataclasses.replace(arch, dtype=dtype, param_dtype=dtype)
+  target = transformer.DTYPES[dtype]
+  return arch, jax.jit(lambda p: jax.tree_util.tree_map(
+      lambda x: x.astype(target), p))(params)
 
 
 def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
@@ -340,14 +357,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ---- 3. frozen models.
   kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
-            seed=config.seed)
+            seed=config.seed, dtype=config.frozen_dtype)
   anchor_cfg, anchor_params = frozen_model(
       'anchor', 'models.anchor', config.models.anchor, **kw)
   frozen = {'anchor': anchor_params}
   for name, m in config.models.augmenting.items():
     _, frozen[f'aug_{name}'] = frozen_model(
         f'aug_{name}', f'models.augmenting.{name}', m, **kw)
-  augmenting = config_lib.augmenting_models(config)
+  augmenting = tuple(
+      dataclasses.replace(a, config=cast_frozen(a.config, {},
+                                                config.frozen_dtype)[0])
+      for a in config_lib.augmenting_models(config))
 
   # ---- 4. every row of the table: train (per seed), then score.
   ctx = rows_lib.Context(

@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seed for parameter init, data order and the composition's training.
   config.seed = 0
+  # Dtype the frozen models are held and computed in ('bfloat16' halves
+  # their memory; the composition and the loss stay float32).
+  config.frozen_dtype = 'float32'
 
   # ---------------------------------------------------------------- data
   config.data = ml_collections.ConfigDict()

@@ -197,6 +197,17 @@ class CompositionTest(parameterized.TestCase):
                                  jax.tree_util.tree_leaves(
                                      grads['composition']))), 0.0)
 
+  def test_no_backward_pass_below_the_lowest_composed_layer(self):
+    model, params, tokens = _composed(pairs=((1, 2), (3, 3)))
+    params = _noisy(params)
+    grads = jax.jit(jax.grad(
+        lambda p: model.apply({'params': p}, tokens).mean()))(params)
+    norm = lambda t: float(sum(jnp.abs(g).sum()
+                               for g in jax.tree_util.tree_leaves(t)))
+    for j in (0, 1, 2):
+      self.assertEqual(norm(grads['anchor'][f'layer_{j}']), 0.0, j)
+    self.assertGreater(norm(grads['anchor']['layer_3']), 0.0)
+
   def test_several_augmenting_models(self):
     aug2 = T.DecoderConfig(vocab_size=VOCAB, d_model=8, num_layers=2,
                            num_heads=2, d_ff=16, max_len=24)

@@ -1,5 +1,6 @@
 """The training loop: frozen trees, checkpoint contents, resumption, smoke run."""
 
+import dataclasses
 import json
 import os
 
@@ -122,6 +123,23 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual([h['step'] for h in rest], [5, 6])
     np.testing.assert_allclose([h['loss'] for h in first + rest],
                                [h['loss'] for h in full], rtol=1e-6)
+
+  def test_bfloat16_frozen_models(self):
+    anchor, frozen = train.cast_frozen(self.task.model.anchor,
+                                       self.frozen['anchor'], 'bfloat16')
+    aug = tuple(dataclasses.replace(a, config=train.cast_frozen(
+        a.config, {}, 'bfloat16')[0]) for a in self.augmenting)
+    frozen = {'anchor': frozen, **{
+        k: train.cast_frozen(a.config, self.frozen[k], 'bfloat16')[1]
+        for a in self.augmenting for k in [f'aug_{a.name}']}}
+    self.task = train.composition_task(self.config, frozen, anchor, aug)
+    self.config.train.steps = 3
+    params, history = self._run(os.path.join(self.workdir, 'bf16'))
+    self.assertTrue(all(np.isfinite(h['loss']) for h in history))
+    for leaf in jax.tree_util.tree_leaves(frozen):
+      self.assertEqual(leaf.dtype, jnp.bfloat16)
+    for leaf in jax.tree_util.tree_leaves(params):
+      self.assertEqual(leaf.dtype, jnp.float32)
 
   def test_corrupted_run_checkpoint_is_a_clear_error(self):
     run_dir = os.path.join(self.workdir, 'run')

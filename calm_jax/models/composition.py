@@ -195,8 +195,13 @@ class ComposedLM(nn.Module):
     anchor = self.anchor_lm
     positions = anchor.positions(tokens, decode)
     x = anchor.embed(tokens, positions)
+    lowest = min(j for a in self.augmenting for _, j in a.pairs)
     for j in range(self.anchor.num_layers):
       x = anchor.block(j, x, positions, decode)
+      if j == lowest:
+        # Nothing below the lowest composed layer depends on the bridges;
+        # this keeps even a whole-tree gradient from running down there.
+        x = jax.lax.stop_gradient(x)
       add = self.composition(j, x, aug, plen, decode)
       if add is not None:
         x = x + add.astype(x.dtype)
