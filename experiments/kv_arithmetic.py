@@ -33,21 +33,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Tokenizer shared by every model (vocabularies must agree to compose).
   config.data.tokenizer = 'byte'
   # Tokens per training example, BOS..EOS included; longer examples fail.
-  config.data.seq_len = 64 if smoke else 96
+  config.data.seq_len = 64 if smoke else 80
   # Where TFDS writes array_record files; '' means WORKDIR/tfds.
   config.data.data_dir = ''
   # The task generator (see calm_jax/data/kv_arithmetic.py).
   config.data.kv = ml_collections.ConfigDict(dict(
-      num_keys=200 if smoke else 2000,
-      max_value=200 if smoke else 2000,
+      num_keys=200 if smoke else 500,
+      max_value=200 if smoke else 500,
       min_operands=3 if smoke else 3,
       max_operands=4 if smoke else 6,
       operators='+-*',
       compose_key_fraction=0.2,
-      num_kv_subs_train=2000 if smoke else 100_000,
-      num_num_math_train=2000 if smoke else 100_000,
-      num_kv_math_compose=1000 if smoke else 20_000,
-      num_eval=64 if smoke else 500,
+      num_kv_subs_train=2000 if smoke else 50_000,
+      num_num_math_train=2000 if smoke else 50_000,
+      num_kv_math_compose=1000 if smoke else 10_000,
+      num_eval=64 if smoke else 256,
       seed=0,
   ))
 
@@ -56,25 +56,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # or, when `checkpoint` is '', pretrained once by main and cached in the
   # workdir with the `pretrain` settings.
   config.models = ml_collections.ConfigDict()
-  anchor = dict(vocab_size=259, d_model=64 if smoke else 192,
-                num_layers=4 if smoke else 8, num_heads=4 if smoke else 6,
-                d_ff=128 if smoke else 768, max_len=config.data.seq_len)
-  augmenting = dict(vocab_size=259, d_model=32 if smoke else 96,
-                    num_layers=4, num_heads=2 if smoke else 3,
-                    d_ff=64 if smoke else 384, max_len=config.data.seq_len)
+  # m_A is about a quarter of m_B, as in the paper's 10-25% range.
+  anchor = dict(vocab_size=259, d_model=64 if smoke else 128, num_layers=4,
+                num_heads=4, d_ff=128 if smoke else 512,
+                max_len=config.data.seq_len)
+  augmenting = dict(vocab_size=259, d_model=32 if smoke else 64,
+                    num_layers=4, num_heads=2, d_ff=64 if smoke else 256,
+                    max_len=config.data.seq_len)
   config.models.anchor = config_lib.model_config(
       arch=anchor,
       pretrain=config_lib.train_config(
-          split='num_math_train', steps=60 if smoke else 6000,
-          batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
+          split='num_math_train', steps=60 if smoke else 3000,
+          batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
           eval_every=0, log_every=20 if smoke else 200))
   # Augmenting models by name; each has its own layer pairs.
   config.models.augmenting = ml_collections.ConfigDict()
   config.models.augmenting.kv = config_lib.model_config(
       arch=augmenting,
       pretrain=config_lib.train_config(
-          split='kv_subs_train', steps=60 if smoke else 6000,
-          batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
+          split='kv_subs_train', steps=60 if smoke else 2000,
+          batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
           eval_every=0, log_every=20 if smoke else 200),
       every_k=2 if smoke else 4)
   # The `calm_vanilla_aug` row's m_A: same architecture, arithmetic text
@@ -90,10 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Training of the composition on D_C.
   config.train = config_lib.train_config(
-      split='kv_math_compose', steps=40 if smoke else 3000,
-      batch_size=16 if smoke else 64, learning_rate=3e-3 if smoke else 1e-3,
-      eval_every=20 if smoke else 500, log_every=10 if smoke else 100,
-      checkpoint_every=20 if smoke else 500)
+      split='kv_math_compose', steps=40 if smoke else 500,
+      batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
+      eval_every=20 if smoke else 250, log_every=10 if smoke else 50,
+      checkpoint_every=20 if smoke else 250)
 
   # ---------------------------------------------------------------- rows
   # Rows of the results table (see calm_jax/rows.py), each trained row once
@@ -109,10 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Splits every result row is evaluated on.
   config.eval.splits = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval')
   # Examples per split (0: all) and the decoding batch.
-  config.eval.num_examples = 32 if smoke else 512
+  config.eval.num_examples = 32 if smoke else 256
   config.eval.batch_size = 32 if smoke else 64
   # Greedy decoding budget for exact match.
-  config.eval.max_new_tokens = 24 if smoke else 48
+  config.eval.max_new_tokens = 24 if smoke else 32
   # Split used for the periodic eval during training (loss/accuracy only).
   config.eval.during_training_split = 'kv_math_eval'
 
