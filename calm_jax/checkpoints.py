@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from calm_jax import config_lib
+from calm_jax import paths
 from calm_jax.models import transformer
 
 FORMAT = 'calm_jax.decoder/v1'
@@ -36,32 +38,39 @@ FORMAT = 'calm_jax.decoder/v1'
 
 def save_model(path: str, config: transformer.DecoderConfig, params: Any,
                **metadata: Any) -> None:
-  """Writes a model directory atomically (tmp dir + rename)."""
-  path = os.path.abspath(os.fspath(path))
-  tmp = f'{path}.tmp-{os.getpid()}'
-  if jax.process_index() == 0 and os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  """Writes a model directory atomically: PATH.partial, then a rename.
+
+  Every process calls this (Orbax writes each process's shards); only
+  process 0 writes the metadata and renames.
+  """
+  path = epath.Path(paths.absolute(path))
+  tmp = path.parent / (path.name + '.partial')
+  if jax.process_index() == 0 and tmp.exists():
+    tmp.rmtree()  # Left by a run killed mid-export.
+  multihost_utils.sync_global_devices('calm_jax.save_model:start')
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, 'params'), params)
+    ckptr.save(tmp / 'params', params)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(tmp, config_lib.MODEL_FILE), 'w') as f:
-      json.dump({'format': FORMAT, 'arch': config.to_dict(), **metadata}, f,
-                indent=2)
-    if os.path.exists(path):  # Keep the old one until the new one is whole.
-      old = f'{path}.old-{os.getpid()}'
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old)
+    (tmp / config_lib.MODEL_FILE).write_text(json.dumps(
+        {'format': FORMAT, 'arch': config.to_dict(), **metadata}, indent=2))
+    if path.exists():  # Keep the old one until the new one is whole.
+      old = path.parent / (path.name + '.old')
+      if old.exists():
+        old.rmtree()
+      path.rename(old)
+      tmp.rename(path)
+      old.rmtree()
     else:
-      os.rename(tmp, path)
+      tmp.rename(path)
+  multihost_utils.sync_global_devices('calm_jax.save_model:done')
 
 
 def load_model(path: str, field: str = 'checkpoint', shardings: Any = None
                ) -> tuple[transformer.DecoderConfig, Any]:
   """Reads a model directory; errors name `field` and say what to do."""
   config = config_lib.read_model_file(path, field)
-  params_dir = os.path.join(os.path.abspath(path), 'params')
+  params_dir = os.path.join(paths.absolute(path), 'params')
   abstract = jax.eval_shape(
       lambda: _init_params(config))
   if shardings is not None:
@@ -88,7 +97,7 @@ def _init_params(config: transformer.DecoderConfig) -> Any:
 
 
 def model_exists(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, config_lib.MODEL_FILE))
+  return (epath.Path(path) / config_lib.MODEL_FILE).is_file()
 
 
 # ----------------------------------------------------------- training runs
@@ -99,7 +108,7 @@ class RunCheckpointer:
 
   def __init__(self, directory: str, *, keep: int = 2,
                save_every: int = 500):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.absolute(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import ml_collections
 
 from calm_jax.models import composition as composition_lib
@@ -119,13 +120,12 @@ def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
   """Reads a model directory's architecture, failing clearly if absent."""
   path = os.fspath(path)
   meta = os.path.join(path, MODEL_FILE)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(
         f'{field}.checkpoint: no model directory at {path!r}. Point it at a '
         "directory written by calm_jax, or set it to '' to pretrain.")
   try:
-    with open(meta) as f:
-      arch = json.load(f)['arch']
+    arch = json.loads(epath.Path(meta).read_text())['arch']
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(
         f'{field}.checkpoint: {meta!r} is missing or corrupted ({e}). The '

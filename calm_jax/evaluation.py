@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Any, Sequence
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from calm_jax import decoding
+from calm_jax import paths
 from calm_jax import sharding
 
 from calm_jax.data import MODEL_KEYS
@@ -135,8 +138,8 @@ def format_table(results: dict[str, Any]) -> str:
 def write_results(results: dict[str, Any], workdir: str) -> str:
   """Writes results.json, results.md and results.png; returns the json path."""
   path = os.path.join(workdir, 'results.json')
-  _atomic_write(path, json.dumps(results, indent=2, sort_keys=True))
-  _atomic_write(os.path.join(workdir, 'results.md'),
+  paths.atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True))
+  paths.atomic_write_text(os.path.join(workdir, 'results.md'),
                 format_table(results) + '\n')
   try:
     plot(results, os.path.join(workdir, 'results.png'))
@@ -164,13 +167,9 @@ def plot(results: dict[str, Any], path: str) -> None:
   ax.set_ylim(0, 100)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path + '.tmp.png', dpi=120)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=120)
   plt.close(fig)
-  os.replace(path + '.tmp.png', path)
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  tmp = epath.Path(path + '.tmp')
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(epath.Path(path))

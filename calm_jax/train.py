@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from calm_jax import config_lib
 from calm_jax import data as data_lib
 from calm_jax import evaluation
 from calm_jax import metrics_writer
+from calm_jax import paths
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax.models import composition as composition_lib
@@ -344,13 +346,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs a whole experiment in `workdir`; returns the results dict."""
   # ---- 1. validation, before any compute.
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = config_lib.make_mesh(config)
   rules = sharding.logical_rules(config.mesh.rules)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.atomic_write_text(os.path.join(workdir, 'config.json'),
+                            config.to_json_best_effort(indent=2))
 
   # ---- 2. data.
   data = data_lib.Data(config.data, workdir)
