@@ -57,16 +57,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # workdir with the `pretrain` settings.
   config.models = ml_collections.ConfigDict()
   # m_A is about a quarter of m_B, as in the paper's 10-25% range.
-  anchor = dict(vocab_size=259, d_model=64 if smoke else 128, num_layers=4,
-                num_heads=4, d_ff=128 if smoke else 512,
+  anchor = dict(vocab_size=259, d_model=64 if smoke else 96, num_layers=4,
+                num_heads=4, d_ff=128 if smoke else 384,
                 max_len=config.data.seq_len)
-  augmenting = dict(vocab_size=259, d_model=32 if smoke else 64,
-                    num_layers=4, num_heads=2, d_ff=64 if smoke else 256,
+  augmenting = dict(vocab_size=259, d_model=32 if smoke else 48,
+                    num_layers=4, num_heads=2, d_ff=64 if smoke else 192,
                     max_len=config.data.seq_len)
   config.models.anchor = config_lib.model_config(
       arch=anchor,
       pretrain=config_lib.train_config(
-          split='num_math_train', steps=60 if smoke else 3000,
+          split='num_math_train', steps=60 if smoke else 2000,
           batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
           eval_every=0, log_every=20 if smoke else 200))
   # Augmenting models by name; each has its own layer pairs.
@@ -91,10 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Training of the composition on D_C.
   config.train = config_lib.train_config(
-      split='kv_math_compose', steps=40 if smoke else 500,
+      split='kv_math_compose', steps=40 if smoke else 200,
       batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
-      eval_every=20 if smoke else 250, log_every=10 if smoke else 50,
-      checkpoint_every=20 if smoke else 250)
+      eval_every=20 if smoke else 100, log_every=10 if smoke else 50,
+      checkpoint_every=20 if smoke else 100)
 
   # ---------------------------------------------------------------- rows
   # Rows of the results table (see calm_jax/rows.py), each trained row once
@@ -110,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Splits every result row is evaluated on.
   config.eval.splits = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval')
   # Examples per split (0: all) and the decoding batch.
-  config.eval.num_examples = 32 if smoke else 256
+  config.eval.num_examples = 32 if smoke else 128
   config.eval.batch_size = 32 if smoke else 64
   # Greedy decoding budget for exact match.
   config.eval.max_new_tokens = 24 if smoke else 32
