@@ -1,0 +1,218 @@
+r"""Train-step speed of CALM against full fine-tuning and LoRA of the anchor.
+
+Prints one JSON object per mode:
+  mode, step_s (median), tokens_per_s, peak_mem_mib (XLA's buffer estimate
+  for the step: arguments + outputs + temporaries), rss_mib (process peak
+  RSS so far), useful_gflop (analytic, see `useful_flops`), xla_gflop
+  (XLA's own cost analysis), mfu (useful FLOPs / step_s / the dense float32
+  matmul peak measured in this run), peak_gflops.
+
+  python benchmarks/train_step.py --config=peer --threads=2
+
+`peer` is the configuration calm-pytorch 0.2.2 is compared on: anchor 512
+wide, 8 layers, 8 heads; augmenting 256 wide, 4 layers, 4 heads; vocabulary
+256; batch 8 x 256; one composed pair (k = 4). The steps are the library's
+own (train.make_train_step with AdamW), not a toy.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'],
+                            'Model and batch sizes.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per mode.')
+_MODES = flags.DEFINE_list('modes', ['calm', 'full_ft', 'lora'],
+                           'Which train steps to time.')
+_DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
+                           ['float32', 'bfloat16'],
+                           'Dtype of the frozen models (CALM and LoRA).')
+
+SIZES = {
+    'peer': dict(anchor=dict(d_model=512, num_layers=8, num_heads=8),
+                 aug=dict(d_model=256, num_layers=4, num_heads=4),
+                 vocab=256, batch=8, seq=256),
+    'tiny': dict(anchor=dict(d_model=64, num_layers=4, num_heads=4),
+                 aug=dict(d_model=32, num_layers=4, num_heads=2),
+                 vocab=64, batch=4, seq=32),
+}
+
+
+def _pin_threads(n: int) -> None:
+  """Restricts this process to n cores before XLA sizes its thread pool."""
+  cores = sorted(os.sched_getaffinity(0))
+  os.sched_setaffinity(0, cores[:max(1, min(n, len(cores)))])
+
+
+def decoder_flops(cfg, tokens: int, seq: int) -> dict[str, float]:
+  """Forward matmul FLOPs of one decoder: per layer, and the head."""
+  d, f, h = cfg.d_model, cfg.d_ff, cfg.num_heads
+  kv = cfg.kv_heads * cfg.dim_per_head
+  proj = 2 * tokens * (d * h * cfg.dim_per_head * 2 + d * kv * 2)
+  mlp = 2 * tokens * d * f * (3 if cfg.mlp.startswith('gated') else 2)
+  attn = 2 * 2 * tokens * seq * h * cfg.dim_per_head  # QK^T and AV.
+  return {'layer': proj + mlp + attn, 'head': 2 * tokens * d * cfg.vocab_size}
+
+
+def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
+                 lora_rank: int) -> float:
+  """FLOPs the step must do; a backward pass costs twice its forward when it
+  makes weight gradients, once when it only carries activation gradients."""
+  a = decoder_flops(anchor, tokens, seq)
+  fwd = anchor.num_layers * a['layer'] + a['head']
+  if mode == 'full_ft':
+    return 3 * fwd
+  if mode == 'lora':
+    # Activation gradients through every layer, plus the adapters' own
+    # (rank-r) weight gradients and forward.
+    adapters = 2 * anchor.num_layers * 2 * tokens * lora_rank * 2 * (
+        anchor.d_model + anchor.num_heads * anchor.dim_per_head)
+    return 2 * fwd + 3 * adapters
+  g = decoder_flops(aug, tokens, seq)
+  lowest = min(j for _, j in pairs)
+  aug_fwd = (max(i for i, _ in pairs) + 1) * g['layer']
+  above = anchor.num_layers - 1 - lowest  # Layers the backward crosses.
+  bridge = len(pairs) * (2 * tokens * aug.d_model * anchor.d_model
+                         + 4 * 2 * tokens * anchor.d_model ** 2
+                         + 2 * 2 * tokens * seq * anchor.d_model)
+  return fwd + aug_fwd + above * a['layer'] + a['head'] + 3 * bridge
+
+
+def main(argv):
+  del argv
+  _pin_threads(_THREADS.value)
+  import json
+  import resource
+  import statistics
+  import time
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+  from calm_jax import train
+  from calm_jax.models import composition
+  from calm_jax.models import lora as lora_lib
+  from calm_jax.models import transformer
+
+  size = SIZES[_CONFIG.value]
+  b, t, vocab = size['batch'], size['seq'], size['vocab']
+  common = dict(vocab_size=vocab, max_len=t, mlp='gelu', norm='layernorm',
+                position='learned')
+  anchor = transformer.DecoderConfig(
+      d_ff=4 * size['anchor']['d_model'], **size['anchor'], **common)
+  aug = transformer.DecoderConfig(
+      d_ff=4 * size['aug']['d_model'], **size['aug'], **common)
+  pairs = composition.select_pairs(aug.num_layers, anchor.num_layers, 4)
+  cfg = ml_collections.ConfigDict(dict(
+      composition=dict(cross_heads=0, prompt_only=False)))
+  train_cfg = ml_collections.ConfigDict(dict(
+      steps=1000, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1,
+      weight_decay=0.01, b1=0.9, b2=0.98, grad_clip=1.0))
+
+  def init(arch, seed):
+    task = train.decoder_task('x', arch)
+    params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
+        jax.random.key(seed))
+    return train.cast_frozen(arch, params, _DTYPE.value)
+
+  anchor_f, anchor_params = init(anchor, 0)
+  aug_f, aug_params = init(aug, 1)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (b, t + 1)).astype(np.int32)
+  batch = {'inputs': jnp.asarray(tokens[:, :-1]),
+           'targets': jnp.asarray(tokens[:, 1:]),
+           'weights': jnp.ones((b, t), jnp.float32),
+           'prompt_len': jnp.full((b,), t // 2, jnp.int32)}
+
+  def calm_task():
+    return train.composition_task(
+        cfg, {'anchor': anchor_params, 'aug_x': aug_params}, anchor_f,
+        (composition.Augmenting('x', aug_f, pairs),))
+
+  calm_size = transformer.count_params(jax.eval_shape(
+      calm_task().init_trainable, jax.random.key(0)))
+  lora_rank = lora_lib.rank_for_budget(anchor_params, calm_size)
+
+  def make(mode):
+    if mode == 'calm':
+      return calm_task()
+    if mode == 'full_ft':
+      full = train.decoder_task('full_ft', anchor)
+      return train.Task('full_ft', full.model, full.apply,
+                        lambda r: full.init_trainable(r), {})
+    model = transformer.Decoder(anchor_f)
+    return train.Task(
+        'lora', model,
+        lambda p, bt: model.apply(
+            {'params': lora_lib.merge(p['anchor'], p['lora'])}, bt['inputs']),
+        lambda r: {'lora': lora_lib.init(r, anchor_params, lora_rank)},
+        {'anchor': anchor_params})
+
+  peak = _matmul_peak(jax, jnp, statistics, time)
+  for mode in _MODES.value:
+    task = make(mode)
+    tx, schedule = train.make_optimizer(train_cfg)
+
+    def init_state(r):
+      params = nn.meta.unbox(task.init_trainable(r))
+      return {'params': params, 'opt': tx.init(params),
+              'step': jnp.zeros((), jnp.int32)}
+
+    state = jax.jit(init_state)(jax.random.key(0))
+    step = jax.jit(train.make_train_step(task, tx, schedule),
+                   donate_argnums=(0,))
+    compiled = step.lower(state, task.frozen, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    for _ in range(2):  # Warm-up.
+      state, metrics = step(state, task.frozen, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(_STEPS.value):
+      start = time.perf_counter()
+      state, metrics = step(state, task.frozen, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = useful_flops(mode, anchor, aug, pairs, b * t, t, lora_rank)
+    print(json.dumps({
+        'mode': mode, 'config': _CONFIG.value, 'step_s': round(step_s, 4),
+        'tokens_per_s': round(b * t / step_s, 1),
+        'peak_mem_mib': round((mem.argument_size_in_bytes
+                               + mem.output_size_in_bytes
+                               + mem.temp_size_in_bytes) / 2**20, 1),
+        'rss_mib': round(resource.getrusage(
+            resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        'useful_gflop': round(flops / 1e9, 3),
+        'xla_gflop': round(float(cost.get('flops', 0.0)) / 1e9, 3),
+        'mfu': round(flops / step_s / peak, 4),
+        'peak_gflops': round(peak / 1e9, 1),
+        'trainable_params': transformer.count_params(state['params']),
+        'frozen_dtype': _DTYPE.value, 'threads': _THREADS.value,
+        'device': jax.devices()[0].platform}), flush=True)
+    del state
+
+
+def _matmul_peak(jax, jnp, statistics, time, n: int = 1024) -> float:
+  """Dense float32 matmul FLOP/s on this machine, now (median of 10)."""
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(10):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+if __name__ == '__main__':
+  app.run(main)

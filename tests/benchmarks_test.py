@@ -1,0 +1,49 @@
+"""The benchmark scripts run and print well-formed JSON lines (no timing)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)  # One CPU device, as a user would run it.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', script),
+       '--config=tiny', *args], capture_output=True, text=True, timeout=300,
+      env=env, cwd=ROOT)
+  if proc.returncode:
+    raise AssertionError(proc.stderr[-3000:])
+  return [json.loads(line) for line in proc.stdout.splitlines()
+          if line.startswith('{')]
+
+
+class BenchmarksTest(absltest.TestCase):
+
+  def test_train_step(self):
+    lines = _run('train_step.py', '--steps=2')
+    self.assertEqual([l['mode'] for l in lines], ['calm', 'full_ft', 'lora'])
+    for line in lines:
+      for key in ('step_s', 'tokens_per_s', 'peak_mem_mib', 'mfu',
+                  'useful_gflop', 'xla_gflop'):
+        self.assertGreater(line[key], 0, key)
+      # The analytic FLOP count agrees with XLA's to within a third.
+      self.assertBetween(line['useful_gflop'] / line['xla_gflop'], 0.67, 1.5)
+    by_mode = {l['mode']: l for l in lines}
+    self.assertLess(by_mode['calm']['trainable_params'],
+                    by_mode['full_ft']['trainable_params'])
+
+  def test_decode(self):
+    lines = _run('decode.py', '--repeats=1')
+    self.assertEqual([l['mode'] for l in lines], ['anchor', 'calm'])
+    for line in lines:
+      self.assertGreater(line['new_tokens_per_s'], 0)
+
+
+if __name__ == '__main__':
+  absltest.main()
