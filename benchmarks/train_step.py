@@ -27,6 +27,8 @@ _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per mode.')
 _MODES = flags.DEFINE_list('modes', ['calm', 'full_ft', 'lora'],
                            'Which train steps to time.')
+_REMAT = flags.DEFINE_bool('remat', False, 'Recompute block activations in '
+                           'the backward pass.')
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
                            'Dtype of the frozen models (CALM and LoRA).')
@@ -104,7 +106,7 @@ def main(argv):
   size = SIZES[_CONFIG.value]
   b, t, vocab = size['batch'], size['seq'], size['vocab']
   common = dict(vocab_size=vocab, max_len=t, mlp='gelu', norm='layernorm',
-                position='learned')
+                position='learned', remat=_REMAT.value)
   anchor = transformer.DecoderConfig(
       d_ff=4 * size['anchor']['d_model'], **size['anchor'], **common)
   aug = transformer.DecoderConfig(
@@ -196,7 +198,8 @@ def main(argv):
         'mfu': round(flops / step_s / peak, 4),
         'peak_gflops': round(peak / 1e9, 1),
         'trainable_params': transformer.count_params(state['params']),
-        'frozen_dtype': _DTYPE.value, 'threads': _THREADS.value,
+        'frozen_dtype': _DTYPE.value, 'remat': _REMAT.value,
+        'threads': _THREADS.value,
         'device': jax.devices()[0].platform}), flush=True)
     del state
 

@@ -294,7 +294,7 @@ def composition_task(config: ConfigDict, frozen: Params,
 
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                  workdir: str, data: data_lib.Data, mesh, rules, seed: int,
-                 dtype: str = 'float32'
+                 dtype: str = 'float32', remat: bool = False
                  ) -> tuple[transformer.DecoderConfig, Params]:
   """Loads a model, pretraining it first (once, cached) if it has no path.
 
@@ -304,7 +304,8 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
   path = model_cfg.checkpoint or os.path.join(workdir, 'models', role)
   if not model_cfg.checkpoint and not checkpoints.model_exists(path):
     arch = config_lib.decoder_config(model_cfg, field)
-    task = decoder_task(f'pretrain:{role}', arch)
+    task = decoder_task(f'pretrain:{role}',
+                        dataclasses.replace(arch, remat=remat))
     params, _ = run_training(
         task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
                                                        role),
@@ -318,7 +319,8 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
   arch, params = checkpoints.load_model(
       path, f'{field}.checkpoint',
       shardings=decoder_shardings(arch, mesh, rules))
-  return cast_frozen(arch, params, dtype)
+  arch, params = cast_frozen(arch, params, dtype)
+  return dataclasses.replace(arch, remat=remat), params
 
 
 def cast_frozen(arch: transformer.DecoderConfig, params: Params, dtype: str
@@ -359,7 +361,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ---- 3. frozen models.
   kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
-            seed=config.seed, dtype=config.frozen_dtype)
+            seed=config.seed, dtype=config.frozen_dtype, remat=config.remat)
   anchor_cfg, anchor_params = frozen_model(
       'anchor', 'models.anchor', config.models.anchor, **kw)
   frozen = {'anchor': anchor_params}
@@ -367,8 +369,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     _, frozen[f'aug_{name}'] = frozen_model(
         f'aug_{name}', f'models.augmenting.{name}', m, **kw)
   augmenting = tuple(
-      dataclasses.replace(a, config=cast_frozen(a.config, {},
-                                                config.frozen_dtype)[0])
+      dataclasses.replace(a, config=dataclasses.replace(
+          cast_frozen(a.config, {}, config.frozen_dtype)[0],
+          remat=config.remat))
       for a in config_lib.augmenting_models(config))
 
   # ---- 4. every row of the table: train (per seed), then score.

@@ -25,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Dtype the frozen models are held and computed in ('bfloat16' halves
   # their memory; the composition and the loss stay float32).
   config.frozen_dtype = 'float32'
+  # Recompute block activations in the backward pass (less memory).
+  config.remat = False
 
   # ---------------------------------------------------------------- data
   config.data = ml_collections.ConfigDict()

@@ -1,5 +1,7 @@
 """Shapes, causality and bookkeeping of the decoder and the composition."""
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import flax.linen as nn
@@ -207,6 +209,24 @@ class CompositionTest(parameterized.TestCase):
     for j in (0, 1, 2):
       self.assertEqual(norm(grads['anchor'][f'layer_{j}']), 0.0, j)
     self.assertGreater(norm(grads['anchor']['layer_3']), 0.0)
+
+  def test_remat_changes_nothing_but_memory(self):
+    model, params, tokens = _composed()
+    params = _noisy(params)
+    remat = C.ComposedLM(
+        dataclasses.replace(ANCHOR, remat=True),
+        (C.Augmenting('a', dataclasses.replace(AUG, remat=True),
+                      ((1, 1), (3, 3))),))
+
+    def loss_and_grad(m):
+      return jax.jit(jax.value_and_grad(lambda c: m.apply(
+          {'params': {**params, 'composition': c}}, tokens).mean()))(
+              params['composition'])
+    (l1, g1), (l2, g2) = loss_and_grad(model), loss_and_grad(remat)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        g1, g2)
 
   def test_several_augmenting_models(self):
     aug2 = T.DecoderConfig(vocab_size=VOCAB, d_model=8, num_layers=2,

@@ -54,6 +54,9 @@ class DecoderConfig:
   logit_softcap: float | None = None
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'
+  # Recompute each block's activations in the backward pass instead of
+  # storing them: less memory for about one more forward's FLOPs.
+  remat: bool = False
 
   @property
   def kv_heads(self) -> int:
@@ -290,7 +293,9 @@ class Decoder(nn.Module):
           'pos_embedding', _init(nn.initializers.normal(0.02),
                                  (None, 'embed')),
           (cfg.max_len, cfg.d_model), pdtype)
-    self.layers = [Block(cfg, name=f'layer_{i}')
+    # `decode` (argument 3, counting self) is a Python bool.
+    block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+    self.layers = [block(cfg, name=f'layer_{i}')
                    for i in range(cfg.num_layers)]
     self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype)
     self.decode_position = DecodePosition()
