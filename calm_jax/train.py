@@ -27,10 +27,12 @@ from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
 
+from calm_jax import aug_cache
 from calm_jax import checkpoints
 from calm_jax import config_lib
 from calm_jax import data as data_lib
@@ -202,8 +204,8 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   for step in range(start, end):
     batch = sharding.global_batch(
-        {k: v for k, v in next(data_iter).items() if k in data_lib.MODEL_KEYS},
-        mesh)
+        {k: v for k, v in next(data_iter).items()
+         if k in data_lib.MODEL_KEYS or k.startswith(data_lib.CACHED)}, mesh)
     state, metrics = train_step(state, task.frozen, batch)
     pending.append(metrics)
     done = step + 1
@@ -288,8 +290,9 @@ def composition_task(config: ConfigDict, frozen: Params,
 
   return Task(
       name=name, model=model, frozen=frozen, init_trainable=init_trainable,
-      apply=lambda p, b: model.apply({'params': p}, b['inputs'],
-                                     prompt_len=b['prompt_len']))
+      apply=lambda p, b: model.apply(
+          {'params': p}, b['inputs'], prompt_len=b['prompt_len'],
+          aug_states=aug_cache.states_from_batch(b)))
 
 
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
@@ -383,6 +386,22 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   eval_split = config.eval.during_training_split
   splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
             for s in config.eval.splits}
+
+  def train_data(task: Task, row_name: str) -> data_lib.TrainData:
+    """D_C, with m_A's states read from disk when the config says so."""
+    train = data.train(config.train.split)
+    model = task.model
+    if not (config.composition.cache_augmenting and
+            isinstance(model, composition_lib.ComposedLM)):
+      return train
+    directory = os.path.join(workdir, 'aug_cache', row_name)
+    if jax.process_index() == 0:
+      aug_cache.build(directory, model.augmenting, task.frozen, train.source,
+                      tokenizer=data.tokenizer, seq_len=train.seq_len)
+    multihost_utils.sync_global_devices(f'aug_cache:{row_name}')
+    return dataclasses.replace(
+        train, source=aug_cache.CachedSource(train.source, directory))
+
   per_seed: dict[str, list[dict[str, Any]]] = {}
   sizes = {}
   for row_name in config.rows:
@@ -393,7 +412,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         trained, _ = run_training(
             built.task, config.train,
             run_dir=os.path.join(workdir, 'runs', row_name, f'seed_{seed}'),
-            data=data.train(config.train.split), mesh=mesh, rules=rules,
+            data=train_data(built.task, row_name), mesh=mesh, rules=rules,
             seed=seed, eval_batches=data.eval(
                 eval_split, config.eval.batch_size, config.eval.num_examples)
             if eval_split else None)

@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.composition.cross_heads = 0
   # Ablation: the augmenting model reads the prompt only.
   config.composition.prompt_only = False
+  # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
+  # read them every step instead of running m_A.
+  config.composition.cache_augmenting = False
 
   # Training of the composition on D_C.
   config.train = config_lib.train_config(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from calm_jax import aug_cache
 from calm_jax import checkpoints
 from calm_jax import config_lib
 from calm_jax import data as data_lib
@@ -140,6 +141,27 @@ class TrainLoopTest(absltest.TestCase):
       self.assertEqual(leaf.dtype, jnp.bfloat16)
     for leaf in jax.tree_util.tree_leaves(params):
       self.assertEqual(leaf.dtype, jnp.float32)
+
+  def test_augmenting_state_cache_gives_the_same_losses(self):
+    self.config.train.steps = 4
+    _, live = self._run(os.path.join(self.workdir, 'live'))
+    train_data = self.data.train(self.config.train.split)
+    cache_dir = os.path.join(self.workdir, 'aug_cache')
+    aug_cache.build(cache_dir, self.augmenting, self.frozen,
+                    train_data.source, tokenizer=self.data.tokenizer,
+                    seq_len=train_data.seq_len)
+    cached_data = dataclasses.replace(
+        train_data, source=aug_cache.CachedSource(train_data.source,
+                                                  cache_dir))
+    example = cached_data.source[0]
+    self.assertEqual(example['cached/kv/1'].shape,
+                     (train_data.seq_len, self.augmenting[0].config.d_model))
+    _, cached = train.run_training(
+        self.task, self.config.train,
+        run_dir=os.path.join(self.workdir, 'cached'), data=cached_data,
+        mesh=self.mesh, rules=self.rules, seed=0)
+    np.testing.assert_allclose([h['loss'] for h in cached],
+                               [h['loss'] for h in live], rtol=1e-5)
 
   def test_corrupted_run_checkpoint_is_a_clear_error(self):
     run_dir = os.path.join(self.workdir, 'run')

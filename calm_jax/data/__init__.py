@@ -15,6 +15,7 @@ from calm_jax.data.pipeline import train_dataset
 from calm_jax.data.tokenizers import ByteTokenizer
 from calm_jax.data.tokenizers import get_tokenizer
 from calm_jax.data.tokenizers import Tokenizer
+from calm_jax.data.inputs import CACHED
 from calm_jax.data.inputs import Data
 from calm_jax.data.inputs import MODEL_KEYS
 from calm_jax.data.inputs import split_names

@@ -21,6 +21,8 @@ from calm_jax.data import tokenizers
 
 # Batch entries the models read; the rest (texts, masks) is for scoring.
 MODEL_KEYS = ('inputs', 'targets', 'weights', 'prompt_len')
+# Prefix of precomputed per-example arrays the models also read.
+CACHED = pipeline.CACHED
 
 # dataset name -> (its split names, its config check).
 _DATASETS = {

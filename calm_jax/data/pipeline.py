@@ -59,6 +59,10 @@ def _text(value: Any) -> str:
   return str(value)
 
 
+# Keys of precomputed per-example arrays that ride along with an example.
+CACHED = 'cached/'
+
+
 def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
                    seq_len: int) -> Batch:
   """Turns a {'prompt', 'target'} example into fixed-length model inputs.
@@ -85,12 +89,15 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
   # Position prompt_len - 1 (the last prompt token) predicts the first target
   # token; the last weighted position predicts EOS.
   weights[prompt_len - 1:prompt_len + len(target)] = 1.0
-  return {
+  out = {
       'inputs': padded[:-1],
       'targets': padded[1:],
       'weights': weights,
       'prompt_len': np.int32(prompt_len),
   }
+  # Precomputed per-example arrays (cached augmenting states) pass through.
+  out.update({k: v for k, v in example.items() if k.startswith(CACHED)})
+  return out
 
 
 def _check_positive(name: str, value: int) -> None:

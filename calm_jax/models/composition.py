@@ -185,13 +185,23 @@ class ComposedLM(nn.Module):
     return states
 
   def __call__(self, tokens: Array, *, prompt_len: Array | None = None,
-               decode: bool = False) -> Array:
-    """Composed logits [b, t, vocab]; float32."""
+               decode: bool = False,
+               aug_states: dict[str, dict[int, Array]] | None = None
+               ) -> Array:
+    """Composed logits [b, t, vocab]; float32.
+
+    `aug_states` ({name: {layer: [b, t, D_A]}}) replaces running the
+    augmenting models, e.g. with states cached on disk: they are frozen, so
+    their states for a fixed dataset never change.
+    """
     if self.prompt_only and prompt_len is None:
       raise ValueError('composition.prompt_only needs the batch to carry '
                        'prompt_len.')
     plen = prompt_len if self.prompt_only else None
-    aug = self.augmenting_states(tokens, decode)
+    if aug_states is None:
+      aug = self.augmenting_states(tokens, decode)
+    else:
+      aug = jax.tree_util.tree_map(jax.lax.stop_gradient, aug_states)
     anchor = self.anchor_lm
     positions = anchor.positions(tokens, decode)
     x = anchor.embed(tokens, positions)
