@@ -22,10 +22,15 @@ setuptools.setup(
         'numpy>=1.26',
         'optax>=0.2.4',
         'orbax-checkpoint>=0.11',
+        'safetensors>=0.4',
         'tensorboardX>=2.6',
         'tensorflow-datasets>=4.9.9',
+        'tokenizers>=0.20',
     ],
     extras_require={
-        'test': ['pytest>=8', 'portpicker>=1.6'],
+        # torch==2.13.0 is the CPU wheel these machines hold; transformers
+        # only builds the reference models of the parity tests.
+        'test': ['pytest>=8', 'portpicker>=1.6', 'torch==2.13.0',
+                 'transformers==5.23.0'],
     },
 )

@@ -68,8 +68,13 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
 
 def load_model(path: str, field: str = 'checkpoint', shardings: Any = None
                ) -> tuple[transformer.DecoderConfig, Any]:
-  """Reads a model directory; errors name `field` and say what to do."""
+  """Reads a model directory (ours or Hugging Face's); errors name `field`
+  and say what to do."""
   config = config_lib.read_model_file(path, field)
+  if config_lib.is_hf_checkpoint(path):
+    from calm_jax import hf_import  # Deferred: reads safetensors.
+    model, params = hf_import.load_pretrained(path, shardings=shardings)
+    return model.config, params
   params_dir = os.path.join(paths.absolute(path), 'params')
   abstract = jax.eval_shape(
       lambda: _init_params(config))

@@ -123,7 +123,11 @@ def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(
         f'{field}.checkpoint: no model directory at {path!r}. Point it at a '
-        "directory written by calm_jax, or set it to '' to pretrain.")
+        'directory written by calm_jax or a Hugging Face checkpoint, or set '
+        "it to '' to pretrain.")
+  if is_hf_checkpoint(path):
+    from calm_jax import hf_import  # Deferred: reads safetensors.
+    return hf_import.read_config(path)[1]
   try:
     arch = json.loads(epath.Path(meta).read_text())['arch']
   except (OSError, ValueError, KeyError) as e:
@@ -132,6 +136,12 @@ def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
         'directory is not a complete calm_jax model; re-export it or set '
         f"{field}.checkpoint to '' to pretrain.") from e
   return transformer.DecoderConfig.from_dict(arch, f'{field}.checkpoint')
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  """A Hugging Face layout (config.json) rather than calm_jax's own."""
+  p = epath.Path(path)
+  return not (p / MODEL_FILE).exists() and (p / 'config.json').exists()
 
 
 def augmenting_models(config: ConfigDict

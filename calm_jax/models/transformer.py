@@ -51,6 +51,16 @@ class DecoderConfig:
   # Gemma multiplies embeddings by sqrt(d_model).
   scale_embeddings: bool = False
   use_bias: bool = False
+  # Biases on the query/key/value projections only (Qwen2).
+  qkv_bias: bool = False
+  # RMSNorm multiplies by (offset + scale); Gemma stores scale - 1.
+  norm_scale_offset: float = 0.0
+  # RoPE frequency scaling: 'none' or 'llama3' (with the fields below).
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   logit_softcap: float | None = None
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'
@@ -82,6 +92,9 @@ class DecoderConfig:
            f'of num_kv_heads={self.kv_heads}.')
     if self.position == 'rope' and self.dim_per_head % 2:
       fail('head_dim', 'RoPE needs an even head dimension.')
+    if self.rope_scaling not in ('none', 'llama3'):
+      fail('rope_scaling', f"unknown value {self.rope_scaling!r}; choose "
+           "'none' or 'llama3'.")
     for name, choices in (('norm', NORMS), ('position', POSITIONS),
                           ('mlp', MLPS), ('dtype', DTYPES),
                           ('param_dtype', DTYPES)):
@@ -112,10 +125,26 @@ def _softcap(x: Array, cap: float | None) -> Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: DecoderConfig) -> Array:
+  """Inverse frequencies of the rotary embedding (HF's `inv_freq`)."""
+  half = cfg.dim_per_head // 2
+  freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling == 'llama3':
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a
+    # smooth blend between (transformers' _compute_llama3_parameters).
+    wavelen = 2 * jnp.pi / freq
+    low = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    blended = (1 - smooth) * freq / cfg.rope_factor + smooth * freq
+    freq = jnp.where(wavelen > low, freq / cfg.rope_factor,
+                     jnp.where(wavelen < high, freq, blended))
+  return freq
+
+
+def rope(x: Array, positions: Array, freq: Array) -> Array:
   """Rotary embedding on [..., length, heads, head_dim] (half-split layout)."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions[..., :, None, None].astype(jnp.float32) * freq
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -128,13 +157,16 @@ class Norm(nn.Module):
   kind: str
   eps: float
   param_dtype: Any = jnp.float32
+  scale_offset: float = 0.0  # Gemma: x * (1 + scale).
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    scale = self.param('scale', _init(nn.initializers.ones, ('embed',)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        'scale', _init(nn.initializers.constant(1.0 - self.scale_offset),
+                       ('embed',)), (x.shape[-1],), self.param_dtype)
+    scale = scale.astype(jnp.float32) + self.scale_offset
     if self.kind == 'rmsnorm':
       x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
       return (x * scale).astype(dtype)
@@ -178,7 +210,8 @@ class SelfAttention(nn.Module):
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     dense = lambda feats, axes, names, name: nn.DenseGeneral(
-        feats, axis=axes, use_bias=cfg.use_bias, dtype=dtype,
+        feats, axis=axes, dtype=dtype,
+        use_bias=cfg.use_bias or (cfg.qkv_bias and name != 'out'),
         param_dtype=pdtype, name=name,
         kernel_init=_init(nn.initializers.lecun_normal(), names),
         bias_init=_init(nn.initializers.zeros, names[-len(
@@ -187,8 +220,9 @@ class SelfAttention(nn.Module):
     k = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'key')(x)
     v = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'value')(x)
     if cfg.position == 'rope':
-      q = rope(q, positions, cfg.rope_theta)
-      k = rope(k, positions, cfg.rope_theta)
+      freq = rope_frequencies(cfg)
+      q = rope(q, positions, freq)
+      k = rope(k, positions, freq)
 
     if decode:
       k, v, mask = update_cache(self, k, v, cfg.max_len)
@@ -253,9 +287,11 @@ class Block(nn.Module):
                ) -> Array:
     cfg = self.config
     pdtype = DTYPES[cfg.param_dtype]
-    y = Norm(cfg.norm, cfg.norm_eps, pdtype, name='attn_norm')(x)
+    y = Norm(cfg.norm, cfg.norm_eps, pdtype, cfg.norm_scale_offset,
+             name='attn_norm')(x)
     x = x + SelfAttention(cfg, name='attn')(y, positions, decode)
-    y = Norm(cfg.norm, cfg.norm_eps, pdtype, name='mlp_norm')(x)
+    y = Norm(cfg.norm, cfg.norm_eps, pdtype, cfg.norm_scale_offset,
+             name='mlp_norm')(x)
     return x + Mlp(cfg, name='mlp')(y)
 
 
@@ -297,7 +333,8 @@ class Decoder(nn.Module):
     block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
     self.layers = [block(cfg, name=f'layer_{i}')
                    for i in range(cfg.num_layers)]
-    self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype)
+    self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype,
+                           cfg.norm_scale_offset)
     self.decode_position = DecodePosition()
     if not cfg.tie_embeddings:
       self.unembedding = self.param(
