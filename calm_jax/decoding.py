@@ -194,3 +194,40 @@ def decode_texts(new_tokens: np.ndarray, tokenizer) -> list[str]:
   """The completions as strings (the tokenizer stops at EOS)."""
   return [tokenizer.decode([int(t) for t in row])
           for row in np.asarray(new_tokens)]
+
+
+def stream(model: nn.Module, params: Any, prompt: Sequence[int], *,
+           max_new_tokens: int, rng: jax.Array | None = None,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           eos_id: int = 2, model_kwargs: Mapping[str, Any] | None = None):
+  """Yields the completion of one prompt token by token, as it is made.
+
+  The same cached step as `generate`, driven from Python so each token can
+  be shown as soon as it exists.
+  """
+  prompt = np.asarray(prompt, np.int32)[None]
+  plen = np.array([prompt.shape[1]], np.int32)
+  _check(model, prompt, plen, max_new_tokens, temperature, top_k, top_p)
+  kw = dict(model_kwargs or {})
+  cache = jax.jit(lambda t: model.init(jax.random.key(0), t, decode=True,
+                                       **kw)['cache'])(prompt[:, :1])
+
+  @jax.jit
+  def step(cache, tok, rng):
+    logits, mutated = model.apply({'params': params, 'cache': cache}, tok,
+                                  decode=True, mutable=['cache'], **kw)
+    return mutated['cache'], sample_logits(logits[:, -1], rng, temperature,
+                                           top_k, top_p)
+
+  rng = jax.random.key(0) if rng is None else rng
+  for t in range(prompt.shape[1] - 1):  # Fill the caches with the prompt.
+    cache, _ = step(cache, prompt[:, t:t + 1], rng)
+  tok = prompt[:, -1:]
+  for _ in range(max_new_tokens):
+    rng, sub = jax.random.split(rng)
+    cache, nxt = step(cache, tok, sub)
+    nxt = int(nxt[0])
+    if nxt == eos_id:
+      return
+    yield nxt
+    tok = np.array([[nxt]], np.int32)

@@ -119,6 +119,17 @@ class DecodingTest(parameterized.TestCase):
     top3 = sample(temperature=5.0, top_k=3)
     self.assertFalse((top3 == hot).all())
 
+  def test_stream_equals_generate(self):
+    model, params = _model('composed')
+    prompts, plen = _prompts([5], seed=4)
+    kw = _kw(model, plen)
+    whole = decoding.generate(model, params, prompts, plen, max_new_tokens=9,
+                              eos_id=-1, model_kwargs=kw)
+    streamed = list(decoding.stream(model, params, prompts[0, :5],
+                                    max_new_tokens=9, eos_id=-1,
+                                    model_kwargs=kw))
+    self.assertEqual(streamed, [int(t) for t in whole['new_tokens'][0]])
+
   def test_bad_arguments(self):
     model, params = _model('rope_gqa')
     prompts, plen = _prompts([3, 5])

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 from absl import flags
 from absl.testing import absltest
@@ -203,6 +205,18 @@ class SmokePipelineTest(absltest.TestCase):
     # LoRA's rank is matched to CALM's trainable parameter count.
     sizes = results['trainable_params']
     self.assertLess(abs(sizes['lora'] - sizes['calm']) / sizes['calm'], 0.1)
+    # The command line streams a completion from the trained composition.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'calm_jax.generate',
+         f'--anchor={workdir}/models/anchor',
+         f'--augmenting=kv={workdir}/models/aug_kv',
+         f'--composition={workdir}/runs/calm/seed_0/checkpoints',
+         '--prompt=ab+cd-ef=', '--max_new_tokens=8'],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS=''))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertTrue(proc.stdout.startswith('ab+cd-ef='), proc.stdout)
     # Rerunning the same workdir retrains nothing and gives the same table.
     again = train.train_and_evaluate(tiny_config(), workdir)
     self.assertEqual(again['rows'], results['rows'])
