@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from absl import logging
+
 
 class MetricsWriter:
   """Scalars and text to `logdir` as TensorBoard event files."""
@@ -16,7 +18,10 @@ class MetricsWriter:
     self._writer = None
     if enabled:
       import tensorboardX  # Deferred: only the writing process needs it.
-      self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+      try:
+        self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+      except Exception as e:  # E.g. a bucket tensorboardX cannot reach.
+        logging.warning('No TensorBoard events in %s: %s', logdir, e)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer is not None:
