@@ -13,10 +13,12 @@ are read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Iterator
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -238,14 +240,12 @@ def load_pretrained(path: str, dtype: str = 'float32',
   if dtype not in transformer.DTYPES:
     raise ValueError(f'dtype={dtype!r}; choose one of '
                      f'{sorted(transformer.DTYPES)}.')
-  import dataclasses
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
   convert = _gpt2_weights if family == 'gpt2' else _llama_weights
   loaded = convert(cfg, _tensors(path))
   model = transformer.Decoder(cfg)
   expected = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, 1), np.int32))['params'])
-  import flax.linen as nn
   expected = nn.meta.unbox(expected)
   want = {jax.tree_util.keystr(k): v.shape
           for k, v in jax.tree_util.tree_leaves_with_path(expected)}

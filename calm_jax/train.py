@@ -16,8 +16,6 @@ a composition are the same loop with a different trainable/frozen split.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import time
 from typing import Any, Callable

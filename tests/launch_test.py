@@ -8,7 +8,6 @@ and `distributed.plan` is pure.
 import os
 import stat
 import subprocess
-import tempfile
 import textwrap
 
 from absl.testing import absltest
