@@ -74,6 +74,41 @@ def _gemma(c: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _gemma2(c: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 2 and Gemma 3 text: sandwich norms, soft-caps, local layers."""
+  rope = c.get('rope_parameters') or {}
+  per_type = 'full_attention' in rope  # transformers >= 5, Gemma 3.
+  glob = rope.get('full_attention', rope) if per_type else rope
+  local = rope.get('sliding_attention', {}) if per_type else {}
+  base = dict(c, rope_parameters=None, rope_scaling=None,
+              rope_theta=glob.get('rope_theta') or c.get('rope_theta'))
+  out = _gemma(base)
+  n = c['num_hidden_layers']
+  types = c.get('layer_types') or [
+      'sliding_attention' if i % 2 == 0 else 'full_attention'
+      for i in range(n)]  # Gemma 2 before `layer_types`.
+  scaling = glob if per_type else (c.get('rope_scaling') or {})
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  if kind not in ('default', 'linear'):
+    raise ValueError(f'config.json: rope type {kind!r} is not supported '
+                     "for Gemma; 'default' and 'linear' are.")
+  out.update(
+      post_norms=True, attn_logit_softcap=c.get('attn_logit_softcapping'),
+      logit_softcap=c.get('final_logit_softcapping'),
+      query_scale=c['query_pre_attn_scalar'] ** -0.5,
+      sliding_window=c.get('sliding_window') or 0,
+      sliding_layers=tuple(i for i, t in enumerate(types)
+                           if t == 'sliding_attention'),
+      qk_norm=c.get('model_type') == 'gemma3_text',
+      local_rope_theta=(local.get('rope_theta') or
+                        c.get('rope_local_base_freq')))
+  if kind == 'linear':
+    out.update(rope_scaling='linear', rope_factor=scaling['factor'])
+  if not out['sliding_layers']:
+    out['sliding_window'] = 0
+  return out
+
+
 def _gpt2(c: dict[str, Any]) -> dict[str, Any]:
   act = c.get('activation_function', 'gelu_new')
   if act not in ('gelu_new', 'gelu_pytorch_tanh'):
@@ -90,7 +125,7 @@ def _gpt2(c: dict[str, Any]) -> dict[str, Any]:
 
 FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     'llama': _llama, 'mistral': _llama, 'qwen2': _llama, 'gemma': _gemma,
-    'gpt2': _gpt2,
+    'gemma2': _gemma2, 'gemma3_text': _gemma2, 'gpt2': _gpt2,
 }
 
 
@@ -155,7 +190,15 @@ def _llama_weights(cfg, tensors) -> Params:
       pre = f'layer_{i}'
       table = {
           'input_layernorm.weight': ('attn_norm/scale', lambda w: w),
-          'post_attention_layernorm.weight': ('mlp_norm/scale', lambda w: w),
+          # Gemma 2/3 norm both sides of each branch; Llama only before.
+          'post_attention_layernorm.weight': (
+              'post_attn_norm/scale' if cfg.post_norms else 'mlp_norm/scale',
+              lambda w: w),
+          'pre_feedforward_layernorm.weight': ('mlp_norm/scale', lambda w: w),
+          'post_feedforward_layernorm.weight': ('post_mlp_norm/scale',
+                                                lambda w: w),
+          'self_attn.q_norm.weight': ('attn/query_norm/scale', lambda w: w),
+          'self_attn.k_norm.weight': ('attn/key_norm/scale', lambda w: w),
           'self_attn.q_proj.weight': ('attn/query/kernel',
                                       lambda w: w.T.reshape(d, h, dh)),
           'self_attn.k_proj.weight': ('attn/key/kernel',

@@ -36,6 +36,16 @@ CASES = {
     'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', LLAMA),
     'gemma': ('GemmaConfig', 'GemmaForCausalLM', dict(
         LLAMA, num_key_value_heads=1, head_dim=32)),
+    # Sliding window 8 < the 24-token test sequences.
+    'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM', dict(
+        LLAMA, num_hidden_layers=4, head_dim=16, sliding_window=8,
+        query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0)),
+    'gemma3': ('Gemma3TextConfig', 'Gemma3ForCausalLM', dict(
+        LLAMA, num_hidden_layers=4, head_dim=16, sliding_window=8,
+        query_pre_attn_scalar=16, layer_types=[
+            'sliding_attention', 'sliding_attention', 'sliding_attention',
+            'full_attention'])),
     'gpt2': ('GPT2Config', 'GPT2LMHeadModel', dict(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
         bos_token_id=1, eos_token_id=2)),

@@ -62,6 +62,18 @@ class DecoderConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   logit_softcap: float | None = None
+  # Gemma 2/3: tanh soft-capping of attention logits; query scaling other
+  # than head_dim ** -0.5; norms after attention and MLP outputs too.
+  attn_logit_softcap: float | None = None
+  query_scale: float | None = None
+  post_norms: bool = False
+  # Sliding-window (local) attention on `sliding_layers`, whose RoPE may use
+  # its own base (`local_rope_theta`, unscaled); Gemma 3 also normalises
+  # queries and keys per head.
+  sliding_window: int = 0
+  sliding_layers: tuple[int, ...] = ()
+  local_rope_theta: float | None = None
+  qk_norm: bool = False
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'
   # Recompute each block's activations in the backward pass instead of
@@ -92,9 +104,15 @@ class DecoderConfig:
            f'of num_kv_heads={self.kv_heads}.')
     if self.position == 'rope' and self.dim_per_head % 2:
       fail('head_dim', 'RoPE needs an even head dimension.')
-    if self.rope_scaling not in ('none', 'llama3'):
+    if self.rope_scaling not in ('none', 'llama3', 'linear'):
       fail('rope_scaling', f"unknown value {self.rope_scaling!r}; choose "
-           "'none' or 'llama3'.")
+           "'none', 'linear' or 'llama3'.")
+    for i in self.sliding_layers:
+      if not 0 <= i < self.num_layers:
+        fail('sliding_layers', f'layer {i} is out of range 0..'
+             f'{self.num_layers - 1}.')
+    if self.sliding_layers and self.sliding_window <= 0:
+      fail('sliding_window', 'must be positive when sliding_layers is set.')
     for name, choices in (('norm', NORMS), ('position', POSITIONS),
                           ('mlp', MLPS), ('dtype', DTYPES),
                           ('param_dtype', DTYPES)):
@@ -111,7 +129,9 @@ class DecoderConfig:
     if unknown:
       raise ValueError(f'{field}: unknown architecture fields {unknown}; '
                        f'known fields are {sorted(known)}.')
-    return cls(**dict(d)).validate(field)
+    # JSON turns tuples into lists; configs must stay hashable.
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**d).validate(field)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -129,6 +149,8 @@ def rope_frequencies(cfg: DecoderConfig) -> Array:
   """Inverse frequencies of the rotary embedding (HF's `inv_freq`)."""
   half = cfg.dim_per_head // 2
   freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling == 'linear':
+    freq = freq / cfg.rope_factor
   if cfg.rope_scaling == 'llama3':
     # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a
     # smooth blend between (transformers' _compute_llama3_parameters).
@@ -158,6 +180,7 @@ class Norm(nn.Module):
   eps: float
   param_dtype: Any = jnp.float32
   scale_offset: float = 0.0  # Gemma: x * (1 + scale).
+  axis_name: str = 'embed'  # Logical name of the normalised axis.
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -165,7 +188,7 @@ class Norm(nn.Module):
     x = x.astype(jnp.float32)
     scale = self.param(
         'scale', _init(nn.initializers.constant(1.0 - self.scale_offset),
-                       ('embed',)), (x.shape[-1],), self.param_dtype)
+                       (self.axis_name,)), (x.shape[-1],), self.param_dtype)
     scale = scale.astype(jnp.float32) + self.scale_offset
     if self.kind == 'rmsnorm':
       x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
@@ -179,7 +202,8 @@ class Norm(nn.Module):
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
-                          softcap: float | None = None) -> Array:
+                          softcap: float | None = None,
+                          scale: float | None = None) -> Array:
   """q [b, t, h, d]; k, v [b, s, kv, d]; mask broadcastable to [b, h, t, s].
 
   Grouped-query attention shares each key/value head across h // kv query
@@ -189,7 +213,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
   logits = jnp.einsum('btkgd,bskd->bkgts', q, k,
-                      preferred_element_type=jnp.float32) * d ** -0.5
+                      preferred_element_type=jnp.float32) * (
+                          d ** -0.5 if scale is None else scale)
   logits = _softcap(logits, softcap)
   mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1]))
   mask = mask.reshape(b, kv, h // kv, t, k.shape[1])
@@ -202,6 +227,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
 class SelfAttention(nn.Module):
   """Causal self-attention with optional grouped-query heads and a KV cache."""
   config: DecoderConfig
+  local: bool = False  # Sliding-window layer.
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, decode: bool = False
@@ -219,17 +245,33 @@ class SelfAttention(nn.Module):
     q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(x)
     k = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'key')(x)
     v = dense((kv, d), -1, ('embed', 'kv_heads', 'head_dim'), 'value')(x)
+    if cfg.qk_norm:
+      norm = lambda name: Norm('rmsnorm', cfg.norm_eps, pdtype,
+                               cfg.norm_scale_offset, 'head_dim', name=name)
+      q, k = norm('query_norm')(q), norm('key_norm')(k)
     if cfg.position == 'rope':
-      freq = rope_frequencies(cfg)
+      rope_cfg = cfg
+      if self.local and cfg.local_rope_theta:
+        rope_cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta,
+                                       rope_scaling='none')
+      freq = rope_frequencies(rope_cfg)
       q = rope(q, positions, freq)
       k = rope(k, positions, freq)
 
     if decode:
       k, v, mask = update_cache(self, k, v, cfg.max_len)
+      if self.local:
+        i = jnp.sum(mask) - 1  # This step's slot.
+        mask = mask & (jnp.arange(cfg.max_len) > i - cfg.sliding_window)[
+            None, None, None, :]
     else:
       t = x.shape[1]
-      mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    out = dot_product_attention(q, k, v, mask)
+      mask = jnp.tril(jnp.ones((t, t), bool))
+      if self.local:
+        mask = mask & ~jnp.tril(jnp.ones((t, t), bool), -cfg.sliding_window)
+      mask = mask[None, None]
+    out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
+                                cfg.query_scale)
     return dense(cfg.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
                  'out')(out)
 
@@ -279,20 +321,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  With `post_norms` (Gemma 2/3) each branch's output is normalised too.
+  """
   config: DecoderConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, decode: bool = False
                ) -> Array:
     cfg = self.config
     pdtype = DTYPES[cfg.param_dtype]
-    y = Norm(cfg.norm, cfg.norm_eps, pdtype, cfg.norm_scale_offset,
-             name='attn_norm')(x)
-    x = x + SelfAttention(cfg, name='attn')(y, positions, decode)
-    y = Norm(cfg.norm, cfg.norm_eps, pdtype, cfg.norm_scale_offset,
-             name='mlp_norm')(x)
-    return x + Mlp(cfg, name='mlp')(y)
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, pdtype,
+                             cfg.norm_scale_offset, name=name)
+    local = self.layer in cfg.sliding_layers
+    y = SelfAttention(cfg, local, name='attn')(norm('attn_norm')(x),
+                                               positions, decode)
+    x = x + (norm('post_attn_norm')(y) if cfg.post_norms else y)
+    y = Mlp(cfg, name='mlp')(norm('mlp_norm')(x))
+    return x + (norm('post_mlp_norm')(y) if cfg.post_norms else y)
 
 
 class DecodePosition(nn.Module):
@@ -331,7 +379,7 @@ class Decoder(nn.Module):
           (cfg.max_len, cfg.d_model), pdtype)
     # `decode` (argument 3, counting self) is a Python bool.
     block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
-    self.layers = [block(cfg, name=f'layer_{i}')
+    self.layers = [block(cfg, i, name=f'layer_{i}')
                    for i in range(cfg.num_layers)]
     self.final_norm = Norm(cfg.norm, cfg.norm_eps, pdtype,
                            cfg.norm_scale_offset)
