@@ -25,6 +25,7 @@ setuptools.setup(
         'safetensors>=0.4',
         'tensorboardX>=2.6',
         'tensorflow-datasets>=4.9.9',
+        'sentencepiece>=0.2',
         'tokenizers>=0.20',
     ],
     extras_require={

@@ -322,37 +322,61 @@ def check_same_vocab(models: dict[str, transformer.DecoderConfig]) -> None:
 
 
 class HFTokenizer:
-  """A checkpoint's `tokenizer.json`, with this library's tokenizer API."""
+  """A checkpoint's tokenizer with this library's tokenizer API.
+
+  Reads `tokenizer.json` (the `tokenizers` library) or, failing that, a
+  SentencePiece `tokenizer.model`; special tokens come from
+  `tokenizer_config.json` when present.
+  """
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer  # Deferred: optional dependency.
-    file = os.path.join(path, 'tokenizer.json')
-    if not os.path.exists(file):
-      raise ValueError(f'{path} has no tokenizer.json.')
-    self._tok = Tokenizer.from_file(file)
-    self.name = file
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    json_file = os.path.join(path, 'tokenizer.json')
+    sp_file = os.path.join(path, 'tokenizer.model')
     special = {}
     config = os.path.join(path, 'tokenizer_config.json')
     if os.path.exists(config):
       with open(config) as f:
         special = json.load(f)
+    if os.path.exists(json_file):
+      from tokenizers import Tokenizer  # Deferred: optional dependency.
+      self._tok = Tokenizer.from_file(json_file)
+      self.name = json_file
+      self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+      lookup = self._tok.token_to_id
+      self._encode = lambda t: self._tok.encode(
+          t, add_special_tokens=False).ids
+      self._decode = self._tok.decode
+      defaults = (1, 2, 0)
+    elif os.path.exists(sp_file):
+      import sentencepiece  # Deferred: optional dependency.
+      sp = sentencepiece.SentencePieceProcessor(model_file=sp_file)
+      self.name = sp_file
+      self.vocab_size = sp.get_piece_size()
+      lookup = lambda tok: (sp.piece_to_id(tok) if sp.piece_to_id(tok)
+                            != sp.unk_id() or tok == sp.id_to_piece(
+                                sp.unk_id()) else None)
+      self._encode = sp.encode
+      self._decode = sp.decode
+      defaults = (sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0))
+    else:
+      raise ValueError(f'{path} has neither tokenizer.json nor '
+                       'tokenizer.model.')
 
     def token_id(field, default):
       tok = special.get(field)
       tok = tok.get('content') if isinstance(tok, dict) else tok
-      found = self._tok.token_to_id(tok) if tok else None
+      found = lookup(tok) if tok else None
       return default if found is None else found
-    self.bos_id = token_id('bos_token', 1)
-    self.eos_id = token_id('eos_token', 2)
-    self.pad_id = token_id('pad_token', 0)
+    self.bos_id = token_id('bos_token', defaults[0])
+    self.eos_id = token_id('eos_token', defaults[1])
+    self.pad_id = token_id('pad_token', defaults[2])
 
   def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+    return list(self._encode(text))
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    return self._tok.decode([i for i in ids if i not in (self.pad_id,
-                                                          self.bos_id)])
+    return self._decode([i for i in ids if i not in (self.pad_id,
+                                                     self.bos_id)])

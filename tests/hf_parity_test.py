@@ -162,6 +162,24 @@ class ParityTest(parameterized.TestCase):
     self.assertEqual(t.encode('ab a b'), [5, 3, 4])
     self.assertEqual(t.decode([5, 3, 2, 4]), 'ab a')
 
+  def test_sentencepiece_model(self):
+    import sentencepiece
+    path = tempfile.mkdtemp()
+    text = os.path.join(path, 'corpus.txt')
+    with open(text, 'w') as f:
+      f.write('\n'.join(['the cat sat on the mat', 'a dog and a cat',
+                         'the mat is red'] * 20))
+    sentencepiece.SentencePieceTrainer.train(
+        input=text, model_prefix=os.path.join(path, 'tokenizer'),
+        vocab_size=20, pad_id=0, unk_id=3, bos_id=1, eos_id=2,
+        minloglevel=2)
+    t = hf_import.HFTokenizer(path)
+    self.assertEqual((t.pad_id, t.bos_id, t.eos_id, t.vocab_size),
+                     (0, 1, 2, 20))
+    ids = t.encode('the cat sat')
+    self.assertNotIn(3, ids)  # No unknown pieces.
+    self.assertEqual(t.decode(ids + [t.eos_id] + ids), 'the cat sat')
+
 
 if __name__ == '__main__':
   absltest.main()
