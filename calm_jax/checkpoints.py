@@ -78,10 +78,13 @@ def load_model(path: str, field: str = 'checkpoint', shardings: Any = None
   params_dir = os.path.join(paths.absolute(path), 'params')
   abstract = jax.eval_shape(
       lambda: _init_params(config))
-  if shardings is not None:
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, shardings)
+  if shardings is None:
+    # Restore onto this process's first device, whatever mesh saved it.
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: one, abstract)
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, abstract)
@@ -99,6 +102,18 @@ def _init_params(config: transformer.DecoderConfig) -> Any:
   model = transformer.Decoder(config)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   return nn.meta.unbox(variables['params'])
+
+
+def restore_on_one_device(path: str) -> Any:
+  """A PyTree checkpoint restored whole onto this process's first device,
+  whatever mesh wrote it (for tools that run on one device)."""
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return ckptr.restore(path, abstract)
 
 
 def model_exists(path: str) -> bool:

@@ -50,7 +50,7 @@ def load_composition(directory: str) -> tuple[dict, dict]:
   step = manager.latest_step()
   if step is None:
     raise ValueError(f'--composition: no checkpoint in {directory!r}.')
-  state = ocp.StandardCheckpointer().restore(
+  state = checkpoints.restore_on_one_device(
       os.path.join(os.path.abspath(directory), str(step), 'state'))
   params = state['params']['composition']
   pairs: dict[str, list[tuple[int, int]]] = {}
