@@ -150,12 +150,13 @@ def write_results(results: dict[str, Any], workdir: str) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
   """Grouped bars: accuracy per split for every row, std as error bars."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  # The object API draws off-screen without touching pyplot's backend, so
+  # a notebook that called train_and_evaluate keeps showing its plots.
+  from matplotlib.figure import Figure
   names, splits = list(results['rows']), results['splits']
   width = 0.8 / len(splits)
-  fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+  fig = Figure(figsize=(max(6, 1.1 * len(names)), 4))
+  ax = fig.subplots()
   for i, split in enumerate(splits):
     acc = [results['rows'][n][split]['accuracy'] for n in names]
     std = [results['rows'][n][split].get('accuracy_std', 0) for n in names]
@@ -169,7 +170,6 @@ def plot(results: dict[str, Any], path: str) -> None:
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=120)
-  plt.close(fig)
   tmp = epath.Path(path + '.tmp')
   tmp.write_bytes(buf.getvalue())
   tmp.replace(epath.Path(path))

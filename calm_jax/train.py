@@ -16,6 +16,7 @@ a composition are the same loop with a different trainable/frozen split.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -233,6 +234,11 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
     ckpt.save(done, state, data_iter, force=done == end)
   ckpt.close()
   writer.close()
+  if is_main:  # The logged curve (across resumptions), for quick plots.
+    path = epath.Path(run_dir) / 'history.json'
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    paths.atomic_write_text(os.fspath(path), json.dumps(
+        [h for h in earlier if h['step'] <= start] + history))
   return state['params'], history
 
 

@@ -127,7 +127,11 @@ class CrossAttentionBridge(nn.Module):
     if prompt_len is not None:
       mask = mask & (jnp.arange(k.shape[1])[None, None, None, :]
                      < prompt_len[:, None, None, None])
-    out = transformer.dot_product_attention(q, k, v, mask)
+    out, probs = transformer.dot_product_attention(q, k, v, mask,
+                                                   return_probs=True)
+    # Which augmenting positions each anchor position reads, for plots:
+    # apply(..., mutable=['intermediates']).
+    self.sow('intermediates', 'attention', probs)
     return dense(self.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
                  'out', fn=nn.initializers.zeros)(out)
 

@@ -203,7 +203,9 @@ class Norm(nn.Module):
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                           softcap: float | None = None,
-                          scale: float | None = None) -> Array:
+                          scale: float | None = None,
+                          return_probs: bool = False
+                          ) -> Array | tuple[Array, Array]:
   """q [b, t, h, d]; k, v [b, s, kv, d]; mask broadcastable to [b, h, t, s].
 
   Grouped-query attention shares each key/value head across h // kv query
@@ -220,8 +222,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   mask = mask.reshape(b, kv, h // kv, t, k.shape[1])
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(b, t, h, d)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, h, d)
+  if return_probs:  # [b, h, t, s].
+    return out, probs.reshape(b, h, t, k.shape[1])
+  return out
 
 
 class SelfAttention(nn.Module):
