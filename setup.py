@@ -18,6 +18,7 @@ setuptools.setup(
         'grain>=0.2.12',
         'jax>=0.10',
         'matplotlib>=3.8',
+        'ml_dtypes>=0.4',
         'ml-collections>=1.0',
         'numpy>=1.26',
         'optax>=0.2.4',

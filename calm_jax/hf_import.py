@@ -1,11 +1,13 @@
 """Load Hugging Face-layout checkpoints (config.json + *.safetensors).
 
 Supported families: the Llama family (Llama 2/3 with GQA and Llama-3 RoPE
-scaling; Mistral and Qwen2, which differ only in config), Gemma 1, and
-GPT-2. Weights are read with `safetensors` (numpy; no torch or transformers
-at run time), transposed into this library's kernel layout, cast to the
-requested dtype and, when shardings are given, placed on the mesh as they
-are read.
+scaling; Mistral and Qwen2, which differ only in config, sliding windows
+included), Gemma 1, Gemma 2, Gemma 3 (the text model, also out of a
+multimodal `gemma3` checkpoint) and GPT-2. Weights are read with
+`safetensors` (numpy; no torch or transformers at run time), one tensor at a
+time: each is transposed into this library's kernel layout, cast to the
+requested dtype and placed (on the mesh, when shardings are given) before
+the next is read, so no second copy of the model is ever held.
 
     model, params = calm_jax.load_pretrained('/ckpts/llama', dtype='bfloat16')
     logits = model.apply({'params': params}, tokens)
@@ -20,142 +22,271 @@ from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+# Registers bfloat16 with numpy: safetensors' numpy reader needs it for the
+# bf16 tensors most real checkpoints hold.
+import ml_dtypes  # noqa: F401  pylint: disable=unused-import
 import numpy as np
 
 from calm_jax.models import transformer
+from calm_jax.tokenizers_hf import HFTokenizer  # noqa: F401  Re-exported.
 
 Params = dict[str, Any]
+# (checkpoint tensor name, our parameter path 'a/b/c', value).
+Converted = Iterator[tuple[str, str, np.ndarray]]
 
 
 # ------------------------------------------------------------------ config
 
+# transformers' defaults for the fields read below. A config.json may leave
+# any of them out (multimodal Gemma 3 writes only the non-default ones into
+# `text_config`), and transformers then uses these values; so must we.
+_LLAMA_DEFAULTS = dict(
+    hidden_act='silu', max_position_embeddings=2048, rms_norm_eps=1e-6,
+    rope_theta=10_000.0, tie_word_embeddings=False, attention_bias=False,
+    mlp_bias=False)
+_GEMMA2_DEFAULTS = dict(
+    vocab_size=256_000, hidden_size=2304, intermediate_size=9216,
+    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+    head_dim=256, hidden_activation='gelu_pytorch_tanh',
+    max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10_000.0,
+    query_pre_attn_scalar=256, sliding_window=4096,
+    final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    'llama': _LLAMA_DEFAULTS,
+    'mistral': dict(_LLAMA_DEFAULTS, max_position_embeddings=4096 * 32,
+                    num_key_value_heads=8, sliding_window=4096),
+    'qwen2': dict(_LLAMA_DEFAULTS, vocab_size=151_936, num_key_value_heads=32,
+                  max_position_embeddings=32_768, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28),
+    'gemma': dict(hidden_act='gelu_pytorch_tanh', head_dim=256,
+                  num_key_value_heads=16,
+                  max_position_embeddings=8192, rms_norm_eps=1e-6,
+                  rope_theta=10_000.0),
+    'gemma2': _GEMMA2_DEFAULTS,
+    'gemma3_text': dict(
+        _GEMMA2_DEFAULTS, vocab_size=262_208, max_position_embeddings=131_072,
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        sliding_window_pattern=6, final_logit_softcapping=None,
+        attn_logit_softcapping=None),
+    'gpt2': dict(vocab_size=50_257, n_positions=1024, n_embd=768, n_layer=12,
+                 n_head=12, activation_function='gelu_new',
+                 layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                 scale_attn_by_inverse_layer_idx=False,
+                 tie_word_embeddings=True),
+}
+# The tanh approximation of GELU under its transformers names.
+_TANH_GELU = ('gelu_pytorch_tanh', 'gelu_new')
 
-def _llama(c: dict[str, Any]) -> dict[str, Any]:
-  # transformers >= 5 writes `rope_parameters` (theta inside); older
-  # versions `rope_scaling` beside a top-level `rope_theta`.
-  scaling = c.get('rope_parameters') or c.get('rope_scaling') or {}
-  kind = scaling.get('rope_type', scaling.get('type', 'default'))
-  theta = c.get('rope_theta') or scaling.get('rope_theta') or 10_000.0
-  if kind not in ('default', 'llama3'):
-    raise ValueError(f'config.json rope_scaling type {kind!r} is not '
-                     "supported; only 'llama3' scaling is.")
-  act = c.get('hidden_act', 'silu')
-  if act != 'silu':
-    raise ValueError(f'config.json hidden_act={act!r}: the Llama family '
-                     "here uses 'silu'.")
-  out = dict(
-      vocab_size=c['vocab_size'], d_model=c['hidden_size'],
-      num_layers=c['num_hidden_layers'], num_heads=c['num_attention_heads'],
-      num_kv_heads=c.get('num_key_value_heads') or c['num_attention_heads'],
-      head_dim=c.get('head_dim') or c['hidden_size'] // c[
-          'num_attention_heads'],
-      d_ff=c['intermediate_size'], max_len=c['max_position_embeddings'],
-      norm='rmsnorm', norm_eps=c.get('rms_norm_eps', 1e-6), position='rope',
-      rope_theta=theta, mlp='gated_silu',
-      tie_embeddings=c.get('tie_word_embeddings', False),
-      qkv_bias=c.get('model_type') == 'qwen2' or c.get('attention_bias',
-                                                         False))
-  if kind == 'llama3':
-    out.update(rope_scaling='llama3', rope_factor=scaling['factor'],
-               rope_low_freq_factor=scaling['low_freq_factor'],
-               rope_high_freq_factor=scaling['high_freq_factor'],
-               rope_original_max_len=scaling[
+
+class _Config(dict):
+  """config.json over transformers' defaults; errors name the file."""
+
+  def __init__(self, raw: dict[str, Any], family: str, file: str):
+    super().__init__({**DEFAULTS.get(family, {}), **raw})
+    self.file = file
+
+  def need(self, key: str) -> Any:
+    if self.get(key) is None:
+      raise ValueError(f'{self.file}: {key!r} is missing; a checkpoint of '
+                       f"model_type={self.get('model_type')!r} needs it.")
+    return self[key]
+
+  def fail(self, msg: str):
+    raise ValueError(f'{self.file}: {msg}')
+
+
+def _rope_fields(c: _Config, params: dict[str, Any],
+                 kinds: tuple[str, ...]) -> dict[str, Any]:
+  """DecoderConfig RoPE fields from one transformers rope dict."""
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind not in kinds:
+    c.fail(f'RoPE type {kind!r} is not supported for '
+           f"model_type={c.get('model_type')!r}; supported: {list(kinds)}.")
+  if params.get('partial_rotary_factor', 1.0) != 1.0:
+    c.fail('partial_rotary_factor != 1 (RoPE on part of each head) is not '
+           'supported.')
+  out = dict(rope_theta=float(params.get('rope_theta') or c['rope_theta']))
+  if kind == 'linear':
+    out.update(rope_scaling='linear', rope_factor=params['factor'])
+  elif kind == 'llama3':
+    out.update(rope_scaling='llama3', rope_factor=params['factor'],
+               rope_low_freq_factor=params['low_freq_factor'],
+               rope_high_freq_factor=params['high_freq_factor'],
+               rope_original_max_len=params[
                    'original_max_position_embeddings'])
   return out
 
 
-def _gemma(c: dict[str, Any]) -> dict[str, Any]:
-  out = _llama(dict(c, hidden_act='silu', tie_word_embeddings=True))
-  act = c.get('hidden_activation') or c.get('hidden_act') or 'gelu_pytorch_tanh'
-  if 'gelu' not in act:
-    raise ValueError(f'config.json hidden_activation={act!r} is not GeGLU.')
+def _global_rope(c: _Config) -> dict[str, Any]:
+  """transformers >= 5 writes `rope_parameters` (theta inside, per layer
+  type for Gemma 3); older versions `rope_scaling` beside `rope_theta`."""
+  params = c.get('rope_parameters') or c.get('rope_scaling') or {}
+  return params.get('full_attention', params)
+
+
+def _sliding(c: _Config, types: list[str] | None, window: int | None
+             ) -> dict[str, Any]:
+  """sliding_window / sliding_layers from transformers' `layer_types`."""
+  types = types or []
+  unknown = sorted(set(types) - {'sliding_attention', 'full_attention'})
+  if unknown:
+    c.fail(f'layer_types {unknown} are not supported; only '
+           "'sliding_attention' and 'full_attention' are.")
+  layers = tuple(i for i, t in enumerate(types) if t == 'sliding_attention')
+  if not window or not layers:  # transformers: no window, no sliding.
+    return dict(sliding_window=0, sliding_layers=())
+  return dict(sliding_window=int(window), sliding_layers=layers)
+
+
+def _llama(c: _Config) -> dict[str, Any]:
+  """Llama, Mistral and Qwen2: one architecture, configured differently."""
+  family = c['model_type']
+  n, heads = c.need('num_hidden_layers'), c.need('num_attention_heads')
+  if c['hidden_act'] != 'silu':
+    c.fail(f"hidden_act={c['hidden_act']!r}: the Llama family here uses "
+           "'silu'.")
+  out = dict(
+      vocab_size=c.need('vocab_size'), d_model=c.need('hidden_size'),
+      num_layers=n, num_heads=heads,
+      num_kv_heads=c.get('num_key_value_heads') or heads,
+      head_dim=c.get('head_dim') or c['hidden_size'] // heads,
+      d_ff=c.need('intermediate_size'),
+      max_len=c['max_position_embeddings'], norm='rmsnorm',
+      norm_eps=c['rms_norm_eps'], position='rope', mlp='gated_silu',
+      tie_embeddings=c['tie_word_embeddings'],
+      **_rope_fields(c, _global_rope(c), ('default', 'linear', 'llama3')))
+  if family == 'qwen2':  # Biases on q/k/v only, whatever the config says.
+    out['qkv_bias'] = True
+  elif c['attention_bias'] and c['mlp_bias']:
+    out['use_bias'] = True
+  elif c['attention_bias'] or c['mlp_bias']:
+    c.fail(f"attention_bias={c['attention_bias']} with mlp_bias="
+           f"{c['mlp_bias']} is not supported; biases on every projection "
+           '(both true) or none are.')
+  if family == 'mistral':  # One window for every layer.
+    out.update(_sliding(c, ['sliding_attention'] * n, c.get('sliding_window')))
+  elif family == 'qwen2':  # Sliding from layer `max_window_layers` on.
+    window = c.get('sliding_window') if c['use_sliding_window'] else None
+    types = c.get('layer_types') or [
+        'sliding_attention' if i >= c['max_window_layers'] else
+        'full_attention' for i in range(n)]
+    out.update(_sliding(c, types, window))
+  return out
+
+
+def _gemma(c: _Config) -> dict[str, Any]:
+  """Gemma 1: Llama with GeGLU, scaled embeddings and (1 + scale) norms."""
+  act = c.get('hidden_act') or c.get('hidden_activation')
+  # transformers reads Gemma 1's legacy 'gelu' as the tanh approximation.
+  if act not in _TANH_GELU + ('gelu',):
+    c.fail(f'hidden_act={act!r} is not a tanh-approximated GELU; Gemma 1 '
+           "uses 'gelu_pytorch_tanh'.")
+  if c.get('attention_bias'):
+    c.fail('attention_bias=true is not supported for Gemma.')
+  if c.get('use_bidirectional_attention'):
+    c.fail('use_bidirectional_attention=true (an encoder such as '
+           'EmbeddingGemma) is not a decoder LM; it is not supported.')
+  out = _llama(_Config(dict(c, hidden_act='silu'), 'llama', c.file))
   out.update(mlp='gated_gelu', scale_embeddings=True, norm_scale_offset=1.0,
              tie_embeddings=True)
   return out
 
 
-def _gemma2(c: dict[str, Any]) -> dict[str, Any]:
+def _gemma2(c: _Config) -> dict[str, Any]:
   """Gemma 2 and Gemma 3 text: sandwich norms, soft-caps, local layers."""
+  if c['hidden_activation'] not in _TANH_GELU:
+    c.fail(f"hidden_activation={c['hidden_activation']!r} is not a tanh-"
+           "approximated GELU; Gemma 2/3 use 'gelu_pytorch_tanh'.")
+  gemma3 = c['model_type'] == 'gemma3_text'
   rope = c.get('rope_parameters') or {}
-  per_type = 'full_attention' in rope  # transformers >= 5, Gemma 3.
-  glob = rope.get('full_attention', rope) if per_type else rope
-  local = rope.get('sliding_attention', {}) if per_type else {}
-  base = dict(c, rope_parameters=None, rope_scaling=None,
-              rope_theta=glob.get('rope_theta') or c.get('rope_theta'))
-  out = _gemma(base)
-  n = c['num_hidden_layers']
-  types = c.get('layer_types') or [
-      'sliding_attention' if i % 2 == 0 else 'full_attention'
-      for i in range(n)]  # Gemma 2 before `layer_types`.
-  scaling = glob if per_type else (c.get('rope_scaling') or {})
-  kind = scaling.get('rope_type', scaling.get('type', 'default'))
-  if kind not in ('default', 'linear'):
-    raise ValueError(f'config.json: rope type {kind!r} is not supported '
-                     "for Gemma; 'default' and 'linear' are.")
+  # Gemma 3 rope: per layer type (transformers >= 5), or a global
+  # `rope_scaling` plus `rope_local_base_freq` for the local layers.
+  local = rope.get('sliding_attention', {})
+  glob = _global_rope(c)
+  n = c.need('num_hidden_layers')
+  pattern = c.get('sliding_window_pattern') or 2
+  types = c.get('layer_types') or [  # Before `layer_types` existed.
+      'sliding_attention' if (i + 1) % pattern else 'full_attention'
+      for i in range(n)]
+  out = _gemma(_Config(dict(c, rope_parameters=glob, rope_scaling=None,
+                            hidden_act='gelu_pytorch_tanh'), 'gemma', c.file))
   out.update(
-      post_norms=True, attn_logit_softcap=c.get('attn_logit_softcapping'),
-      logit_softcap=c.get('final_logit_softcapping'),
-      query_scale=c['query_pre_attn_scalar'] ** -0.5,
-      sliding_window=c.get('sliding_window') or 0,
-      sliding_layers=tuple(i for i, t in enumerate(types)
-                           if t == 'sliding_attention'),
-      qk_norm=c.get('model_type') == 'gemma3_text',
+      post_norms=True, attn_logit_softcap=c['attn_logit_softcapping'],
+      logit_softcap=c['final_logit_softcapping'],
+      query_scale=c['query_pre_attn_scalar'] ** -0.5, qk_norm=gemma3,
       local_rope_theta=(local.get('rope_theta') or
-                        c.get('rope_local_base_freq')))
-  if kind == 'linear':
-    out.update(rope_scaling='linear', rope_factor=scaling['factor'])
-  if not out['sliding_layers']:
-    out['sliding_window'] = 0
+                        c.get('rope_local_base_freq')),
+      **_sliding(c, types, c['sliding_window']))
+  if local.get('rope_type', 'default') != 'default':
+    c.fail(f"sliding-attention RoPE type {local['rope_type']!r} is not "
+           "supported; only 'default' is.")
   return out
 
 
-def _gpt2(c: dict[str, Any]) -> dict[str, Any]:
-  act = c.get('activation_function', 'gelu_new')
-  if act not in ('gelu_new', 'gelu_pytorch_tanh'):
-    raise ValueError(f'config.json activation_function={act!r} is not '
-                     "supported for GPT-2; 'gelu_new' is.")
+def _gemma3(c: _Config) -> dict[str, Any]:
+  """The text model of a multimodal Gemma 3 checkpoint."""
+  text = _Config(dict(c.get('text_config') or {}, model_type='gemma3_text'),
+                 'gemma3_text', c.file)
+  return _gemma2(text)
+
+
+def _gpt2(c: _Config) -> dict[str, Any]:
+  act = c['activation_function']
+  if act not in _TANH_GELU:
+    c.fail(f"activation_function={act!r} is not supported for GPT-2; "
+           "'gelu_new' is.")
+  if not c['scale_attn_weights'] or c['scale_attn_by_inverse_layer_idx']:
+    c.fail('scale_attn_weights=false or scale_attn_by_inverse_layer_idx='
+           'true is not supported; GPT-2 here scales by head_dim ** -0.5.')
   d = c['n_embd']
   return dict(
       vocab_size=c['vocab_size'], d_model=d, num_layers=c['n_layer'],
       num_heads=c['n_head'], d_ff=c.get('n_inner') or 4 * d,
       max_len=c['n_positions'], norm='layernorm',
-      norm_eps=c.get('layer_norm_epsilon', 1e-5), position='learned',
-      mlp='gelu', tie_embeddings=True, use_bias=True)
+      norm_eps=c['layer_norm_epsilon'], position='learned', mlp='gelu',
+      tie_embeddings=c['tie_word_embeddings'], use_bias=True)
 
 
-FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+FAMILIES: dict[str, Callable[[_Config], dict[str, Any]]] = {
     'llama': _llama, 'mistral': _llama, 'qwen2': _llama, 'gemma': _gemma,
-    'gemma2': _gemma2, 'gemma3_text': _gemma2, 'gpt2': _gpt2,
+    'gemma2': _gemma2, 'gemma3_text': _gemma2, 'gemma3': _gemma3,
+    'gpt2': _gpt2,
 }
 
 
-def read_config(path: str) -> tuple[str, transformer.DecoderConfig]:
+def read_config(path: str | os.PathLike
+                ) -> tuple[str, transformer.DecoderConfig]:
   """(model_type, DecoderConfig) from a checkpoint's config.json."""
-  file = os.path.join(path, 'config.json')
+  file = os.path.join(os.fspath(path), 'config.json')
   try:
     with open(file) as f:
-      c = json.load(f)
+      raw = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f'{file} is missing or not JSON ({e}); a Hugging Face '
                      'checkpoint directory needs config.json.') from e
-  family = c.get('model_type')
+  family = raw.get('model_type')
   if family not in FAMILIES:
     raise ValueError(f'{file}: model_type={family!r} is not supported; '
                      f'supported: {sorted(FAMILIES)}.')
-  return family, transformer.DecoderConfig.from_dict(FAMILIES[family](c),
-                                                     file)
+  fields = FAMILIES[family](_Config(raw, family, file))
+  return family, transformer.DecoderConfig.from_dict(fields, file)
 
 
 # ----------------------------------------------------------------- weights
 
 
 def _tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Every tensor of the checkpoint, shard by shard (index or single file)."""
+  """Every tensor of the checkpoint, one at a time (index or single file)."""
   from safetensors.numpy import safe_open  # Deferred: optional dependency.
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)['weight_map'].values()))
+  elif os.path.exists(os.path.join(path, 'model.safetensors')):
+    # Some repositories also hold the same weights in another layout
+    # (Mistral's consolidated.safetensors); only the transformers file counts.
+    files = ['model.safetensors']
   else:
     files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
   if not files:
@@ -166,217 +297,225 @@ def _tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
         yield key, f.get_tensor(key)
 
 
-def _set(tree: Params, path: str, value: np.ndarray) -> None:
-  *parents, leaf = path.split('/')
-  for p in parents:
-    tree = tree.setdefault(p, {})
-  tree[leaf] = value
+# Where the text model's tensors live: Llama-style causal LMs under
+# `model.`, multimodal Gemma 3 under either of its two historical prefixes.
+_PREFIXES = ('model.language_model.', 'language_model.model.',
+             'language_model.', 'model.')
+# Multimodal Gemma 3: the vision tower and projector are not loaded.
+_SKIPPED = ('vision_tower.', 'multi_modal_projector.', 'model.vision_tower.',
+            'model.multi_modal_projector.')
 
 
-def _llama_weights(cfg, tensors) -> Params:
+def _fit(key: str, fn: Callable[[np.ndarray], Any], w: np.ndarray) -> Any:
+  """fn(w), with a reshape that the config's sizes rule out named."""
+  try:
+    return fn(w)
+  except ValueError as e:
+    raise ValueError(f'tensor {key!r} of shape {w.shape} does not fit the '
+                     f'sizes in config.json ({e}).') from e
+
+
+def _llama_weights(cfg: transformer.DecoderConfig,
+                   tensors: Iterator[tuple[str, np.ndarray]]) -> Converted:
   h, kv, d, dh = cfg.num_heads, cfg.kv_heads, cfg.d_model, cfg.dim_per_head
-  out: Params = {}
-  for key, w in tensors:
-    key = key.removeprefix('model.')
+  same = lambda w: w
+  table = {
+      'input_layernorm.weight': ('attn_norm/scale', same),
+      # Gemma 2/3 norm both sides of each branch; Llama only before.
+      'post_attention_layernorm.weight': (
+          'post_attn_norm/scale' if cfg.post_norms else 'mlp_norm/scale', same),
+      'pre_feedforward_layernorm.weight': ('mlp_norm/scale', same),
+      'post_feedforward_layernorm.weight': ('post_mlp_norm/scale', same),
+      'self_attn.q_norm.weight': ('attn/query_norm/scale', same),
+      'self_attn.k_norm.weight': ('attn/key_norm/scale', same),
+      # torch Linear weights are [out, in]; our kernels [in, ...out].
+      'self_attn.q_proj.weight': ('attn/query/kernel',
+                                  lambda w: w.T.reshape(d, h, dh)),
+      'self_attn.k_proj.weight': ('attn/key/kernel',
+                                  lambda w: w.T.reshape(d, kv, dh)),
+      'self_attn.v_proj.weight': ('attn/value/kernel',
+                                  lambda w: w.T.reshape(d, kv, dh)),
+      'self_attn.q_proj.bias': ('attn/query/bias', lambda w: w.reshape(h, dh)),
+      'self_attn.k_proj.bias': ('attn/key/bias', lambda w: w.reshape(kv, dh)),
+      'self_attn.v_proj.bias': ('attn/value/bias', lambda w: w.reshape(kv, dh)),
+      'self_attn.o_proj.weight': ('attn/out/kernel',
+                                  lambda w: w.T.reshape(h, dh, d)),
+      'self_attn.o_proj.bias': ('attn/out/bias', same),
+      'mlp.gate_proj.weight': ('mlp/wi/kernel', lambda w: w.T),
+      'mlp.up_proj.weight': ('mlp/wi_gate/kernel', lambda w: w.T),
+      'mlp.down_proj.weight': ('mlp/wo/kernel', lambda w: w.T),
+      'mlp.gate_proj.bias': ('mlp/wi/bias', same),
+      'mlp.up_proj.bias': ('mlp/wi_gate/bias', same),
+      'mlp.down_proj.bias': ('mlp/wo/bias', same),
+  }
+  for full, w in tensors:
+    if full.startswith(_SKIPPED):
+      continue
+    key = next((full[len(p):] for p in _PREFIXES if full.startswith(p)),
+               full)
     if key == 'embed_tokens.weight':
-      _set(out, 'embedding', w)
+      yield full, 'embedding', w
     elif key == 'norm.weight':
-      _set(out, 'final_norm/scale', w)
+      yield full, 'final_norm/scale', w
     elif key == 'lm_head.weight':
-      if not cfg.tie_embeddings:
-        _set(out, 'unembedding', w.T)
-    elif key.startswith('layers.'):
+      if not cfg.tie_embeddings:  # Tied checkpoints may still store a copy.
+        yield full, 'unembedding', w.T
+    elif key.startswith('layers.') and key.count('.') >= 2:
       _, i, rest = key.split('.', 2)
-      pre = f'layer_{i}'
-      table = {
-          'input_layernorm.weight': ('attn_norm/scale', lambda w: w),
-          # Gemma 2/3 norm both sides of each branch; Llama only before.
-          'post_attention_layernorm.weight': (
-              'post_attn_norm/scale' if cfg.post_norms else 'mlp_norm/scale',
-              lambda w: w),
-          'pre_feedforward_layernorm.weight': ('mlp_norm/scale', lambda w: w),
-          'post_feedforward_layernorm.weight': ('post_mlp_norm/scale',
-                                                lambda w: w),
-          'self_attn.q_norm.weight': ('attn/query_norm/scale', lambda w: w),
-          'self_attn.k_norm.weight': ('attn/key_norm/scale', lambda w: w),
-          'self_attn.q_proj.weight': ('attn/query/kernel',
-                                      lambda w: w.T.reshape(d, h, dh)),
-          'self_attn.k_proj.weight': ('attn/key/kernel',
-                                      lambda w: w.T.reshape(d, kv, dh)),
-          'self_attn.v_proj.weight': ('attn/value/kernel',
-                                      lambda w: w.T.reshape(d, kv, dh)),
-          'self_attn.q_proj.bias': ('attn/query/bias',
-                                    lambda w: w.reshape(h, dh)),
-          'self_attn.k_proj.bias': ('attn/key/bias',
-                                    lambda w: w.reshape(kv, dh)),
-          'self_attn.v_proj.bias': ('attn/value/bias',
-                                    lambda w: w.reshape(kv, dh)),
-          'self_attn.o_proj.weight': ('attn/out/kernel',
-                                      lambda w: w.T.reshape(h, dh, d)),
-          'mlp.gate_proj.weight': ('mlp/wi/kernel', lambda w: w.T),
-          'mlp.up_proj.weight': ('mlp/wi_gate/kernel', lambda w: w.T),
-          'mlp.down_proj.weight': ('mlp/wo/kernel', lambda w: w.T),
-      }
       if rest in table:
         name, fn = table[rest]
-        _set(out, f'{pre}/{name}', fn(w))
-      elif not rest.endswith('rotary_emb.inv_freq'):
-        raise ValueError(f'Unexpected tensor {key!r} in the checkpoint.')
-  return out
+        yield full, f'layer_{i}/{name}', _fit(full, fn, w)
+      elif not rest.endswith('rotary_emb.inv_freq'):  # A recomputed buffer.
+        raise ValueError(f'Unexpected tensor {full!r} in the checkpoint.')
+    else:
+      raise ValueError(f'Unexpected tensor {full!r} in the checkpoint.')
 
 
-def _gpt2_weights(cfg, tensors) -> Params:
+def _gpt2_weights(cfg: transformer.DecoderConfig,
+                  tensors: Iterator[tuple[str, np.ndarray]]) -> Converted:
   h, d, dh = cfg.num_heads, cfg.d_model, cfg.dim_per_head
-  out: Params = {}
-  for key, w in tensors:
-    key = key.removeprefix('transformer.')
+  same = lambda w: w
+  # GPT-2's Conv1D weights are already [in, out].
+  table = {
+      'ln_1.weight': ('attn_norm/scale', same),
+      'ln_1.bias': ('attn_norm/bias', same),
+      'ln_2.weight': ('mlp_norm/scale', same),
+      'ln_2.bias': ('mlp_norm/bias', same),
+      'attn.c_proj.weight': ('attn/out/kernel', lambda w: w.reshape(h, dh, d)),
+      'attn.c_proj.bias': ('attn/out/bias', same),
+      'mlp.c_fc.weight': ('mlp/wi/kernel', same),
+      'mlp.c_fc.bias': ('mlp/wi/bias', same),
+      'mlp.c_proj.weight': ('mlp/wo/kernel', same),
+      'mlp.c_proj.bias': ('mlp/wo/bias', same),
+  }
+  for full, w in tensors:
+    key = full.removeprefix('transformer.')
     if key == 'wte.weight':
-      _set(out, 'embedding', w)
+      yield full, 'embedding', w
     elif key == 'wpe.weight':
-      _set(out, 'pos_embedding', w)
-    elif key in ('ln_f.weight', 'ln_f.bias'):
-      _set(out, f"final_norm/{'scale' if key.endswith('weight') else 'bias'}",
-           w)
+      yield full, 'pos_embedding', w
+    elif key == 'ln_f.weight':
+      yield full, 'final_norm/scale', w
+    elif key == 'ln_f.bias':
+      yield full, 'final_norm/bias', w
     elif key == 'lm_head.weight':
-      continue  # Tied to wte.
-    elif key.startswith('h.'):
+      if not cfg.tie_embeddings:
+        yield full, 'unembedding', w.T
+    elif key.startswith('h.') and key.count('.') >= 2:
       _, i, rest = key.split('.', 2)
       pre = f'layer_{i}'
       if rest in ('attn.bias', 'attn.masked_bias'):
         continue  # Causal-mask buffers of old checkpoints.
-      if rest == 'attn.c_attn.weight':  # Conv1D: [in, 3 * out].
-        for name, part in zip(('query', 'key', 'value'), np.split(w, 3, 1)):
-          _set(out, f'{pre}/attn/{name}/kernel', part.reshape(d, h, dh))
+      if rest == 'attn.c_attn.weight':  # [in, 3 * out]: q, k, v.
+        qkv = _fit(full, lambda w: w.reshape(d, 3, h, dh), w)
+        for j, name in enumerate(('query', 'key', 'value')):
+          yield full, f'{pre}/attn/{name}/kernel', qkv[:, j]
       elif rest == 'attn.c_attn.bias':
-        for name, part in zip(('query', 'key', 'value'), np.split(w, 3)):
-          _set(out, f'{pre}/attn/{name}/bias', part.reshape(h, dh))
-      else:
-        table = {
-            'ln_1.weight': ('attn_norm/scale', lambda w: w),
-            'ln_1.bias': ('attn_norm/bias', lambda w: w),
-            'ln_2.weight': ('mlp_norm/scale', lambda w: w),
-            'ln_2.bias': ('mlp_norm/bias', lambda w: w),
-            'attn.c_proj.weight': ('attn/out/kernel',
-                                   lambda w: w.reshape(h, dh, d)),
-            'attn.c_proj.bias': ('attn/out/bias', lambda w: w),
-            'mlp.c_fc.weight': ('mlp/wi/kernel', lambda w: w),
-            'mlp.c_fc.bias': ('mlp/wi/bias', lambda w: w),
-            'mlp.c_proj.weight': ('mlp/wo/kernel', lambda w: w),
-            'mlp.c_proj.bias': ('mlp/wo/bias', lambda w: w),
-        }
-        if rest not in table:
-          raise ValueError(f'Unexpected tensor {key!r} in the checkpoint.')
+        qkv = _fit(full, lambda w: w.reshape(3, h, dh), w)
+        for j, name in enumerate(('query', 'key', 'value')):
+          yield full, f'{pre}/attn/{name}/bias', qkv[j]
+      elif rest in table:
         name, fn = table[rest]
-        _set(out, f'{pre}/{name}', fn(w))
+        yield full, f'{pre}/{name}', _fit(full, fn, w)
+      else:
+        raise ValueError(f'Unexpected tensor {full!r} in the checkpoint.')
+    else:
+      raise ValueError(f'Unexpected tensor {full!r} in the checkpoint.')
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """{'layer_0/attn/query/kernel': leaf} for a nested params-like dict."""
+  return {'/'.join(str(k.key) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _nest(flat: dict[str, Any]) -> Params:
+  out: Params = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
   return out
 
 
-def load_pretrained(path: str, dtype: str = 'float32',
-                    shardings: Any = None
+def load_pretrained(path: str | os.PathLike, dtype: str = 'float32',
+                    shardings: Any = None, max_len: int | None = None
                     ) -> tuple[transformer.Decoder, Params]:
   """(model, params) from a Hugging Face-layout checkpoint directory.
 
-  `dtype` is what the params are held and computed in; `shardings` (a tree
-  of NamedSharding like the params) places each array as it is loaded.
+  Args:
+    path: directory with config.json and *.safetensors (one file, or shards
+      with `model.safetensors.index.json`).
+    dtype: what the params are held and computed in ('float32',
+      'bfloat16', 'float16'), whatever the checkpoint stores.
+    shardings: optional tree of `jax.sharding.Sharding` shaped like the
+      params (e.g. `sharding.param_shardings` of the boxed abstract params);
+      each array goes straight there as it is read.
+    max_len: context length (and decode-cache size) instead of the
+      checkpoint's `max_position_embeddings`, which for recent models is far
+      more than a cache should hold. Learned positions (GPT-2) can only
+      shrink.
   """
+  path = os.fspath(path)
   family, cfg = read_config(path)
   if dtype not in transformer.DTYPES:
     raise ValueError(f'dtype={dtype!r}; choose one of '
                      f'{sorted(transformer.DTYPES)}.')
-  cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-  convert = _gpt2_weights if family == 'gpt2' else _llama_weights
-  loaded = convert(cfg, _tensors(path))
+  overrides: dict[str, Any] = dict(dtype=dtype, param_dtype=dtype)
+  if max_len is not None:
+    if cfg.position == 'learned' and max_len > cfg.max_len:
+      raise ValueError(f'max_len={max_len}: {path} has learned positions '
+                       f'for only {cfg.max_len} tokens.')
+    overrides['max_len'] = int(max_len)
+  cfg = dataclasses.replace(cfg, **overrides).validate('load_pretrained')
   model = transformer.Decoder(cfg)
-  expected = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, 1), np.int32))['params'])
-  expected = nn.meta.unbox(expected)
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(k): v.shape
-         for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
-  if want != got:
-    missing = sorted(set(want) - set(got))[:5]
-    extra = sorted(set(got) - set(want))[:5]
-    shapes = [k for k in set(want) & set(got) if want[k] != got[k]][:5]
-    raise ValueError(f'{path}: the checkpoint does not match its config '
-                     f'(missing {missing}, unexpected {extra}, shape '
-                     f'mismatches {shapes}).')
+  expected = _flat(nn.meta.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])))
+  placements = _flat(shardings) if shardings is not None else {}
+  if shardings is not None and set(placements) != set(expected):
+    raise ValueError(
+        f'shardings does not match the params of {path}: missing '
+        f'{sorted(set(expected) - set(placements))[:5]}, unexpected '
+        f'{sorted(set(placements) - set(expected))[:5]}.')
+
   target = transformer.DTYPES[dtype]
-  cast = lambda x: np.asarray(x).astype(target)
-  if shardings is None:
-    params = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(cast(x)),
-                                    loaded)
-  else:
-    params = jax.tree_util.tree_map(
-        lambda x, s: jax.device_put(cast(x), s), loaded, shardings)
-  return model, params
+  convert = _gpt2_weights if family == 'gpt2' else _llama_weights
+  loaded: dict[str, jax.Array] = {}
+  for key, name, w in convert(cfg, _tensors(path)):
+    if name not in expected:
+      raise ValueError(f'{path}: tensor {key!r} ({name}) has no place in the '
+                       'model its config.json describes.')
+    if name == 'pos_embedding':  # A shorter max_len keeps the first rows.
+      w = w[:cfg.max_len]
+    if w.shape != expected[name].shape:
+      raise ValueError(f'{path}: tensor {key!r} of shape {w.shape} does not '
+                       f'fit the sizes in config.json ({name} should be '
+                       f'{expected[name].shape}).')
+    # Cast on the host: a bf16 model then never exists in float32 anywhere.
+    w = np.ascontiguousarray(w, dtype=np.dtype(target))
+    loaded[name] = jax.device_put(w, placements.get(name))
+  missing = sorted(set(expected) - set(loaded))
+  if missing:
+    raise ValueError(f'{path}: the checkpoint lacks {len(missing)} of the '
+                     f'parameters its config.json implies, e.g. {missing[:5]}.')
+  return model, _nest(loaded)
+
+
+# ------------------------------------------------------------- composition
 
 
 def check_same_vocab(models: dict[str, transformer.DecoderConfig]) -> None:
-  """Composition needs one vocabulary; the error names every model."""
+  """Composition needs one vocabulary; the error names every model.
+
+  Kept here beside the loader for scripts that compose checkpoints by hand;
+  the experiment config path (`config_lib`) runs the same check on its own
+  fields. Equal sizes are necessary, not sufficient: two tokenizers of one
+  size may still disagree on what each id means.
+  """
   sizes = {name: cfg.vocab_size for name, cfg in models.items()}
   if len(set(sizes.values())) > 1:
     raise ValueError('Models with different vocabularies cannot be composed: '
                      + ', '.join(f'{n} has {v}' for n, v in sizes.items())
                      + '. Use models that share one tokenizer.')
-
-
-class HFTokenizer:
-  """A checkpoint's tokenizer with this library's tokenizer API.
-
-  Reads `tokenizer.json` (the `tokenizers` library) or, failing that, a
-  SentencePiece `tokenizer.model`; special tokens come from
-  `tokenizer_config.json` when present.
-  """
-
-  def __init__(self, path: str):
-    json_file = os.path.join(path, 'tokenizer.json')
-    sp_file = os.path.join(path, 'tokenizer.model')
-    special = {}
-    config = os.path.join(path, 'tokenizer_config.json')
-    if os.path.exists(config):
-      with open(config) as f:
-        special = json.load(f)
-    if os.path.exists(json_file):
-      from tokenizers import Tokenizer  # Deferred: optional dependency.
-      self._tok = Tokenizer.from_file(json_file)
-      self.name = json_file
-      self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-      lookup = self._tok.token_to_id
-      self._encode = lambda t: self._tok.encode(
-          t, add_special_tokens=False).ids
-      self._decode = self._tok.decode
-      defaults = (1, 2, 0)
-    elif os.path.exists(sp_file):
-      import sentencepiece  # Deferred: optional dependency.
-      sp = sentencepiece.SentencePieceProcessor(model_file=sp_file)
-      self.name = sp_file
-      self.vocab_size = sp.get_piece_size()
-      lookup = lambda tok: (sp.piece_to_id(tok) if sp.piece_to_id(tok)
-                            != sp.unk_id() or tok == sp.id_to_piece(
-                                sp.unk_id()) else None)
-      self._encode = sp.encode
-      self._decode = sp.decode
-      defaults = (sp.bos_id(), sp.eos_id(), max(sp.pad_id(), 0))
-    else:
-      raise ValueError(f'{path} has neither tokenizer.json nor '
-                       'tokenizer.model.')
-
-    def token_id(field, default):
-      tok = special.get(field)
-      tok = tok.get('content') if isinstance(tok, dict) else tok
-      found = lookup(tok) if tok else None
-      return default if found is None else found
-    self.bos_id = token_id('bos_token', defaults[0])
-    self.eos_id = token_id('eos_token', defaults[1])
-    self.pad_id = token_id('pad_token', defaults[2])
-
-  def encode(self, text: str) -> list[int]:
-    return list(self._encode(text))
-
-  def decode(self, ids) -> str:
-    ids = [int(i) for i in ids]
-    if self.eos_id in ids:
-      ids = ids[:ids.index(self.eos_id)]
-    return self._decode([i for i in ids if i not in (self.pad_id,
-                                                     self.bos_id)])
