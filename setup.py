@@ -28,6 +28,11 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.9',
         'sentencepiece>=0.2',
         'tokenizers>=0.20',
+        # Real text for experiments/ntl.py (translation catalogs, pinned so
+        # the data is the same everywhere) and its chrF metric.
+        'Django==5.2.19',
+        'polib>=1.2',
+        'sacrebleu>=2.4',
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel these machines hold; transformers

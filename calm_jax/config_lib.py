@@ -90,6 +90,9 @@ def baselines_config() -> ConfigDict:
   c.lora_rank = 0
   # Regexes of the anchor kernels LoRA adapts; () = attention query/value.
   c.lora_targets = ()
+  # Split the `full_ft` row trains m_B on; '' = train.split (D_C). The code
+  # and NTL settings fine-tune on m_A's own corpus instead.
+  c.full_ft_split = ''
   return c
 
 
@@ -248,6 +251,16 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     check_split(config.eval.during_training_split,
                 'eval.during_training_split')
   sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+  from calm_jax import evaluation
+  for split, metric in (config.eval.get('metrics', None) or {}).items():
+    if split not in config.eval.splits:
+      raise ValueError(
+          f'eval.metrics.{split}: {split!r} is not one of eval.splits='
+          f'{tuple(config.eval.splits)}; add it there or remove the entry.')
+    evaluation.check_metric(metric, f'eval.metrics.{split}')
+  full_ft_split = config.baselines.get('full_ft_split', '')
+  if full_ft_split and 'full_ft' in config.rows:
+    check_split(full_ft_split, 'baselines.full_ft_split')
 
 
 def check_model_name(name: str, field: str) -> None:

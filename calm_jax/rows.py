@@ -7,7 +7,8 @@ the trained parameters into an `evaluation.Row`. The paper's rows:
   m_B, m_A            each frozen model alone
   calm                the composition as configured
   lora                LoRA on m_B, rank matched to CALM's parameter count
-  full_ft             m_B fully fine-tuned on the composition set D_C
+  full_ft             m_B fully fine-tuned on the composition set D_C (or on
+                      `baselines.full_ft_split`, e.g. m_A's corpus)
   calm_vanilla_aug    CALM over an m_A of the same architecture pretrained
                       on `vanilla_split` (arithmetic text without the keys)
   calm_random_aug     CALM over a randomly initialised m_A
@@ -15,7 +16,8 @@ the trained parameters into an `evaluation.Row`. The paper's rows:
   calm_n1, calm_n2    CALM with 1 or 2 layer pairs per augmenting model
   calm_every_layer    CALM pairing every m_A layer (k = 1)
 
-All trained rows use `config.train` on `config.train.split` (D_C).
+All trained rows use `config.train` on `config.train.split` (D_C), except
+`full_ft` when `baselines.full_ft_split` names another split.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Built:
   task: Any  # train.Task | None
   to_eval: Callable[[Params | None], list[evaluation.Row]]
   trained: bool = True
+  # The split `task` trains on; '' = config.train.split (D_C).
+  split: str = ''
 
 
 def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
@@ -182,7 +186,8 @@ def full_ft(ctx: Context) -> Built:
       name='full_ft', model=model, frozen={}, init_trainable=init_trainable,
       apply=lambda p, b: model.apply({'params': p}, b['inputs']))
   return Built(task, lambda trained: [evaluation.Row('full_ft', model,
-                                                     trained)])
+                                                     trained)],
+               split=ctx.config.baselines.get('full_ft_split', ''))
 
 
 BUILDERS: dict[str, Callable[[Context], Built]] = {

@@ -391,9 +391,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
             for s in config.eval.splits}
 
-  def train_data(task: Task, row_name: str) -> data_lib.TrainData:
+  def train_data(task: Task, row_name: str, split: str
+                 ) -> data_lib.TrainData:
     """D_C, with m_A's states read from disk when the config says so."""
-    train = data.train(config.train.split)
+    train = (data.train(split, 'baselines.full_ft_split') if split else
+             data.train(config.train.split))
     model = task.model
     if not (config.composition.cache_augmenting and
             isinstance(model, composition_lib.ComposedLM)):
@@ -406,6 +408,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     return dataclasses.replace(
         train, source=aug_cache.CachedSource(train.source, directory))
 
+  metrics = dict(config.eval.get('metrics', None) or {})
+  sandbox = dict(config.eval.get('sandbox', None) or {})
   per_seed: dict[str, list[dict[str, Any]]] = {}
   sizes = {}
   for row_name in config.rows:
@@ -416,21 +420,25 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         trained, _ = run_training(
             built.task, config.train,
             run_dir=os.path.join(workdir, 'runs', row_name, f'seed_{seed}'),
-            data=train_data(built.task, row_name), mesh=mesh, rules=rules,
+            data=train_data(built.task, row_name, built.split), mesh=mesh,
+            rules=rules,
             seed=seed, eval_batches=data.eval(
                 eval_split, config.eval.batch_size, config.eval.num_examples)
             if eval_split else None)
         sizes[row_name] = transformer.count_params(trained)
       scored = evaluation.evaluate(
           built.to_eval(trained), splits, tokenizer=data.tokenizer,
-          mesh=mesh, max_new_tokens=config.eval.max_new_tokens)
-      for name, metrics in scored['rows'].items():
-        per_seed.setdefault(name, []).append(metrics)
+          mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
+          metrics=metrics, sandbox=sandbox)
+      for name, scores in scored['rows'].items():
+        per_seed.setdefault(name, []).append(scores)
         logging.info('[%s] seed %d: %s', name, seed, ', '.join(
-            f"{s} {m['accuracy']:.1f}%" for s, m in metrics.items()))
+            f'{s} {evaluation.METRICS[metrics.get(s, "exact_match")]} '
+            f'{m[evaluation.METRICS[metrics.get(s, "exact_match")]]:.3g}'
+            for s, m in scores.items()))
 
   # ---- 5. the table.
-  results = evaluation.aggregate(per_seed, list(config.eval.splits))
+  results = evaluation.aggregate(per_seed, list(config.eval.splits), metrics)
   results['trainable_params'] = sizes
   results['frozen_params'] = {k: transformer.count_params(v)
                               for k, v in frozen.items()}

@@ -120,8 +120,8 @@ class ValidateTest(absltest.TestCase):
   def test_unknown_dataset_and_split(self):
     c = smoke()
     c.data.dataset = 'imagenet'
-    self.assertInvalid(c, r"data\.dataset='imagenet' is not a known dataset; "
-                       r"choose one of \['kv_arithmetic'\]")
+    self.assertInvalid(c, r"data\.dataset='imagenet'\. Known datasets: "
+                       r"\['code_corpus', 'kv_arithmetic', 'ntl_catalogs'\]")
     c = smoke()
     c.train.split = 'kv_math_train'
     self.assertInvalid(c, r"train\.split='kv_math_train' is not a split.*"

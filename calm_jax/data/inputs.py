@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from calm_jax.data import kv_arithmetic
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
 
@@ -24,15 +23,8 @@ MODEL_KEYS = ('inputs', 'targets', 'weights', 'prompt_len')
 # Prefix of precomputed per-example arrays the models also read.
 CACHED = pipeline.CACHED
 
-# dataset name -> (its split names, its config check).
-_DATASETS = {
-    'kv_arithmetic': (kv_arithmetic.SPLITS, pipeline.kv_arithmetic_config),
-}
-
-
 def split_names(dataset: str) -> list[str]:
-  _check_dataset(dataset)
-  return list(_DATASETS[dataset][0])
+  return list(pipeline.dataset_spec(dataset).splits)
 
 
 def tokenizer_vocab_size(name: str) -> int:
@@ -41,18 +33,12 @@ def tokenizer_vocab_size(name: str) -> int:
 
 def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
   """Checks `config.data` without building anything."""
-  _check_dataset(data_cfg.dataset)
+  spec = pipeline.dataset_spec(data_cfg.dataset)
   tokenizers.get_tokenizer(data_cfg.tokenizer)
   if int(data_cfg.seq_len) <= 1:
     raise ValueError(f'data.seq_len must be at least 2, got '
                      f'{data_cfg.seq_len}.')
-  _DATASETS[data_cfg.dataset][1](data_cfg)
-
-
-def _check_dataset(dataset: str) -> None:
-  if dataset not in _DATASETS:
-    raise ValueError(f'data.dataset={dataset!r} is not a known dataset; '
-                     f'choose one of {sorted(_DATASETS)}.')
+  spec.check(data_cfg)
 
 
 @dataclasses.dataclass

@@ -37,7 +37,9 @@ batches carrying what greedy decoding and exact match need.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import functools
+import importlib
 from typing import Any
 
 import grain
@@ -57,6 +59,12 @@ def _text(value: Any) -> str:
   if isinstance(value, np.ndarray):  # 0-d object/bytes array.
     return _text(value.item())
   return str(value)
+
+
+def _is_text(value: Any) -> bool:
+  if isinstance(value, np.ndarray):
+    return value.ndim == 0 and value.dtype.kind in 'OSU'
+  return isinstance(value, (str, bytes))
 
 
 # Keys of precomputed per-example arrays that ride along with an example.
@@ -150,8 +158,9 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   Order is the source order. The last batch is padded to `batch_size` with
   rows that hold only BOS (`prompt_len` 1), zero weights and `valid` False,
   so every batch has one shape and metrics divide by `valid.sum()`. Besides
-  the training fields, each batch has `valid` (bool [B]), and `target_text`
-  and `prompt_text` (object [B], '' for padding) for exact-match scoring.
+  the training fields, each batch has `valid` (bool [B]), and for every text
+  field `f` of the examples (`prompt`, `target`, ...) an `f_text` column
+  (object [B], '' for padding) for the metrics.
   """
   _check_positive('batch_size', batch_size)
   n = len(source)
@@ -164,13 +173,19 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
     example = source[i]
     row = encode_example(example, tokenizer, seq_len)
     row['valid'] = np.bool_(True)
-    row['target_text'] = _text(example['target'])
-    row['prompt_text'] = _text(example['prompt'])
+    # Every text field rides along as `<field>_text` (target, prompt, and
+    # whatever a metric needs: a language, a doctest, a module name).
+    for name, value in example.items():
+      if not name.startswith(CACHED) and _is_text(value):
+        row[f'{name}_text'] = _text(value)
     rows.append(row)
   pad = encode_example({'prompt': '', 'target': ''}, tokenizer, seq_len)
   pad['weights'][:] = 0.0
   pad['targets'][:] = tokenizer.pad_id  # Drop the EOS of the empty target.
-  pad.update(valid=np.bool_(False), target_text='', prompt_text='')
+  pad['valid'] = np.bool_(False)
+  for name in rows[0] if rows else ('target_text', 'prompt_text'):
+    if name.endswith('_text'):
+      pad[name] = ''
 
   batches = []
   for start in range(0, n, batch_size):
@@ -229,9 +244,44 @@ def _kv_arithmetic_source(split: str, data_cfg: ml_collections.ConfigDict,
   return builder.as_data_source(split)
 
 
-_SOURCES: dict[str, Callable[..., Sequence[Any]]] = {
-    'kv_arithmetic': _kv_arithmetic_source,
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """A dataset `data.dataset` can name: its splits, config check and source.
+
+  `check(data_cfg)` validates `config.data` without building anything;
+  `source(split, data_cfg, data_dir, split_field)` prepares the TFDS data
+  under `data_dir` on first use and returns the split's random-access source.
+  """
+  splits: tuple[str, ...]
+  check: Callable[[ml_collections.ConfigDict], Any]
+  source: Callable[..., Sequence[Any]]
+
+
+def _module_spec(module: str) -> DatasetSpec:
+  """The spec of a dataset module exposing SPLITS, check_data_config, source.
+
+  Imported on first use, so that a key-value run never imports Django's
+  catalogs or the code corpus.
+  """
+  mod = importlib.import_module(module)
+  return DatasetSpec(tuple(mod.SPLITS), mod.check_data_config, mod.source)
+
+
+_DATASETS: dict[str, Callable[[], DatasetSpec]] = {
+    'kv_arithmetic': lambda: DatasetSpec(
+        kv_arithmetic.SPLITS, kv_arithmetic_config, _kv_arithmetic_source),
+    'code_corpus': lambda: _module_spec('calm_jax.data.code_corpus'),
+    'ntl_catalogs': lambda: _module_spec('calm_jax.data.ntl'),
 }
+
+
+def dataset_spec(dataset: str) -> DatasetSpec:
+  """The registered dataset `dataset` (config field `data.dataset`)."""
+  if dataset not in _DATASETS:
+    raise ValueError(
+        f'Unknown dataset data.dataset={dataset!r}. Known datasets: '
+        f'{sorted(_DATASETS)}. Set config.data.dataset to one of them.')
+  return _DATASETS[dataset]()
 
 
 def make_source(dataset: str, split: str, data_cfg: ml_collections.ConfigDict,
@@ -243,8 +293,4 @@ def make_source(dataset: str, split: str, data_cfg: ml_collections.ConfigDict,
   `train_dataset` / `eval_batches`. `split_field` names the config field the
   split came from, for the error message.
   """
-  if dataset not in _SOURCES:
-    raise ValueError(
-        f'Unknown dataset data.dataset={dataset!r}. Known datasets: '
-        f'{sorted(_SOURCES)}. Set config.data.dataset to one of them.')
-  return _SOURCES[dataset](split, data_cfg, data_dir, split_field)
+  return dataset_spec(dataset).source(split, data_cfg, data_dir, split_field)

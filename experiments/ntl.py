@@ -1,0 +1,121 @@
+"""CALM for low-resource languages (the paper's NTL setting), at CPU scale.
+
+Data: the gettext catalogs shipped in the pinned Django wheel (see
+calm_jax/data/ntl.py): ~98 languages with up to ~820 English messages each.
+
+  m_A (augmenting)  learns the non-English text of every language
+                    (`mono_train`).
+  m_B (anchor)      learns English, a few high-resource languages, and
+                    X -> English translation for those languages only
+                    (`anchor_train`).
+  CALM              composes them on D_C = X -> English pairs for ~5% of the
+                    messages of the low-resource languages (`compose`).
+  full_ft           m_B fully continued-pretrained on m_A's data.
+
+Evaluation: chrF of greedy X -> English translations of held-out messages,
+per low-resource language and averaged (`eval`), the same for the
+high-resource languages (`eval_high`), and m_A's held-out loss on
+low-resource text (`mono_eval`).
+
+  python -m calm_jax.main --config=experiments/ntl.py --workdir=DIR
+  python -m calm_jax.main --config=experiments/ntl.py:smoke --workdir=DIR
+
+On a TPU pod, point `models.*.checkpoint` at real checkpoints (a calm_jax
+model directory or a Hugging Face one) and `data.tokenizer` at their
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from calm_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = config_lib.parse_variant(arg, ('default', 'smoke'))
+  smoke = variant == 'smoke'
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.frozen_dtype = 'float32'
+  config.remat = False
+
+  # ---------------------------------------------------------------- data
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'ntl_catalogs'
+  config.data.tokenizer = 'byte'
+  # Bytes per example, BOS/EOS included: data.ntl.max_chars + 1.
+  config.data.seq_len = 64 if smoke else 128
+  config.data.data_dir = ''
+  config.data.ntl = ml_collections.ConfigDict(dict(
+      seed=0,
+      # '' = the catalogs of the installed (pinned) Django.
+      po_root='',
+      high_resource=('fr', 'de', 'es') if smoke else (
+          'fr', 'de', 'es', 'it', 'pt', 'ru', 'zh_Hans', 'ja'),
+      low_resource=('hsb', 'ga', 'cy') if smoke else (
+          'dsb', 'hsb', 'ga', 'gd', 'ky', 'ms', 'eo', 'af', 'ia', 'cy'),
+      compose_fraction=0.05 if not smoke else 0.2,
+      eval_fraction=0.15,
+      max_chars=63 if smoke else 127,
+      num_eval_per_lang=8 if smoke else 48,
+      # 0 = every message; smoke reads a few per language.
+      max_messages_per_lang=60 if smoke else 0,
+  ))
+
+  # -------------------------------------------------------------- models
+  config.models = ml_collections.ConfigDict()
+  anchor = dict(vocab_size=259, d_model=64 if smoke else 160,
+                num_layers=4, num_heads=4, d_ff=128 if smoke else 640,
+                max_len=config.data.seq_len)
+  augmenting = dict(vocab_size=259, d_model=32 if smoke else 80,
+                    num_layers=4, num_heads=2 if smoke else 4,
+                    d_ff=64 if smoke else 320, max_len=config.data.seq_len)
+  config.models.anchor = config_lib.model_config(
+      arch=anchor,
+      pretrain=config_lib.train_config(
+          split='anchor_train', steps=30 if smoke else 3000,
+          batch_size=16 if smoke else 32, learning_rate=3e-3,
+          eval_every=0, log_every=10 if smoke else 250))
+  config.models.augmenting = ml_collections.ConfigDict()
+  # Two pairs (every second layer), so that the bridge also writes into the
+  # anchor's middle, where translation is still being computed.
+  config.models.augmenting.ntl = config_lib.model_config(
+      arch=augmenting,
+      pretrain=config_lib.train_config(
+          split='mono_train', steps=30 if smoke else 3000,
+          batch_size=16 if smoke else 32, learning_rate=3e-3,
+          eval_every=0, log_every=10 if smoke else 250),
+      every_k=2)
+
+  # --------------------------------------------------------- composition
+  config.composition = ml_collections.ConfigDict()
+  config.composition.cross_heads = 0
+  config.composition.prompt_only = False
+  config.composition.cache_augmenting = False
+  config.train = config_lib.train_config(
+      split='compose', steps=20 if smoke else 600,
+      batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,
+      eval_every=0, log_every=10 if smoke else 100,
+      checkpoint_every=20 if smoke else 300)
+
+  # ---------------------------------------------------------------- rows
+  config.rows = ('m_A', 'm_B', 'calm', 'full_ft')
+  config.seeds = (0,)
+  config.baselines = config_lib.baselines_config()
+  # The paper's "m_B + NTL": the anchor continued-pretrained on m_A's data.
+  config.baselines.full_ft_split = 'mono_train'
+
+  # ---------------------------------------------------------------- eval
+  config.eval = ml_collections.ConfigDict()
+  config.eval.splits = ('eval', 'eval_high', 'mono_eval')
+  config.eval.metrics = ml_collections.ConfigDict(dict(
+      eval='chrf', eval_high='chrf', mono_eval='loss'))
+  config.eval.num_examples = 0  # All (capped per language by data.ntl).
+  config.eval.batch_size = 16 if smoke else 64
+  config.eval.max_new_tokens = 48 if smoke else 100
+  config.eval.during_training_split = ''
+
+  config.mesh = config_lib.mesh_config()
+  return config

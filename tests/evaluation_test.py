@@ -1,0 +1,118 @@
+"""Scoring and reporting: metrics by split, aggregation, tables, plots."""
+
+import difflib
+import inspect
+import json
+import os
+
+from absl.testing import absltest
+from calm_jax import evaluation
+from calm_jax import metrics
+from calm_jax.data import code_corpus
+
+
+def _fields(targets, **extra):
+  out = {'target_text': list(targets)}
+  out.update({f'{k}_text': list(v) for k, v in extra.items()})
+  return out
+
+
+class ScoreTest(absltest.TestCase):
+
+  def test_exact_match(self):
+    got = evaluation._score('exact_match', ['12', '7', '-3'],
+                            _fields(['12', '8', '-3']), None)
+    self.assertAlmostEqual(got['accuracy'], 200 / 3)
+
+  def test_chrf_is_sacrebleu_corpus_chrf(self):
+    hyps, refs = ['the cat sat', 'hello word'], ['the cat sat', 'hello world']
+    got = evaluation._score('chrf', hyps, _fields(refs), None)
+    self.assertAlmostEqual(got['chrf'], metrics.chrf(hyps, refs))
+    self.assertBetween(got['chrf'], 1.0, 99.9)
+
+  def test_chrf_per_language_is_the_mean_of_languages(self):
+    hyps = ['good morning', 'xyz', 'thank you']
+    refs = ['good morning', 'abc', 'thank you']
+    got = evaluation._score('chrf', hyps, _fields(refs, lang=['a', 'b', 'a']),
+                            None)
+    self.assertAlmostEqual(got['chrf/a'], 100.0)
+    self.assertLess(got['chrf/b'], 10.0)
+    self.assertAlmostEqual(got['chrf'], (got['chrf/a'] + got['chrf/b']) / 2)
+
+  def test_pass_rate_runs_the_doctests_of_the_completed_function(self):
+    pair, = code_corpus.extract_functions(
+        inspect.getsource(difflib.IS_CHARACTER_JUNK))
+    example = code_corpus.doc2code_example(pair, 'difflib')
+    self.assertIn('>>> IS_CHARACTER_JUNK', example['tests'])
+    n = 4
+    fields = _fields([example['target']] * n,
+                     prompt=[example['prompt']] * n,
+                     tests=[example['tests']] * n, module=['difflib'] * n,
+                     name=[example['name']] * n)
+    completions = [example['target'],  # The true body passes,
+                   '    return ch == " "',  # a wrong one fails,
+                   '    return (',  # a syntax error fails,
+                   '    while True: pass']  # and a hang is killed.
+    got = evaluation._score('pass_rate', completions, fields,
+                            {'timeout_s': 2.0, 'memory_mb': 512})
+    self.assertEqual(got, {'pass_rate': 25.0, 'pass_rate_examples': 4.0})
+
+  def test_unknown_metric(self):
+    with self.assertRaisesRegex(ValueError, r"eval\.metrics\.x='bleu' is not "
+                                r'a metric'):
+      evaluation.check_metric('bleu', 'eval.metrics.x')
+
+
+def _results():
+  per_seed = {
+      'm_B': [{'eval': {'chrf': 10.0, 'chrf/fr': 12.0, 'chrf/de': 8.0,
+                        'loss': 2.0, 'examples': 4},
+               'held': {'loss': 3.0, 'examples': 4}}],
+      'calm': [{'eval': {'chrf': 20.0, 'chrf/fr': 25.0, 'chrf/de': 15.0,
+                         'loss': 1.5, 'examples': 4},
+                'held': {'loss': 2.5, 'examples': 4}},
+               {'eval': {'chrf': 30.0, 'chrf/fr': 35.0, 'chrf/de': 25.0,
+                         'loss': 1.0, 'examples': 4},
+                'held': {'loss': 2.0, 'examples': 4}}],
+  }
+  return evaluation.aggregate(per_seed, ['eval', 'held'],
+                              {'eval': 'chrf', 'held': 'loss'})
+
+
+class ReportTest(absltest.TestCase):
+
+  def test_aggregate_mean_std_per_seed(self):
+    r = _results()
+    calm = r['rows']['calm']['eval']
+    self.assertAlmostEqual(calm['chrf'], 25.0)
+    self.assertAlmostEqual(calm['chrf_std'], 5.0)
+    self.assertEqual(calm['chrf_per_seed'], [20.0, 30.0])
+    self.assertAlmostEqual(calm['chrf/fr'], 30.0)
+    self.assertEqual(calm['seeds'], 2)
+    self.assertEqual(r['metrics'], {'eval': 'chrf', 'held': 'loss'})
+
+  def test_table_has_headline_and_per_group_tables(self):
+    table = evaluation.format_table(_results())
+    self.assertIn('| row | seeds | eval chrF | eval loss | held loss |', table)
+    self.assertIn('| calm | 2 | 25.0 ± 5.0 | 1.250 | 2.250 ± 0.250 |', table)
+    self.assertIn('| row | de | fr |', table)
+    self.assertIn('| calm | 20.0 | 30.0 |', table)
+
+  def test_exact_match_table_is_unchanged_by_default(self):
+    r = evaluation.aggregate(
+        {'m_A': [{'kv': {'accuracy': 50.0, 'loss': 1.0, 'examples': 2}}]},
+        ['kv'])
+    self.assertIn('| m_A | 1 | 50.0 ± 0.0 | 1.000 |',
+                  evaluation.format_table(r))
+
+  def test_write_results_keeps_row_order(self):
+    workdir = self.create_tempdir().full_path
+    evaluation.write_results(_results(), workdir)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      self.assertEqual(list(json.load(f)['rows']), ['m_B', 'calm'])
+    for name in ('results.md', 'results.png'):
+      self.assertGreater(os.path.getsize(os.path.join(workdir, name)), 0)
+
+
+if __name__ == '__main__':
+  absltest.main()

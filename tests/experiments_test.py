@@ -1,0 +1,56 @@
+"""The code and low-resource-language experiments run end to end (smoke)."""
+
+import json
+import os
+
+from absl import flags
+from absl.testing import absltest
+from calm_jax import train
+from experiments import code as code_experiment
+from experiments import ntl as ntl_experiment
+
+
+def setUpModule():
+  # pytest does not parse absl flags, which create_tempdir() reads.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class ExperimentsTest(absltest.TestCase):
+
+  def _run(self, experiment):
+    config = experiment.get_config('smoke')
+    workdir = self.create_tempdir().full_path
+    results = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      self.assertEqual(json.load(f)['rows'].keys(), results['rows'].keys())
+    for name in ('results.md', 'results.png'):
+      self.assertGreater(os.path.getsize(os.path.join(workdir, name)), 0)
+    self.assertEqual(list(results['rows']), list(config.rows))
+    return config, results
+
+  def test_ntl_smoke(self):
+    config, results = self._run(ntl_experiment)
+    langs = config.data.ntl.low_resource
+    for row in results['rows'].values():
+      ev = row['eval']
+      self.assertBetween(ev['chrf'], 0.0, 100.0)
+      # The headline is the unweighted mean over the low-resource languages.
+      self.assertAlmostEqual(
+          ev['chrf'], sum(ev[f'chrf/{lang}'] for lang in langs) / len(langs))
+      self.assertNotIn('chrf', row['mono_eval'])  # Loss only.
+      self.assertGreater(row['mono_eval']['loss'], 0.0)
+
+  def test_code_smoke(self):
+    config, results = self._run(code_experiment)
+    self.assertEqual(config.baselines.full_ft_split, 'code_train')
+    for row in results['rows'].values():
+      self.assertBetween(row['code2doc_eval']['chrf'], 0.0, 100.0)
+      self.assertGreater(row['code_eval']['loss'], 0.0)
+    self.assertGreater(results['trainable_params']['lora'], 0)
+    self.assertGreater(results['trainable_params']['full_ft'],
+                       results['trainable_params']['calm'])
+
+
+if __name__ == '__main__':
+  absltest.main()
