@@ -44,6 +44,14 @@ class BenchmarksTest(absltest.TestCase):
     for line in lines:
       self.assertGreater(line['new_tokens_per_s'], 0)
 
+  def test_kv_learnability(self):
+    lines = _run('kv_learnability.py', '--operators=+-', '--reverse_answer')
+    self.assertEqual([l['step'] for l in lines], [2, 4])
+    for line in lines:
+      self.assertBetween(line['exact_match'], 0.0, 100.0)
+      self.assertBetween(line['token_acc'], 0.0, 1.0)
+      self.assertTrue(line['reverse_answer'])
+
 
 if __name__ == '__main__':
   absltest.main()
