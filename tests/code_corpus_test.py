@@ -490,6 +490,14 @@ class TfdsTest(CorpusTestCase):
       self.assertEqual(got, expected[split])
     again = cc.prepare(config, data_dir)
     self.assertEqual(again.data_dir, builder.data_dir)
+    data_cfg = ml_collections.ConfigDict({
+        'tokenizer': 'byte', 'seq_len': 161, 'code': cc.config_fields(config)})
+    self.assertLen(cc.source('code_eval', data_cfg, data_dir),
+                   len(expected['code_eval']))
+    with self.assertRaisesRegex(
+        ValueError, r"eval\.split='doctest_eval': .*no doctest_eval examples"
+        r'.*data\.code\.max_files'):
+      cc.source('doctest_eval', data_cfg, data_dir, split_field='eval.split')
 
   def test_real_stdlib_round_trip(self):
     fields = dict(max_files=24, num_code_eval=16, num_pairs_eval=8)

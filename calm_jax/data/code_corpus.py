@@ -58,10 +58,11 @@ import textwrap
 from typing import Any
 import warnings
 
-from etils import epath
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+
+from calm_jax.data import generated
 
 DEFAULT_PROSE_DIR = '/usr/share/games/fortunes'
 
@@ -755,59 +756,20 @@ def _passing_doctests(examples: list[dict[str, str]], check: bool
 # TFDS builder.
 
 
-class CodeCorpus(tfds.core.GeneratorBasedBuilder):
+class CodeCorpus(generated.GeneratedText):
   """CALM code setting: stdlib code, fortunes prose, function pairs."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [DEFAULT_CONFIG]
+  TEXT_FIELDS = ('prompt', 'target', 'task', 'tests', 'module', 'name')
 
-  # See kv_arithmetic.KvArithmetic.code_path: TFDS 4.9.10 would otherwise
-  # need the `importlib_resources` backport.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(),
-            'target': tfds.features.Text(),
-            'task': tfds.features.Text(),
-            'tests': tfds.features.Text(),
-            'module': tfds.features.Text(),
-            'name': tfds.features.Text(),
-        }),
-        # Index i of the data source is example i of generate_all.
-        disable_shuffling=True,
-        homepage='https://arxiv.org/abs/2401.02412',
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Nothing to download.
-    splits = generate_all(self.builder_config)
-    # TFDS cannot write an empty split; `source` explains a missing one.
-    return {name: self._generate_examples(exs) for name, exs in splits.items()
-            if exs}
-
-  def _generate_examples(self, examples: list[dict[str, str]]
-                         ) -> Iterator[tuple[int, dict[str, str]]]:
-    yield from enumerate(examples)
+  def generate_splits(self) -> dict[str, list[dict[str, str]]]:
+    return generate_all(self.builder_config)
 
 
 def prepare(config: CodeCorpusConfig, data_dir: str) -> CodeCorpus:
-  """Returns the builder of `config`, generating the data if not on disk.
-
-  Single process; under multi-host, generate on process 0 only.
-  """
+  """Returns the builder of `config`, generating the data if not on disk."""
   validate_config(config)
-  builder = CodeCorpus(config=config, data_dir=data_dir,
-                       file_format='array_record')
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format='array_record')
-  return builder
+  return generated.prepare(CodeCorpus, config, data_dir)
 
 
 def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
@@ -819,11 +781,8 @@ def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
         f"'code_corpus'. Valid splits: {list(SPLITS)}. Set "
         f'config.{split_field} to one of them.')
   builder = prepare(check_data_config(data_cfg), data_dir)
-  if split not in builder.info.splits:
-    raise ValueError(
-        f'{split_field}={split!r}: this data.code config has no {split} '
-        'examples (too few files or too small a data.code.max_chars; '
-        'doctest_eval needs held-out functions with doctests that pass). '
-        'Raise data.code.max_files (0 = all) or data.code.max_chars, or drop '
-        'the split.')
-  return builder.as_data_source(split)
+  return generated.data_source(
+      builder, split, split_field,
+      'too few files or too small a data.code.max_chars; doctest_eval needs '
+      'held-out functions with doctests that pass. Raise data.code.max_files '
+      '(0 = all) or data.code.max_chars, or drop the split.')

@@ -24,15 +24,16 @@ array_record so that grain reads it with random access.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from calm_jax.data import generated
 
 ALLOWED_OPERATORS = '+-*'
 
@@ -419,55 +420,18 @@ def max_example_chars(config: KvArithmeticConfig) -> int:
 # TFDS builder.
 
 
-class KvArithmetic(tfds.core.GeneratorBasedBuilder):
+class KvArithmetic(generated.GeneratedText):
   """CALM key-value arithmetic: KV-SUBS, NUM-MATH and KV-MATH splits."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = list(NAMED_CONFIGS)
+  TEXT_FIELDS = ('prompt', 'target', 'task')
 
-  # TFDS 4.9.10 locates a packaged builder's source through the
-  # `importlib_resources` backport, which is not installed (nor needed) here;
-  # the source path only serves to look up a checksums file we do not have.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(),
-            'target': tfds.features.Text(),
-            'task': tfds.features.Text(),
-        }),
-        # Keep generation order on disk: index i of the data source is
-        # example i of generate_split. Training shuffles with grain anyway.
-        disable_shuffling=True,
-        homepage='https://arxiv.org/abs/2401.02412',
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Nothing to download.
+  def generate_splits(self) -> dict[str, list[dict[str, str]]]:
     validate_config(self.builder_config)
-    splits = generate_all(self.builder_config)
-    return {name: self._generate_examples(exs) for name, exs in splits.items()}
-
-  def _generate_examples(self, examples: list[dict[str, str]]
-                         ) -> Iterator[tuple[int, dict[str, str]]]:
-    yield from enumerate(examples)
+    return generate_all(self.builder_config)
 
 
 def prepare(config: KvArithmeticConfig, data_dir: str) -> KvArithmetic:
-  """Returns the builder of `config`, generating the data if not on disk.
-
-  Single process for now; under multi-host, generate on process 0 only and
-  have the others wait (e.g. on a barrier) before reading.
-  """
+  """Returns the builder of `config`, generating the data if not on disk."""
   validate_config(config)
-  builder = KvArithmetic(config=config, data_dir=data_dir,
-                         file_format='array_record')
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format='array_record')
-  return builder
+  return generated.prepare(KvArithmetic, config, data_dir)

@@ -73,11 +73,12 @@ import os
 import pathlib
 from typing import Any, NamedTuple
 
-from etils import epath
 import ml_collections
 import numpy as np
 import polib
 import tensorflow_datasets as tfds
+
+from calm_jax.data import generated
 
 CATALOG_NAMES = ('django.po', 'djangojs.po')
 TRAIN_SPLITS = ('mono_train', 'anchor_train', 'compose')
@@ -470,58 +471,20 @@ def generate_all(config: NtlConfig, messages: Sequence[Message] | None = None
 # TFDS builder.
 
 
-class NtlCatalogs(tfds.core.GeneratorBasedBuilder):
+class NtlCatalogs(generated.GeneratedText):
   """CALM NTL setting: X->English translation over Django's catalogs."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  TEXT_FIELDS = ('prompt', 'target', 'task', 'lang')
 
-  # TFDS 4.9.10 locates a packaged builder's source through the
-  # `importlib_resources` backport, which is not installed (nor needed) here;
-  # the source path only serves to look up a checksums file we do not have.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(),
-            'target': tfds.features.Text(),
-            'task': tfds.features.Text(),
-            'lang': tfds.features.Text(),
-        }),
-        # Keep generation order on disk: index i of the data source is
-        # example i of generate_all. Training shuffles with grain anyway.
-        disable_shuffling=True,
-        homepage='https://arxiv.org/abs/2401.02412',
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Nothing to download.
+  def generate_splits(self) -> dict[str, list[dict[str, str]]]:
     validate_config(self.builder_config)
-    splits = generate_all(self.builder_config)
-    return {name: self._generate_examples(exs) for name, exs in splits.items()}
-
-  def _generate_examples(self, examples: list[dict[str, str]]
-                         ) -> Iterator[tuple[int, dict[str, str]]]:
-    yield from enumerate(examples)
+    return generate_all(self.builder_config)
 
 
 def prepare(config: NtlConfig, data_dir: str) -> NtlCatalogs:
-  """Returns the builder of `config`, generating the data if not on disk.
-
-  Single process for now; under multi-host, generate on process 0 only and
-  have the others wait (e.g. on a barrier) before reading.
-  """
+  """Returns the builder of `config`, generating the data if not on disk."""
   validate_config(config)
-  builder = NtlCatalogs(config=config, data_dir=data_dir,
-                        file_format='array_record')
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format='array_record')
-  return builder
+  return generated.prepare(NtlCatalogs, config, data_dir)
 
 
 def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
@@ -532,4 +495,8 @@ def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
         f"Unknown split {split_field}={split!r} for the NTL dataset. Valid "
         f'splits: {list(SPLITS)}. Set config.{split_field} to one of them.')
   builder = prepare(check_data_config(data_cfg), data_dir)
-  return builder.as_data_source(split)
+  return generated.data_source(
+      builder, split, split_field,
+      'too few messages per language, or too small a data.ntl.max_chars. '
+      'Raise data.ntl.max_messages_per_lang (0 = all) or data.ntl.max_chars,'
+      ' or add languages to data.ntl.low_resource / high_resource.')

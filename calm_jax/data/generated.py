@@ -1,0 +1,96 @@
+"""The shared base of our TFDS builders over locally generated text.
+
+Every dataset of calm_jax is made on this machine (key-value arithmetic,
+the interpreter's standard library, Django's catalogs): nothing is
+downloaded. Each builder only says which text fields an example has and how
+its config's splits are generated; this base writes them as array_record
+files in generation order (index i of a data source is example i of the
+split), which grain then reads with its own seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+Example = dict[str, str]
+_B = TypeVar('_B', bound='GeneratedText')
+
+
+class GeneratedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS builder whose examples are text fields made by `generate_splits`.
+
+  Subclasses set `TEXT_FIELDS` (every field an example carries, in order),
+  `BUILDER_CONFIGS` and the docstring, and implement `generate_splits`.
+  Empty splits are not written (TFDS cannot write them); a reader asking for
+  one gets the error of `data_source`.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  TEXT_FIELDS: tuple[str, ...] = ('prompt', 'target', 'task')
+
+  # TFDS 4.9.10 locates a packaged builder's source through the
+  # `importlib_resources` backport, which is not installed (nor needed) here;
+  # the source path only serves to look up a checksums file we do not have.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  @abc.abstractmethod
+  def generate_splits(self) -> Mapping[str, Sequence[Example]]:
+    """Every split of `self.builder_config`, by name."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(
+            {field: tfds.features.Text() for field in self.TEXT_FIELDS}),
+        # Keep generation order on disk: index i of the data source is
+        # example i of the split. Training shuffles with grain anyway.
+        disable_shuffling=True,
+        homepage='https://arxiv.org/abs/2401.02412',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    splits = self.generate_splits()
+    return {name: self._generate_examples(examples)
+            for name, examples in splits.items() if examples}
+
+  def _generate_examples(self, examples: Sequence[Example]
+                         ) -> Iterator[tuple[int, Example]]:
+    yield from enumerate(examples)
+
+
+def prepare(builder_cls: type[_B], config: Any, data_dir: str) -> _B:
+  """The builder of `config`, generating its data if not on disk yet.
+
+  Single process: under multi-host, generate on process 0 only and have the
+  others wait (e.g. on a barrier) before reading.
+  """
+  builder = builder_cls(config=config, data_dir=data_dir,
+                        file_format='array_record')
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(file_format='array_record')
+  return builder
+
+
+def data_source(builder: GeneratedText, split: str, split_field: str,
+                why_empty: str) -> Sequence[Any]:
+  """The random-access source of one split, or an error naming the fix.
+
+  `why_empty` says which data fields make the split empty and how to fill
+  it; it follows "<split_field>=<split>: this config has no <split>
+  examples".
+  """
+  if split not in builder.info.splits:
+    raise ValueError(
+        f'{split_field}={split!r}: this data config has no {split} examples '
+        f'({why_empty})')
+  return builder.as_data_source(split)
