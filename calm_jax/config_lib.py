@@ -93,6 +93,9 @@ def baselines_config() -> ConfigDict:
   # Split the `full_ft` row trains m_B on; '' = train.split (D_C). The code
   # and NTL settings fine-tune on m_A's own corpus instead.
   c.full_ft_split = ''
+  # Steps of the `full_ft` row; 0 = train.steps. Continued pretraining on
+  # m_A's corpus usually wants a longer schedule than the composition.
+  c.full_ft_steps = 0
   return c
 
 
@@ -261,6 +264,12 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
   full_ft_split = config.baselines.get('full_ft_split', '')
   if full_ft_split and 'full_ft' in config.rows:
     check_split(full_ft_split, 'baselines.full_ft_split')
+  full_ft_steps = config.baselines.get('full_ft_steps', 0)
+  if (not isinstance(full_ft_steps, int) or isinstance(full_ft_steps, bool)
+      or full_ft_steps < 0):
+    raise ValueError(
+        f'baselines.full_ft_steps={full_ft_steps!r} must be an integer >= 0 '
+        '(0 = train.steps). Set it to the full_ft row\'s number of steps.')
 
 
 def check_model_name(name: str, field: str) -> None:

@@ -61,6 +61,8 @@ class Built:
   trained: bool = True
   # The split `task` trains on; '' = config.train.split (D_C).
   split: str = ''
+  # Its number of steps; 0 = config.train.steps.
+  steps: int = 0
 
 
 def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
@@ -187,7 +189,8 @@ def full_ft(ctx: Context) -> Built:
       apply=lambda p, b: model.apply({'params': p}, b['inputs']))
   return Built(task, lambda trained: [evaluation.Row('full_ft', model,
                                                      trained)],
-               split=ctx.config.baselines.get('full_ft_split', ''))
+               split=ctx.config.baselines.get('full_ft_split', ''),
+               steps=ctx.config.baselines.get('full_ft_steps', 0))
 
 
 BUILDERS: dict[str, Callable[[Context], Built]] = {

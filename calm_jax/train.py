@@ -198,6 +198,15 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   eval_step = make_eval_step(task)
 
   # ---- the loop.
+  def run_eval(done: int) -> None:
+    ev = evaluate_loss(eval_step, {**task.frozen, **state['params']},
+                       eval_batches, mesh)
+    logging.info('[%s] eval step %d | loss %.4f | token acc %.3f',
+                 task.name, done, ev['loss'], ev['accuracy'])
+    writer.write_scalars(done, {f'eval/{k}': v for k, v in ev.items()})
+
+  if eval_batches and start == 0 and cfg.eval_every:
+    run_eval(0)  # Where training starts (a composition: m_B's own loss).
   pending, t_last, history = [], time.perf_counter(), []
   tokens_per_step = cfg.batch_size * data.seq_len
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -226,11 +235,7 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
       pending = []
     if eval_batches and (done == cfg.steps or (
         cfg.eval_every and done % cfg.eval_every == 0)):
-      ev = evaluate_loss(eval_step, {**task.frozen, **state['params']},
-                         eval_batches, mesh)
-      logging.info('[%s] eval step %d | loss %.4f | token acc %.3f',
-                   task.name, done, ev['loss'], ev['accuracy'])
-      writer.write_scalars(done, {f'eval/{k}': v for k, v in ev.items()})
+      run_eval(done)
     ckpt.save(done, state, data_iter, force=done == end)
   ckpt.close()
   writer.close()
@@ -417,8 +422,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     for seed in (config.seeds if built.trained else (config.seed,)):
       trained = None
       if built.task is not None:
+        train_cfg = config.train
+        if built.steps:
+          train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+          train_cfg.steps = built.steps
         trained, _ = run_training(
-            built.task, config.train,
+            built.task, train_cfg,
             run_dir=os.path.join(workdir, 'runs', row_name, f'seed_{seed}'),
             data=train_data(built.task, row_name, built.split), mesh=mesh,
             rules=rules,

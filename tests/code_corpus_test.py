@@ -343,7 +343,8 @@ class SplitsTest(CorpusTestCase):
              'prose_train': {'prose'}, 'prose_eval': {'prose'},
              'pairs_compose': {'doc2code', 'code2doc'},
              'doc2code_eval': {'doc2code'}, 'code2doc_eval': {'code2doc'},
-             'doctest_eval': {'doc2code'}}
+             'doctest_eval': {'doc2code'},
+             'pairs_dev': {'doc2code', 'code2doc'}}
     # The fixture's modules are not importable in the sandbox, so no
     # doctest passes there: doctest_eval is empty (see DoctestEvalTest).
     self.assertEmpty(out['doctest_eval'])
@@ -380,6 +381,16 @@ class SplitsTest(CorpusTestCase):
     for split_name in ('doc2code_eval', 'code2doc_eval'):
       self.assertContainsSubset({ex['name'] for ex in out[split_name]},
                                 eval_names)
+    compose_paths = {f.path for f in split.compose}
+    dev_sources = {p.source for f in split.train if f.path not in compose_paths
+                   for p in cc.extract_functions(f.text)}
+    for ex in out['pairs_dev']:  # Non-compose training files only.
+      source = (ex['prompt'] + ex['target'] if ex['task'] == 'doc2code' else
+                ex['prompt'].split(cc.CODE2DOC_SEPARATOR)[0])
+      self.assertTrue(any(source.split('\n')[0] in s for s in dev_sources),
+                      ex)
+    self.assertEmpty({ex['prompt'] for ex in out['pairs_dev']}
+                     & {ex['prompt'] for ex in out['pairs_compose']})
 
   def test_eval_caps(self):
     out = cc.generate_all(self.config(num_code_eval=2, num_pairs_eval=1,

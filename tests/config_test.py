@@ -130,6 +130,12 @@ class ValidateTest(absltest.TestCase):
     c.eval.splits = ('kv_subs_eval', 'nope')
     self.assertInvalid(c, r"eval\.splits\[1\]='nope'")
 
+  def test_full_ft_steps(self):
+    c = smoke()
+    c.baselines.full_ft_steps = -1  # (ConfigDict itself rejects a float.)
+    self.assertInvalid(c, r'baselines\.full_ft_steps=-1 must be an integer '
+                       r'>= 0 \(0 = train\.steps\)')
+
   def test_unknown_tokenizer_and_arch_field(self):
     c = smoke()
     c.data.tokenizer = 'sentencepiece'

@@ -18,9 +18,10 @@ def setUpModule():
 
 class ExperimentsTest(absltest.TestCase):
 
-  def _run(self, experiment):
+  def _run(self, experiment, **baselines):
     config = experiment.get_config('smoke')
-    workdir = self.create_tempdir().full_path
+    config.baselines.update(baselines)
+    workdir = self.workdir = self.create_tempdir().full_path
     results = train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'results.json')) as f:
       self.assertEqual(json.load(f)['rows'].keys(), results['rows'].keys())
@@ -29,8 +30,17 @@ class ExperimentsTest(absltest.TestCase):
     self.assertEqual(list(results['rows']), list(config.rows))
     return config, results
 
+  def _last_step(self, row):
+    with open(os.path.join(self.workdir, 'runs', row, 'seed_0',
+                           'history.json')) as f:
+      return json.load(f)[-1]['step']
+
   def test_ntl_smoke(self):
-    config, results = self._run(ntl_experiment)
+    config, results = self._run(ntl_experiment, full_ft_steps=7)
+    # full_ft trains for baselines.full_ft_steps, the composition for
+    # train.steps.
+    self.assertEqual(self._last_step('full_ft'), 7)
+    self.assertEqual(self._last_step('calm'), config.train.steps)
     langs = config.data.ntl.low_resource
     for row in results['rows'].values():
       ev = row['eval']

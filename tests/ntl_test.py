@@ -80,7 +80,8 @@ class NtlTest(absltest.TestCase):
   def make(self, **fields) -> ntl.NtlConfig:
     defaults = dict(
         po_root=self.po_root, high_resource=HIGH, low_resource=LOW,
-        compose_fraction=0.25, eval_fraction=0.25, max_chars=MAX_CHARS,
+        compose_fraction=0.25, eval_fraction=0.25, dev_fraction=0.1,
+        max_chars=MAX_CHARS,
         num_eval_per_lang=4, max_msgid_chars=30)
     return ntl.make_config(**{**defaults, **fields})
 
@@ -111,10 +112,12 @@ class NtlTest(absltest.TestCase):
     messages = ntl.load_messages(self.config)
     roles = ntl.split_msgids(self.config, [m.msgid for m in messages])
     self.assertLen(roles.compose, 6)
-    self.assertLen(roles.eval, 6)
+    self.assertLen(roles.dev, 2)  # round(0.1 * 24), out of the 6 held out.
+    self.assertLen(roles.eval, 4)
     self.assertLen(roles.train, NUM_MSGIDS - 12)
-    self.assertEmpty(roles.compose & roles.eval)
-    self.assertEmpty(roles.train & (roles.compose | roles.eval))
+    self.assertEmpty(roles.compose & (roles.eval | roles.dev))
+    self.assertEmpty(roles.eval & roles.dev)
+    self.assertEmpty(roles.train & (roles.compose | roles.eval | roles.dev))
     msgid_of = {(m.lang, m.msgstr): m.msgid for m in messages}
 
     def msgid(ex):
@@ -129,11 +132,14 @@ class NtlTest(absltest.TestCase):
             len(ex['prompt'].encode()) + len(ex['target'].encode()),
             MAX_CHARS)
         role = ('eval' if msgid(ex) in roles.eval else
+                'dev' if msgid(ex) in roles.dev else
                 'compose' if msgid(ex) in roles.compose else 'train')
         if name in ntl.EVAL_SPLITS:
           self.assertEqual(role, 'eval', (name, ex))
+        elif name in ntl.DEV_SPLITS:
+          self.assertEqual(role, 'dev', (name, ex))
         else:
-          self.assertNotEqual(role, 'eval', (name, ex))
+          self.assertIn(role, ('compose', 'train'), (name, ex))
     # Languages and tasks per split.
 
     def langs(name):
@@ -148,8 +154,9 @@ class NtlTest(absltest.TestCase):
     self.assertEqual(langs('eval'), set(LOW))
     self.assertEqual(langs('mono_eval'), set(LOW))
     self.assertEqual(langs('eval_high'), set(HIGH))
-    self.assertEqual(tasks('compose') | tasks('eval') | tasks('eval_high'),
-                     {'translate'})
+    self.assertEqual(langs('dev'), set(LOW))
+    self.assertEqual(tasks('compose') | tasks('eval') | tasks('eval_high')
+                     | tasks('dev'), {'translate'})
     self.assertEqual(tasks('mono_eval'), {'mono'})
     for ex in splits['compose']:
       self.assertIn(msgid(ex), roles.compose)
@@ -184,7 +191,7 @@ class NtlTest(absltest.TestCase):
 
   def test_eval_cap_and_determinism(self):
     splits = ntl.generate_all(self.config)
-    for name in ntl.EVAL_SPLITS:
+    for name in ntl.EVAL_SPLITS + ntl.DEV_SPLITS:
       counts = collections.Counter(ex['lang'] for ex in splits[name])
       self.assertLessEqual(max(counts.values()), 4)
     self.assertEqual(collections.Counter(
@@ -211,6 +218,11 @@ class NtlTest(absltest.TestCase):
       self.make(compose_fraction=0.0)
     with self.assertRaisesRegex(ValueError, r'data\.ntl\.eval_fraction'):
       self.make(eval_fraction=1.5)
+    with self.assertRaisesRegex(
+        ValueError, r'data\.ntl\.dev_fraction.*out of the held-out'):
+      self.make(dev_fraction=0.3)  # More than eval_fraction=0.25.
+    no_dev = ntl.generate_all(self.make(dev_fraction=0.0))
+    self.assertEmpty(no_dev['dev'])
     with self.assertRaisesRegex(ValueError,
                                 r'data\.ntl\.eval_fraction.*must be < 1'):
       self.make(compose_fraction=0.5, eval_fraction=0.5)

@@ -19,6 +19,11 @@ the only source of the composition set D_C (`pairs_compose`). Splits:
   pairs_compose             doc2code and code2doc pairs of the compose files.
   doc2code_eval             text-to-code pairs of the held-out files.
   code2doc_eval             code-to-text pairs of the held-out files.
+  doctest_eval              held-out text-to-code pairs whose function has
+                            doctests (that its true body passes).
+  pairs_dev                 validation for the composition: doc2code and
+                            code2doc pairs of training files that are not
+                            compose files (m_A saw their code).
 
 Function pairs come from top-level functions and methods with a docstring:
 
@@ -69,7 +74,10 @@ DEFAULT_PROSE_DIR = '/usr/share/games/fortunes'
 TRAIN_SPLITS = ('code_train', 'prose_train', 'pairs_compose')
 EVAL_SPLITS = ('code_eval', 'prose_eval', 'doc2code_eval', 'code2doc_eval',
                'doctest_eval')
-SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+# Validation for the composition (e.g. eval.during_training_split): pairs
+# from m_A's training files (see `generate_all`).
+DEV_SPLITS = ('pairs_dev',)
+SPLITS = TRAIN_SPLITS + EVAL_SPLITS + DEV_SPLITS
 
 # Directory names never descended into under the standard library.
 EXCLUDED_DIRS = frozenset({
@@ -85,7 +93,8 @@ PROSE_SEPARATOR = '\n\n'
 
 # Independent random streams: changing one choice leaves the others alone.
 (_MAX_FILES_STREAM, _FILE_SPLIT_STREAM, _PROSE_SPLIT_STREAM, _CODE_EVAL_STREAM,
- _DOC2CODE_EVAL_STREAM, _CODE2DOC_EVAL_STREAM) = range(6)
+ _DOC2CODE_EVAL_STREAM, _CODE2DOC_EVAL_STREAM, _DOC2CODE_DEV_STREAM,
+ _CODE2DOC_DEV_STREAM) = range(8)
 
 # Prose filter: printable ASCII (no vertical tab, form feed or CR), mostly
 # letters, and at least one common English word.
@@ -721,6 +730,10 @@ def generate_all(config: CodeCorpusConfig) -> dict[str, list[dict[str, str]]]:
   compose_d2c, compose_c2d = function_pairs(files.compose, n)
   eval_d2c, eval_c2d = function_pairs(files.eval, n)
   pairs_compose = compose_d2c + compose_c2d  # doc2code first, then code2doc.
+  compose_paths = {f.path for f in files.compose}
+  train_d2c, train_c2d = function_pairs(
+      [f for f in files.train if f.path not in compose_paths], n)
+  half = config.num_pairs_eval // 2
   return {
       'code_train': code_chunks(files.train, n),
       'prose_train': prose_chunks(prose_train, n),
@@ -737,6 +750,14 @@ def generate_all(config: CodeCorpusConfig) -> dict[str, list[dict[str, str]]]:
       'doctest_eval': _passing_doctests(
           [ex for ex in eval_d2c if ex['tests'] and ex['module']],
           config.check_doctests),
+      # Validation for the composition: pairs of m_A's training files other
+      # than the compose files, so no row trains on them as pairs. m_A knows their code, so this loss
+      # flatters m_A-based rows; it serves to see when the bridge starts
+      # memorising D_C, not as a result.
+      'pairs_dev': (
+          _sample(train_d2c, half, config.seed, _DOC2CODE_DEV_STREAM)
+          + _sample(train_c2d, config.num_pairs_eval - half, config.seed,
+                    _CODE2DOC_DEV_STREAM)),
   }
 
 
@@ -759,6 +780,9 @@ def _passing_doctests(examples: list[dict[str, str]], check: bool
 class CodeCorpus(generated.GeneratedText):
   """CALM code setting: stdlib code, fortunes prose, function pairs."""
 
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'The `pairs_dev` split (composition validation).'}
   BUILDER_CONFIGS = [DEFAULT_CONFIG]
   TEXT_FIELDS = ('prompt', 'target', 'task', 'tests', 'module', 'name')
 

@@ -36,7 +36,8 @@ anchor_train 10324, compose 333, eval 640, eval_high 512, mono_eval 640.
 
 Splits are by English msgid, so that a held-out message is unseen in any
 translation pair: deterministically in `seed`, a `compose_fraction` of the
-distinct msgids are compose msgids, an `eval_fraction` eval msgids, the rest
+distinct msgids are compose msgids, an `eval_fraction` held out (of which a
+`dev_fraction` of all msgids are dev msgids, the rest eval msgids), the rest
 train msgids. Examples have Text features 'prompt', 'target', 'task', 'lang':
 
   translate  prompt "<{lang}> {msgstr}\\n<en> "  target msgid
@@ -55,6 +56,10 @@ The language tag of a monolingual example sits in the prompt, so the loss
                 `num_eval_per_lang` per language (deterministic sample).
   eval_high     the same for the high-resource languages.
   mono_eval     mono low-resource, eval msgids, capped likewise.
+  dev           translate low-resource, dev msgids (a `dev_fraction` of all
+                msgids, taken out of the held-out ones: no model saw them),
+                capped likewise; validation for the composition, never
+                scored.
 
 Every example has len(prompt.encode()) + len(target.encode()) <= `max_chars`
 (UTF-8 bytes, i.e. byte-tokenizer tokens); longer ones are dropped, never
@@ -83,7 +88,9 @@ from calm_jax.data import generated
 CATALOG_NAMES = ('django.po', 'djangojs.po')
 TRAIN_SPLITS = ('mono_train', 'anchor_train', 'compose')
 EVAL_SPLITS = ('eval', 'eval_high', 'mono_eval')
-SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+# Validation: pairs of train msgids (see `generate_all`).
+DEV_SPLITS = ('dev',)
+SPLITS = TRAIN_SPLITS + EVAL_SPLITS + DEV_SPLITS
 ENGLISH = 'en'
 
 DEFAULT_HIGH_RESOURCE = ('fr', 'de', 'es', 'it', 'pt', 'ru', 'zh_Hans', 'ja')
@@ -92,7 +99,7 @@ DEFAULT_LOW_RESOURCE = ('dsb', 'hsb', 'ga', 'gd', 'ky', 'ms', 'eo', 'af', 'ia',
 
 # Random streams: the msgid split, then one per capped split.
 _SPLIT_STREAM = 0
-_CAP_STREAMS = {'eval': 1, 'eval_high': 2, 'mono_eval': 3}
+_CAP_STREAMS = {'eval': 1, 'eval_high': 2, 'mono_eval': 3, 'dev': 4}
 
 
 @dataclasses.dataclass(eq=False)
@@ -108,6 +115,10 @@ class NtlConfig(tfds.core.BuilderConfig):
   # Fractions of the distinct msgids held for D_C and for evaluation.
   compose_fraction: float = 0.05
   eval_fraction: float = 0.15
+  # The share of all msgids, taken out of the held-out (eval_fraction) ones,
+  # that form the `dev` split instead: unseen by every model like `eval`,
+  # never scored, for watching the composition train. 0 = no dev split.
+  dev_fraction: float = 0.05
   # Bound on len(prompt.encode()) + len(target.encode()) of every example.
   max_chars: int = 200
   # Cap on the examples per language of each evaluation split.
@@ -252,6 +263,12 @@ def validate_config(config: NtlConfig, *, check_languages: bool = True
     if (not isinstance(frac, (float, int)) or isinstance(frac, bool)
         or not 0.0 < frac < 1.0):
       fail(field, 'must be in (0, 1), e.g. 0.05 or 0.15.')
+  dev = config.dev_fraction
+  if (not isinstance(dev, (float, int)) or isinstance(dev, bool)
+      or not 0.0 <= dev < config.eval_fraction):
+    fail('dev_fraction', 'must be in [0, data.ntl.eval_fraction='
+         f'{config.eval_fraction}): dev msgids come out of the held-out '
+         'ones. E.g. 0.05, or 0 for no dev split.')
   if config.compose_fraction + config.eval_fraction >= 1.0:
     fail('eval_fraction', 'plus data.ntl.compose_fraction='
          f'{config.compose_fraction} must be < 1 to leave train msgids; '
@@ -354,14 +371,16 @@ class MsgidSplit:
   train: frozenset[str]
   compose: frozenset[str]
   eval: frozenset[str]
+  dev: frozenset[str] = frozenset()
 
 
 def split_msgids(config: NtlConfig, msgids: Sequence[str]) -> MsgidSplit:
-  """Splits the distinct `msgids` into compose / eval / train, by seed."""
+  """Splits the distinct `msgids` into compose / dev / eval / train."""
   ordered = sorted(set(msgids))
   n = len(ordered)
   n_compose = int(round(config.compose_fraction * n))
   n_eval = int(round(config.eval_fraction * n))
+  n_dev = min(int(round(config.dev_fraction * n)), n_eval - 1)
   if min(n_compose, n_eval, n - n_compose - n_eval) < 1:
     raise ValueError(
         f'data.ntl: {n} distinct msgids give {n_compose} compose, {n_eval} '
@@ -375,7 +394,8 @@ def split_msgids(config: NtlConfig, msgids: Sequence[str]) -> MsgidSplit:
 
   return MsgidSplit(
       compose=pick(perm[:n_compose]),
-      eval=pick(perm[n_compose:n_compose + n_eval]),
+      dev=pick(perm[n_compose:n_compose + n_dev]),
+      eval=pick(perm[n_compose + n_dev:n_compose + n_eval]),
       train=pick(perm[n_compose + n_eval:]))
 
 
@@ -462,6 +482,9 @@ def generate_all(config: NtlConfig, messages: Sequence[Message] | None = None
       'eval': capped('eval', low, roles.eval, translate_example),
       'eval_high': capped('eval_high', high, roles.eval, translate_example),
       'mono_eval': capped('mono_eval', low, roles.eval, mono_example),
+      # Validation for the composition (e.g. eval.during_training_split):
+      # held out like `eval` (no model saw either side), disjoint from it.
+      'dev': capped('dev', low, roles.dev, translate_example),
   }
   return {name: [ex for ex in exs if example_bytes(ex) <= config.max_chars]
           for name, exs in splits.items()}
@@ -474,6 +497,9 @@ def generate_all(config: NtlConfig, messages: Sequence[Message] | None = None
 class NtlCatalogs(generated.GeneratedText):
   """CALM NTL setting: X->English translation over Django's catalogs."""
 
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'The `dev` split (composition validation).'}
   TEXT_FIELDS = ('prompt', 'target', 'task', 'lang')
 
   def generate_splits(self) -> dict[str, list[dict[str, str]]]:
