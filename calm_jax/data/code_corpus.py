@@ -243,13 +243,7 @@ def make_config(**fields: Any) -> CodeCorpusConfig:
 def check_data_config(data_cfg: ml_collections.ConfigDict
                       ) -> CodeCorpusConfig:
   """The validated corpus config of `data.code`, checked against seq_len."""
-  code_cfg = data_cfg.get('code', None)
-  if code_cfg is None:
-    fields = {}
-  elif isinstance(code_cfg, ml_collections.ConfigDict):
-    fields = code_cfg.to_dict()
-  else:
-    fields = dict(code_cfg)
+  fields = generated.subconfig_fields(data_cfg, 'code')
   config = make_config(**fields)
   seq_len = data_cfg.get('seq_len', None)
   if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':

@@ -67,6 +67,16 @@ class GeneratedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     yield from enumerate(examples)
 
 
+def subconfig_fields(data_cfg: Any, key: str) -> dict[str, Any]:
+  """The fields of `data.<key>` as a plain dict ({} when it is absent)."""
+  sub = data_cfg.get(key, None)
+  if sub is None:
+    return {}
+  if hasattr(sub, 'to_dict'):  # An ml_collections.ConfigDict.
+    return sub.to_dict()
+  return dict(sub)
+
+
 def prepare(builder_cls: type[_B], config: Any, data_dir: str) -> _B:
   """The builder of `config`, generating its data if not on disk yet.
 

@@ -337,13 +337,7 @@ def make_config(**fields: Any) -> NtlConfig:
 
 def check_data_config(data_cfg: ml_collections.ConfigDict) -> NtlConfig:
   """The validated config of `data.ntl`, checked against data.seq_len."""
-  ntl_cfg = data_cfg.get('ntl', None)
-  if ntl_cfg is None:
-    fields = {}
-  elif isinstance(ntl_cfg, ml_collections.ConfigDict):
-    fields = ntl_cfg.to_dict()
-  else:
-    fields = dict(ntl_cfg)
+  fields = generated.subconfig_fields(data_cfg, 'ntl')
   for field in _LANG_FIELDS:
     if isinstance(fields.get(field), list):
       fields[field] = tuple(fields[field])

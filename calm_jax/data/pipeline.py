@@ -46,6 +46,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from calm_jax.data import generated
 from calm_jax.data import kv_arithmetic
 from calm_jax.data import tokenizers
 
@@ -210,13 +211,7 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
 def kv_arithmetic_config(data_cfg: ml_collections.ConfigDict
                          ) -> kv_arithmetic.KvArithmeticConfig:
   """The validated task config of `data.kv`, checked against data.seq_len."""
-  kv_cfg = data_cfg.get('kv', None)
-  if kv_cfg is None:
-    fields = {}
-  elif isinstance(kv_cfg, ml_collections.ConfigDict):
-    fields = kv_cfg.to_dict()
-  else:
-    fields = dict(kv_cfg)
+  fields = generated.subconfig_fields(data_cfg, 'kv')
   config = kv_arithmetic.make_config(**fields)
   seq_len = data_cfg.get('seq_len', None)
   # One token per character with the byte tokenizer, so the longest possible
