@@ -40,6 +40,10 @@ def train_config(**overrides: Any) -> ConfigDict:
   c.steps = 1000
   # Global batch size (divisible by the data-parallel device count).
   c.batch_size = 32
+  # Tokens per example for this run; 0: data.seq_len. A split of short
+  # examples (e.g. numerals only) trains faster with less padding; every
+  # example of `split` must fit (checked before the run starts).
+  c.seq_len = 0
   # Peak AdamW learning rate, reached after `warmup_steps`, then cosine.
   c.learning_rate = 1e-3
   c.warmup_steps = 0  # 0: 5% of steps.
@@ -198,6 +202,12 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
         raise ValueError(f'{field}.{name} must be positive, got {t[name]}.')
     if t.learning_rate <= 0:
       raise ValueError(f'{field}.learning_rate must be positive.')
+    seq_len = t.get('seq_len', 0)
+    if (not isinstance(seq_len, int) or seq_len == 1 or
+        not 0 <= seq_len <= config.data.seq_len):
+      raise ValueError(
+          f'{field}.seq_len={seq_len!r} must be 0 (use data.seq_len) or an '
+          f'int in [2, data.seq_len={config.data.seq_len}].')
     sharding.check_batch_size(t.batch_size, mesh, f'{field}.batch_size')
 
   if not config.models.augmenting:

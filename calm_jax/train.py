@@ -321,8 +321,10 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
     params, _ = run_training(
         task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
                                                        role),
-        data=data.train(model_cfg.pretrain.split), mesh=mesh, rules=rules,
-        seed=seed)
+        data=data.train(model_cfg.pretrain.split, f'{field}.pretrain.split',
+                        model_cfg.pretrain.get('seq_len', 0),
+                        f'{field}.pretrain.seq_len'),
+        mesh=mesh, rules=rules, seed=seed)
     checkpoints.save_model(path, arch, params, role=role,
                            trained_on=model_cfg.pretrain.split,
                            steps=model_cfg.pretrain.steps)
@@ -399,8 +401,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   def train_data(task: Task, row_name: str, split: str
                  ) -> data_lib.TrainData:
     """D_C, with m_A's states read from disk when the config says so."""
-    train = (data.train(split, 'baselines.full_ft_split') if split else
-             data.train(config.train.split))
+    seq_len = config.train.get('seq_len', 0)
+    train = (data.train(split, 'baselines.full_ft_split', seq_len,
+                        'train.seq_len') if split else
+             data.train(config.train.split, 'train.split', seq_len,
+                        'train.seq_len'))
     model = task.model
     if not (config.composition.cache_augmenting and
             isinstance(model, composition_lib.ComposedLM)):

@@ -150,6 +150,16 @@ class ValidateTest(absltest.TestCase):
     c.data.seq_len = 20
     self.assertInvalid(c, r'data\.seq_len=20 is too short')
 
+  def test_per_run_seq_len(self):
+    c = smoke()
+    c.models.anchor.pretrain.seq_len = 999
+    self.assertInvalid(c, r'models\.anchor\.pretrain\.seq_len=999 must be 0 '
+                       r'\(use data\.seq_len\) or an int in \[2, '
+                       r'data\.seq_len=64\]')
+    c = smoke()
+    c.train.seq_len = 32
+    config_lib.validate(c)
+
   def test_typo_in_override_is_an_error(self):
     workdir = self.create_tempdir().full_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -86,6 +86,16 @@ class KeyMapTest(absltest.TestCase):
     other = kv.make_key_map(dataclasses.replace(SMOKE, seed=1))
     self.assertNotEqual(a.keys, other.keys)
 
+  def test_shared_values_cover_small_range(self):
+    config = kv.make_config(num_keys=200, max_value=9, unique_values=False)
+    key_map = kv.make_key_map(config)
+    self.assertLen(set(key_map.keys), 200)
+    self.assertEqual(set(key_map.values.tolist()), set(range(1, 10)))
+    np.testing.assert_array_equal(key_map.values,
+                                  kv.make_key_map(config).values)
+    example = kv.generate_split(config, 'kv_subs_eval')[0]
+    self.assertRegex(example['target'], r'^[1-9]([+*-][1-9]){2,5}$')
+
   def test_compose_held_out_partition(self):
     key_map = kv.make_key_map(SMOKE)
     compose, held_out = set(key_map.compose), set(key_map.held_out)
@@ -192,6 +202,8 @@ class ConfigTest(parameterized.TestCase):
   @parameterized.parameters(
       ('num_keys', dict(num_keys=700, key_max_len=2, max_value=1000)),
       ('max_value', dict(num_keys=100, max_value=50)),
+      ('max_value', dict(max_value=0, unique_values=False)),
+      ('unique_values', dict(unique_values='no')),
       ('compose_key_fraction', dict(compose_key_fraction=1.0)),
       ('max_operands', dict(min_operands=5, max_operands=4)),
       ('operators', dict(operators='+/')),
@@ -268,6 +280,15 @@ class EncodeTest(absltest.TestCase):
     pipeline.encode_example(example, TOKENIZER, seq_len=5)
     with self.assertRaisesRegex(ValueError, r'data\.seq_len=4.*at least 5'):
       pipeline.encode_example(example, TOKENIZER, seq_len=4)
+
+  def test_check_fits_names_the_run_field(self):
+    source = [{'prompt': 'ab=', 'target': '7'},
+              {'prompt': 'abcd=', 'target': '7'}]  # Needs 7 positions.
+    pipeline.check_fits(source, TOKENIZER, 7, 'train.seq_len')
+    with self.assertRaisesRegex(
+        ValueError, r'train\.seq_len=6 is too short.*Raise train\.seq_len '
+        r'to at least 7.*abcd='):
+      pipeline.check_fits(source, TOKENIZER, 6, 'train.seq_len')
 
 
 class PipelineTest(absltest.TestCase):

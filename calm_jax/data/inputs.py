@@ -75,9 +75,17 @@ class Data:
     return pipeline.make_source(self.config.dataset, split, self.config,
                                 self.data_dir, split_field=field)
 
-  def train(self, split: str, field: str = 'train.split') -> TrainData:
-    return TrainData(self.source(split, field), self.tokenizer,
-                     self.config.seq_len)
+  def train(self, split: str, field: str = 'train.split', seq_len: int = 0,
+            seq_len_field: str = '') -> TrainData:
+    """`split` at `seq_len` tokens per example (0: data.seq_len).
+
+    A shorter `seq_len` is checked against every example of the split here,
+    so a too-short value fails naming `seq_len_field` before training.
+    """
+    source = self.source(split, field)
+    if seq_len and seq_len < self.config.seq_len:
+      pipeline.check_fits(source, self.tokenizer, seq_len, seq_len_field)
+    return TrainData(source, self.tokenizer, seq_len or self.config.seq_len)
 
   def eval(self, split: str, batch_size: int, num_examples: int = 0
            ) -> list[dict[str, np.ndarray]]:

@@ -66,8 +66,11 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   # Key lengths, in letters, inclusive.
   key_min_len: int = 2
   key_max_len: int = 6
-  # Values are distinct integers in [1, max_value].
+  # Values are integers in [1, max_value]: distinct (one key per value, the
+  # paper's map) when `unique_values`, else drawn uniformly with replacement,
+  # which lets many keys share small values (CPU-scale arithmetic).
   max_value: int = 25_000
+  unique_values: bool = True
   # Operands per expression, inclusive.
   min_operands: int = 3
   max_operands: int = 6
@@ -116,9 +119,11 @@ def validate_config(config: KvArithmeticConfig) -> None:
     raise ValueError(f'data.kv.{field}={getattr(config, field)!r}: {msg}')
 
   for field in FIELDS:
-    if field not in ('operators', 'compose_key_fraction') and not _is_int(
-        getattr(config, field)):
+    if field not in ('operators', 'compose_key_fraction', 'unique_values'
+                     ) and not _is_int(getattr(config, field)):
       fail(field, 'must be an int.')
+  if not isinstance(config.unique_values, (bool, np.bool_)):
+    fail('unique_values', 'must be True or False.')
   if config.key_min_len < 1:
     fail('key_min_len', 'must be >= 1.')
   if config.key_max_len < config.key_min_len:
@@ -131,9 +136,12 @@ def validate_config(config: KvArithmeticConfig) -> None:
     fail('num_keys', f'only {capacity} distinct keys of '
          f'{config.key_min_len}-{config.key_max_len} letters exist; lower '
          'num_keys or raise data.kv.key_max_len.')
-  if config.max_value < config.num_keys:
+  if config.max_value < 1:
+    fail('max_value', 'must be >= 1.')
+  if config.unique_values and config.max_value < config.num_keys:
     fail('max_value', f'must be >= data.kv.num_keys={config.num_keys} so that '
-         'every key gets a unique value; raise it.')
+         'every key gets a unique value; raise it, or set '
+         'data.kv.unique_values=False to let keys share values.')
   if config.min_operands < 2:
     fail('min_operands', 'must be >= 2 (an expression needs an operator).')
   if config.max_operands < config.min_operands:
@@ -233,11 +241,17 @@ def make_keys(config: KvArithmeticConfig) -> list[str]:
 
 
 def make_values(config: KvArithmeticConfig) -> np.ndarray:
-  """Returns distinct int64 values in [1, max_value], one per key."""
+  """Returns int64 values in [1, max_value], one per key.
+
+  Distinct when `config.unique_values`, else uniform with replacement.
+  """
   # A stream of its own, so the values do not depend on how many key draws
   # were rejected.
   rng = np.random.default_rng([config.seed, _KEYS_STREAM, 1])
-  values = rng.permutation(config.max_value)[:config.num_keys]
+  if config.unique_values:
+    values = rng.permutation(config.max_value)[:config.num_keys]
+  else:
+    values = rng.integers(0, config.max_value, size=config.num_keys)
   return values.astype(np.int64) + 1
 
 

@@ -73,7 +73,7 @@ CACHED = 'cached/'
 
 
 def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
-                   seq_len: int) -> Batch:
+                   seq_len: int, seq_len_field: str = 'data.seq_len') -> Batch:
   """Turns a {'prompt', 'target'} example into fixed-length model inputs.
 
   tokens = [BOS] + prompt + target + [EOS], padded to seq_len + 1, then
@@ -87,9 +87,9 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
   tokens = [tokenizer.bos_id] + prompt + target + [tokenizer.eos_id]
   if len(tokens) > seq_len + 1:
     raise ValueError(
-        f'data.seq_len={seq_len} is too short: an example needs '
+        f'{seq_len_field}={seq_len} is too short: an example needs '
         f'{len(tokens) - 1} positions ({len(prompt)} prompt + {len(target)} '
-        f'target tokens + BOS/EOS). Raise data.seq_len to at least '
+        f'target tokens + BOS/EOS). Raise {seq_len_field} to at least '
         f'{len(tokens) - 1}. Example prompt: {_text(example["prompt"])!r}.')
   padded = np.full(seq_len + 1, tokenizer.pad_id, np.int32)
   padded[:len(tokens)] = tokens
@@ -107,6 +107,18 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
   # Precomputed per-example arrays (cached augmenting states) pass through.
   out.update({k: v for k, v in example.items() if k.startswith(CACHED)})
   return out
+
+
+def check_fits(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
+               seq_len: int, seq_len_field: str) -> None:
+  """Raises the `encode_example` error for the first example of `source`
+  longer than `seq_len`, before any training; reads every example once."""
+  for i in range(len(source)):
+    example = source[i]
+    n = (len(tokenizer.encode(_text(example['prompt']))) +
+         len(tokenizer.encode(_text(example['target']))) + 1)
+    if n > seq_len:
+      encode_example(example, tokenizer, seq_len, seq_len_field)
 
 
 def _check_positive(name: str, value: int) -> None:
