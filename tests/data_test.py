@@ -128,6 +128,7 @@ class ExamplesTest(absltest.TestCase):
         'kv_subs_eval': ('kv_subs', SMOKE.num_eval),
         'num_math_eval': ('num_math', SMOKE.num_eval),
         'kv_math_eval': ('kv_math', SMOKE.num_eval),
+        'kv_math_dev': ('kv_math', SMOKE.num_eval),
     }
     self.assertEqual(set(self.splits), set(expected))
     for split, (task, size) in expected.items():
@@ -141,6 +142,7 @@ class ExamplesTest(absltest.TestCase):
     self.assertLessEqual(keys_of('kv_math_compose'), self.compose)
     self.assertLessEqual(keys_of('kv_subs_eval'), self.held_out)
     self.assertLessEqual(keys_of('kv_math_eval'), self.held_out)
+    self.assertLessEqual(keys_of('kv_math_dev'), self.held_out)
     # m_A's training split sees both kinds of key.
     self.assertTrue(keys_of('kv_subs_train') & self.held_out)
     self.assertTrue(keys_of('kv_subs_train') & self.compose)
@@ -148,7 +150,9 @@ class ExamplesTest(absltest.TestCase):
   def test_eval_prompts_unseen_and_distinct(self):
     for eval_split, train_split in [('kv_subs_eval', 'kv_subs_train'),
                                     ('num_math_eval', 'num_math_train'),
-                                    ('kv_math_eval', 'kv_math_compose')]:
+                                    ('kv_math_eval', 'kv_math_compose'),
+                                    ('kv_math_dev', 'kv_math_compose'),
+                                    ('kv_math_dev', 'kv_math_eval')]:
       prompts = [ex['prompt'] for ex in self.splits[eval_split]]
       self.assertLen(set(prompts), len(prompts))
       train = {ex['prompt'] for ex in self.splits[train_split]}

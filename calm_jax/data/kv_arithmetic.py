@@ -39,9 +39,12 @@ ALLOWED_OPERATORS = '+-*'
 
 TRAIN_SPLITS = ('kv_subs_train', 'num_math_train', 'kv_math_compose')
 EVAL_SPLITS = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval')
-SPLITS = TRAIN_SPLITS + EVAL_SPLITS
+# KV-MATH over held-out keys, disjoint from D_C and from kv_math_eval: what
+# training curves are watched on, so that no schedule is chosen on eval.
+DEV_SPLITS = ('kv_math_dev',)
+SPLITS = TRAIN_SPLITS + EVAL_SPLITS + DEV_SPLITS
 
-# split -> (task, operand pool, size field, train split whose prompts to avoid).
+# split -> (task, operand pool, size field, splits whose prompts to avoid).
 _SPLIT_SPECS = {
     'kv_subs_train': ('kv_subs', 'all_keys', 'num_kv_subs_train', None),
     'num_math_train': ('num_math', 'numbers', 'num_num_math_train', None),
@@ -49,7 +52,14 @@ _SPLIT_SPECS = {
     'kv_subs_eval': ('kv_subs', 'held_out_keys', 'num_eval', 'kv_subs_train'),
     'num_math_eval': ('num_math', 'numbers', 'num_eval', 'num_math_train'),
     'kv_math_eval': ('kv_math', 'held_out_keys', 'num_eval', 'kv_math_compose'),
+    'kv_math_dev': ('kv_math', 'held_out_keys', 'num_eval',
+                    ('kv_math_compose', 'kv_math_eval')),
 }
+
+
+def _avoided(split: str) -> tuple[str, ...]:
+  avoid = _SPLIT_SPECS[split][3]
+  return (avoid,) if isinstance(avoid, str) else tuple(avoid or ())
 
 # Independent random streams, so that e.g. changing a split size leaves the
 # key map and every other split unchanged.
@@ -354,18 +364,19 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
                    ) -> list[dict[str, str]]:
   """Returns the examples of `split`, deterministic in the config.
 
-  Evaluation splits hold distinct prompts, none of which appears in the
-  matching training split (generated here unless `exclude_prompts` is given).
+  Evaluation and dev splits hold distinct prompts, none of which appears in
+  the splits they avoid (generated here unless `exclude_prompts` is given).
   """
   if split not in _SPLIT_SPECS:
     raise ValueError(f'Unknown split {split!r}; valid: {list(SPLITS)}.')
-  task, pool_name, count_field, avoid = _SPLIT_SPECS[split]
+  task, pool_name, count_field, _ = _SPLIT_SPECS[split]
+  avoid = ' and '.join(_avoided(split))
   count = getattr(config, count_field)
   if key_map is None:
     key_map = make_key_map(config)
   if avoid and exclude_prompts is None:
-    exclude_prompts = {ex['prompt'] for ex in generate_split(
-        config, avoid, key_map=key_map)}
+    exclude_prompts = {ex['prompt'] for a in _avoided(split)
+                       for ex in generate_split(config, a, key_map=key_map)}
   pool = _pool(key_map, pool_name)
   pool_size = config.max_value if pool is None else len(pool)
   rng = np.random.default_rng([config.seed, _STREAMS[split]])
@@ -405,11 +416,11 @@ def generate_all(config: KvArithmeticConfig) -> dict[str, list[dict[str, str]]]:
   """Returns every split, generating each training split once."""
   key_map = make_key_map(config)
   out = {s: generate_split(config, s, key_map=key_map) for s in TRAIN_SPLITS}
-  for split in EVAL_SPLITS:
-    avoid = _SPLIT_SPECS[split][3]
+  for split in EVAL_SPLITS + DEV_SPLITS:
     out[split] = generate_split(
         config, split, key_map=key_map,
-        exclude_prompts={ex['prompt'] for ex in out[avoid]})
+        exclude_prompts={ex['prompt'] for a in _avoided(split)
+                         for ex in out[a]})
   return out
 
 
@@ -439,6 +450,9 @@ class KvArithmetic(generated.GeneratedText):
 
   BUILDER_CONFIGS = list(NAMED_CONFIGS)
   TEXT_FIELDS = ('prompt', 'target', 'task')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'kv_math_dev split; data.kv.unique_values.'}
 
   def generate_splits(self) -> dict[str, list[dict[str, str]]]:
     validate_config(self.builder_config)
