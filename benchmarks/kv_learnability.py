@@ -22,6 +22,7 @@ what stands in the way.
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -34,11 +35,17 @@ _CONFIG = flags.DEFINE_enum('config', 'cpu', ['cpu', 'tiny'],
                             'tiny: seconds, for the tests.')
 _NUM_KEYS = flags.DEFINE_integer('num_keys', 100, 'Keys in the map.')
 _MAX_VALUE = flags.DEFINE_integer('max_value', 100, 'Values in [1, this].')
+_UNIQUE = flags.DEFINE_bool(
+    'unique_values', True, 'Distinct values per key (the paper); '
+    '--nounique_values lets keys share values in [1, max_value].')
 _OPERATORS = flags.DEFINE_string('operators', '+-*', 'Subset of "+-*".')
 _MIN_OPERANDS = flags.DEFINE_integer('min_operands', 3, 'Operands, at least.')
 _MAX_OPERANDS = flags.DEFINE_integer('max_operands', 6, 'Operands, at most.')
 _REVERSE = flags.DEFINE_bool('reverse_answer', False,
                              'Numeric answers least-significant digit first.')
+_RUNNING = flags.DEFINE_bool(
+    'running_sums', False, 'Targets list the running result after each '
+    'operand, comma-separated (a scratchpad); needs operators without "*".')
 _D_MODEL = flags.DEFINE_integer('d_model', 96, 'Width.')
 _LAYERS = flags.DEFINE_integer('num_layers', 4, 'Depth.')
 _STEPS = flags.DEFINE_integer('steps', 3000, 'Optimizer steps.')
@@ -70,6 +77,7 @@ def main(argv):
   num_train = 512 if tiny else 100_000
   cfg = kv.make_config(
       num_keys=_NUM_KEYS.value, max_value=_MAX_VALUE.value,
+      unique_values=_UNIQUE.value,
       operators=_OPERATORS.value, min_operands=_MIN_OPERANDS.value,
       max_operands=_MAX_OPERANDS.value, num_kv_subs_train=num_train,
       num_num_math_train=num_train, num_kv_math_compose=num_train,
@@ -85,6 +93,22 @@ def main(argv):
     sign = '-' if target.startswith('-') else ''
     return dict(example, target=sign + target[len(sign):][::-1])
 
+  def running(example):
+    nums = [int(x) for x in re.findall(r'\d+', example['target_expr'])]
+    ops = re.findall(r'[+-]', example['target_expr'])
+    sums = [nums[0]]
+    for op, x in zip(ops, nums[1:]):
+      sums.append(sums[-1] + x if op == '+' else sums[-1] - x)
+    assert str(sums[-1]) == example['target'], (example, sums)
+    return dict(example, target=','.join(map(str, sums[1:])))
+
+  if _RUNNING.value:
+    if '*' in _OPERATORS.value or _TASK.value != 'num_math':
+      raise app.UsageError('--running_sums needs --task=num_math and '
+                           '--operators without "*".')
+    for e in train + evals:
+      e['target_expr'] = e['prompt'][:-1]
+    train, evals = [running(e) for e in train], [running(e) for e in evals]
   if _REVERSE.value and _TASK.value != 'kv_subs':
     train, evals = [reverse(e) for e in train], [reverse(e) for e in evals]
   tok = tokenizers.ByteTokenizer()
@@ -140,7 +164,11 @@ def main(argv):
       exact, token_acc = score(params, eval_arr)
       print(json.dumps({
           'task': _TASK.value, 'operators': _OPERATORS.value,
-          'max_value': _MAX_VALUE.value, 'reverse_answer': _REVERSE.value,
+          'max_value': _MAX_VALUE.value, 'num_keys': _NUM_KEYS.value,
+          'unique_values': _UNIQUE.value,
+          'operands': f'{_MIN_OPERANDS.value}-{_MAX_OPERANDS.value}',
+          'd_model': d, 'num_layers': _LAYERS.value, 'reverse_answer': _REVERSE.value,
+          'running_sums': _RUNNING.value,
           'params': int(params_count), 'seq_len': seq_len, 'step': i,
           'loss': round(float(loss), 4),
           'exact_match': round(float(exact), 2),
