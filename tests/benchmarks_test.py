@@ -52,6 +52,14 @@ class BenchmarksTest(absltest.TestCase):
       self.assertBetween(line['token_acc'], 0.0, 1.0)
       self.assertTrue(line['reverse_answer'])
 
+  def test_kv_readout(self):
+    lines = _run('kv_readout.py', '--examples=200')
+    self.assertEqual([l['layer'] for l in lines], [0, 1])
+    for line in lines:
+      self.assertBetween(line['compose_key_acc'], 0.0, 1.0)
+      self.assertBetween(line['held_out_key_acc'], 0.0, 1.0)
+      self.assertGreater(line['test_occurrences'], 0)
+
 
 if __name__ == '__main__':
   absltest.main()

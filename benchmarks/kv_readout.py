@@ -1,0 +1,123 @@
+r"""Does m_A carry each key's value where CALM can read it? A linear probe.
+
+CALM can only solve KV-MATH on held-out keys if m_A's hidden states hold each
+key's value in a form that one map, learnt on the compose keys of D_C, reads
+on keys it never saw. This script measures exactly that, per m_A layer:
+
+  1. run m_A over KV-MATH prompts and take its hidden state (the residual
+     stream after the layer) at the last letter of every key;
+  2. fit a ridge-regression one-hot readout of the key's value on the
+     states of compose-key occurrences (`kv_math_compose`);
+  3. report its accuracy there and on held-out-key occurrences
+     (`kv_math_eval`).
+
+A held-out accuracy near 1 says the value is linearly present and shared
+across keys; near 1 / (number of values) says it is not there to read.
+
+  python benchmarks/kv_readout.py --workdir=/tmp/calm_kv
+
+reads `WORKDIR/config.json` (the task) and `WORKDIR/models/aug_kv` (m_A, as
+pretrained by `calm_jax.main`). Prints one JSON line per layer.
+"""
+
+import json
+import os
+import re
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
+_ROLE = flags.DEFINE_string('role', 'aug_kv', 'Model directory under '
+                            'WORKDIR/models (e.g. vanilla_kv, anchor).')
+_CONFIG = flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
+                            'tiny: a random model on the smoke task, for '
+                            'the tests.')
+_EXAMPLES = flags.DEFINE_integer('examples', 1500,
+                                 'KV-MATH prompts per side (at most).')
+_RIDGE = flags.DEFINE_float('ridge', 1e-2, 'L2 penalty of the readout.')
+
+
+def main(argv):
+  del argv
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from calm_jax import checkpoints
+  from calm_jax.data import kv_arithmetic as kv
+  from calm_jax.data import tokenizers
+  from calm_jax.models import transformer
+
+  if _CONFIG.value == 'tiny':
+    task = kv.SMOKE_CONFIG
+    arch = transformer.DecoderConfig(vocab_size=259, d_model=32, num_layers=2,
+                                     num_heads=2, d_ff=64, max_len=64)
+    params = nn.meta.unbox(transformer.Decoder(arch).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    model_dir = os.path.join(tempfile.mkdtemp(), 'aug_kv')
+    checkpoints.save_model(model_dir, arch, params, role='aug_kv')
+  else:
+    if not _WORKDIR.value:
+      raise app.UsageError('--workdir is required (a calm_jax.main workdir '
+                           'of experiments/kv_arithmetic.py).')
+    with open(os.path.join(_WORKDIR.value, 'config.json')) as f:
+      config = json.load(f)
+    if config['data']['dataset'] != 'kv_arithmetic':
+      raise app.UsageError(f'{_WORKDIR.value} holds a '
+                           f'{config["data"]["dataset"]!r} run; this probe '
+                           'needs kv_arithmetic.')
+    task = kv.make_config(**config['data']['kv'])
+    model_dir = os.path.join(_WORKDIR.value, 'models', _ROLE.value)
+  arch, params = checkpoints.load_model(model_dir, '--role')
+  model = transformer.Decoder(arch)
+  tok = tokenizers.ByteTokenizer()
+  values = kv.make_key_map(task).as_dict()
+  layers = tuple(range(arch.num_layers))
+
+  @jax.jit
+  def hidden(tokens):
+    return model.apply({'params': params}, tokens, return_hidden=layers)[1]
+
+  def features(split):
+    examples = kv.generate_split(task, split)[:_EXAMPLES.value]
+    rows = [[tok.bos_id] + tok.encode(e['prompt']) for e in examples]
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), np.int32)  # Causal: pads are inert.
+    for i, r in enumerate(rows):
+      tokens[i, :len(r)] = r
+    states = {l: np.asarray(h) for l, h in hidden(jnp.asarray(tokens)).items()}
+    where, labels = [], []
+    for i, e in enumerate(examples):
+      for m in re.finditer(r'[a-z]+', e['prompt']):
+        where.append((i, m.end()))  # BOS shifts the last letter to m.end().
+        labels.append(values[m.group()])
+    idx = tuple(np.array(where).T)
+    return {l: s[idx] for l, s in states.items()}, np.array(labels)
+
+  train_x, train_y = features('kv_math_compose')
+  test_x, test_y = features('kv_math_eval')
+  classes = np.unique(np.concatenate([train_y, test_y]))
+  onehot = (train_y[:, None] == classes[None]).astype(np.float64)
+  for layer in layers:
+    a = np.c_[train_x[layer], np.ones(len(train_y))].astype(np.float64)
+    w = np.linalg.solve(a.T @ a + _RIDGE.value * np.eye(a.shape[1]),
+                        a.T @ onehot)
+    b = np.c_[test_x[layer], np.ones(len(test_y))].astype(np.float64)
+    print(json.dumps({
+        'model': _ROLE.value, 'layer': layer,
+        'compose_key_acc': round(float(
+            (classes[(a @ w).argmax(1)] == train_y).mean()), 4),
+        'held_out_key_acc': round(float(
+            (classes[(b @ w).argmax(1)] == test_y).mean()), 4),
+        'chance': round(float(1 / len(classes)), 4),
+        'train_occurrences': len(train_y),
+        'test_occurrences': len(test_y)}), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
