@@ -94,8 +94,9 @@ def main(argv):
     return dict(example, target=sign + target[len(sign):][::-1])
 
   def running(example):
-    nums = [int(x) for x in re.findall(r'\d+', example['target_expr'])]
-    ops = re.findall(r'[+-]', example['target_expr'])
+    expr = example['prompt'][:-1]  # Drop the '='.
+    nums = [int(x) for x in re.findall(r'\d+', expr)]
+    ops = re.findall(r'[+-]', expr)
     sums = [nums[0]]
     for op, x in zip(ops, nums[1:]):
       sums.append(sums[-1] + x if op == '+' else sums[-1] - x)
@@ -106,8 +107,6 @@ def main(argv):
     if '*' in _OPERATORS.value or _TASK.value != 'num_math':
       raise app.UsageError('--running_sums needs --task=num_math and '
                            '--operators without "*".')
-    for e in train + evals:
-      e['target_expr'] = e['prompt'][:-1]
     train, evals = [running(e) for e in train], [running(e) for e in evals]
   if _REVERSE.value and _TASK.value != 'kv_subs':
     train, evals = [reverse(e) for e in train], [reverse(e) for e in evals]

@@ -401,11 +401,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   def train_data(task: Task, row_name: str, split: str
                  ) -> data_lib.TrainData:
     """D_C, with m_A's states read from disk when the config says so."""
-    seq_len = config.train.get('seq_len', 0)
-    train = (data.train(split, 'baselines.full_ft_split', seq_len,
-                        'train.seq_len') if split else
-             data.train(config.train.split, 'train.split', seq_len,
-                        'train.seq_len'))
+    train = data.train(split or config.train.split,
+                       'baselines.full_ft_split' if split else 'train.split',
+                       config.train.get('seq_len', 0), 'train.seq_len')
     model = task.model
     if not (config.composition.cache_augmenting and
             isinstance(model, composition_lib.ComposedLM)):

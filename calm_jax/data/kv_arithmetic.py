@@ -46,20 +46,17 @@ SPLITS = TRAIN_SPLITS + EVAL_SPLITS + DEV_SPLITS
 
 # split -> (task, operand pool, size field, splits whose prompts to avoid).
 _SPLIT_SPECS = {
-    'kv_subs_train': ('kv_subs', 'all_keys', 'num_kv_subs_train', None),
-    'num_math_train': ('num_math', 'numbers', 'num_num_math_train', None),
-    'kv_math_compose': ('kv_math', 'compose_keys', 'num_kv_math_compose', None),
-    'kv_subs_eval': ('kv_subs', 'held_out_keys', 'num_eval', 'kv_subs_train'),
-    'num_math_eval': ('num_math', 'numbers', 'num_eval', 'num_math_train'),
-    'kv_math_eval': ('kv_math', 'held_out_keys', 'num_eval', 'kv_math_compose'),
+    'kv_subs_train': ('kv_subs', 'all_keys', 'num_kv_subs_train', ()),
+    'num_math_train': ('num_math', 'numbers', 'num_num_math_train', ()),
+    'kv_math_compose': ('kv_math', 'compose_keys', 'num_kv_math_compose', ()),
+    'kv_subs_eval': ('kv_subs', 'held_out_keys', 'num_eval',
+                     ('kv_subs_train',)),
+    'num_math_eval': ('num_math', 'numbers', 'num_eval', ('num_math_train',)),
+    'kv_math_eval': ('kv_math', 'held_out_keys', 'num_eval',
+                     ('kv_math_compose',)),
     'kv_math_dev': ('kv_math', 'held_out_keys', 'num_eval',
                     ('kv_math_compose', 'kv_math_eval')),
 }
-
-
-def _avoided(split: str) -> tuple[str, ...]:
-  avoid = _SPLIT_SPECS[split][3]
-  return (avoid,) if isinstance(avoid, str) else tuple(avoid or ())
 
 # Independent random streams, so that e.g. changing a split size leaves the
 # key map and every other split unchanged.
@@ -369,13 +366,13 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
   """
   if split not in _SPLIT_SPECS:
     raise ValueError(f'Unknown split {split!r}; valid: {list(SPLITS)}.')
-  task, pool_name, count_field, _ = _SPLIT_SPECS[split]
-  avoid = ' and '.join(_avoided(split))
+  task, pool_name, count_field, avoided = _SPLIT_SPECS[split]
+  avoid = ' and '.join(avoided)
   count = getattr(config, count_field)
   if key_map is None:
     key_map = make_key_map(config)
   if avoid and exclude_prompts is None:
-    exclude_prompts = {ex['prompt'] for a in _avoided(split)
+    exclude_prompts = {ex['prompt'] for a in avoided
                        for ex in generate_split(config, a, key_map=key_map)}
   pool = _pool(key_map, pool_name)
   pool_size = config.max_value if pool is None else len(pool)
@@ -419,7 +416,7 @@ def generate_all(config: KvArithmeticConfig) -> dict[str, list[dict[str, str]]]:
   for split in EVAL_SPLITS + DEV_SPLITS:
     out[split] = generate_split(
         config, split, key_map=key_map,
-        exclude_prompts={ex['prompt'] for a in _avoided(split)
+        exclude_prompts={ex['prompt'] for a in _SPLIT_SPECS[split][3]
                          for ex in out[a]})
   return out
 

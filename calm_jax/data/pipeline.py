@@ -112,13 +112,9 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
 def check_fits(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
                seq_len: int, seq_len_field: str) -> None:
   """Raises the `encode_example` error for the first example of `source`
-  longer than `seq_len`, before any training; reads every example once."""
+  longer than `seq_len`, before any training; encodes every example once."""
   for i in range(len(source)):
-    example = source[i]
-    n = (len(tokenizer.encode(_text(example['prompt']))) +
-         len(tokenizer.encode(_text(example['target']))) + 1)
-    if n > seq_len:
-      encode_example(example, tokenizer, seq_len, seq_len_field)
+    encode_example(source[i], tokenizer, seq_len, seq_len_field)
 
 
 def _check_positive(name: str, value: int) -> None:
