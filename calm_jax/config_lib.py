@@ -88,6 +88,24 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
   return c
 
 
+def composition_config(**overrides: Any) -> ConfigDict:
+  """The trainable bridges (see calm_jax/models/composition.py)."""
+  c = ConfigDict()
+  # Cross-attention heads; 0 means the anchor's head count (the paper's).
+  c.cross_heads = 0
+  # Ablation: the augmenting model reads the prompt only.
+  c.prompt_only = False
+  # Ours: a learnt per-head recency bias -slope * (t - s) in every bridge,
+  # so a head can read m_A at the anchor's own position (the paper's f_cross
+  # has none; content alone cannot find it among repeated tokens).
+  c.recency_bias = False
+  # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
+  # read them every step instead of running m_A.
+  c.cache_augmenting = False
+  c.update(overrides)
+  return c
+
+
 def baselines_config() -> ConfigDict:
   c = ConfigDict()
   # LoRA rank; 0 matches CALM's trainable parameter count (the paper's).

@@ -87,10 +87,12 @@ def main(argv):
             f'anchor has {anchor_cfg.vocab_size}; they cannot compose.')
       augmenting.append(composition_lib.Augmenting(
           name, cfg, tuple(sorted(pairs[name]))))
-    heads = next(iter(comp.values()))['query']['kernel'].shape[1]
-    model = composition_lib.ComposedLM(anchor_cfg, tuple(augmenting),
-                                       cross_heads=heads,
-                                       prompt_only=_PROMPT_ONLY.value)
+    bridge = next(iter(comp.values()))
+    model = composition_lib.ComposedLM(
+        anchor_cfg, tuple(augmenting),
+        cross_heads=bridge['query']['kernel'].shape[1],
+        prompt_only=_PROMPT_ONLY.value,
+        recency_bias='recency_slope' in bridge)
     kw = None
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)
   if kw is None:

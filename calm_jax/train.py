@@ -288,7 +288,8 @@ def composition_task(config: ConfigDict, frozen: Params,
   model = composition_lib.ComposedLM(
       anchor, augmenting, cross_heads=config.composition.cross_heads or None,
       prompt_only=(config.composition.prompt_only if prompt_only is None
-                   else prompt_only))
+                   else prompt_only),
+      recency_bias=config.composition.recency_bias)
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA

@@ -91,10 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       every_k=2)
 
   # --------------------------------------------------------- composition
-  config.composition = ml_collections.ConfigDict()
-  config.composition.cross_heads = 0
-  config.composition.prompt_only = False
-  config.composition.cache_augmenting = False
+  config.composition = config_lib.composition_config()
   # D_C is small (523 pairs at the defaults): 120 steps of 16 is ~3.7
   # epochs. Longer, the bridge memorises it (see experiments/ntl.py); the
   # `pairs_dev` loss in the log shows where that starts.

@@ -96,14 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.models.augmenting.kv.vanilla_split = 'num_math_train'
 
   # --------------------------------------------------------- composition
-  config.composition = ml_collections.ConfigDict()
-  # Cross-attention heads; 0 means the anchor's head count (the paper's).
-  config.composition.cross_heads = 0
-  # Ablation: the augmenting model reads the prompt only.
-  config.composition.prompt_only = False
-  # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
-  # read them every step instead of running m_A.
-  config.composition.cache_augmenting = False
+  # The paper's bridges. `composition.recency_bias=True` (ours) lets them
+  # find m_A's state at the anchor's own position: without it CALM cannot
+  # even relay m_A's KV-SUBS at this scale (README, Status).
+  config.composition = config_lib.composition_config()
 
   # Training of the composition on D_C.
   config.train = config_lib.train_config(

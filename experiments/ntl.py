@@ -90,10 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       every_k=2)
 
   # --------------------------------------------------------- composition
-  config.composition = ml_collections.ConfigDict()
-  config.composition.cross_heads = 0
-  config.composition.prompt_only = False
-  config.composition.cache_augmenting = False
+  config.composition = config_lib.composition_config()
   # D_C is small (333 pairs at the defaults): 40 steps of 32 is ~4 epochs.
   # Trained for 300 steps the bridge memorises it: the loss on `dev` fell
   # from m_B's 2.44 to 2.24 at step 25, then rose to 2.98 by step 175.

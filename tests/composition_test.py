@@ -67,7 +67,8 @@ class DecoderTest(parameterized.TestCase):
                        1e-4)
 
   def test_every_param_has_logical_axes(self):
-    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, ((3, 3),)),))
+    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, ((3, 3),)),),
+                         recency_bias=True)
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 4), jnp.int32))
     leaves = jax.tree_util.tree_leaves(
@@ -184,6 +185,37 @@ class CompositionTest(parameterized.TestCase):
     early = aug_h.at[:, 0].add(1.0)
     self.assertGreater(float(jnp.abs(out - bridge.apply(
         {'params': params}, anchor_h, early, plen)).max()), 1e-4)
+
+  def test_recency_bias_is_the_closed_form_and_learnt(self):
+    bridge = C.CrossAttentionBridge(d_model=32, num_heads=4,
+                                    recency_bias=True)
+    t = 6
+    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
+    positions = jnp.arange(t)[None]
+    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
+                                       None, positions=positions)['params'])
+    # Content-free logits leave only the bias: head h weighs slot s <= t by
+    # exp(-slope_h * (t - s)), slopes starting at 1, 1/4, 1/16, 1/64.
+    params['query']['kernel'] = jnp.zeros_like(params['query']['kernel'])
+    _, state = bridge.apply({'params': params}, anchor_h, aug_h, None,
+                            positions=positions, mutable=['intermediates'])
+    probs = state['intermediates']['attention'][0][0]  # [h, t, s]
+    slopes = 4.0 ** -np.arange(4)
+    dist = np.arange(t)[:, None] - np.arange(t)[None]
+    want = np.where(dist >= 0, np.exp(-slopes[:, None, None] * dist), 0.0)
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+    # The slopes are trainable.
+    params['out'] = _noisy(params['out'])  # Zero-initialised otherwise.
+
+    def loss(p):
+      return bridge.apply({'params': p}, anchor_h, aug_h, None,
+                          positions=positions).sum()
+    self.assertGreater(float(jnp.abs(jax.grad(loss)(params)['recency_slope'])
+                             .sum()), 0.0)
+    with self.assertRaisesRegex(ValueError, 'positions'):
+      bridge.apply({'params': params}, anchor_h, aug_h, None)
 
   def test_no_gradient_reaches_the_augmenting_model(self):
     model, params, tokens = _composed()

@@ -53,7 +53,8 @@ def _model(kind):
   else:
     model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, C.select_pairs(
         AUG.num_layers, ANCHOR.num_layers, 1)),),
-                         prompt_only=kind == 'composed_prompt_only')
+                         prompt_only=kind == 'composed_prompt_only',
+                         recency_bias=kind == 'composed_recency')
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32),
       **_kw(model, jnp.ones((1,), jnp.int32)))['params']))
@@ -80,7 +81,7 @@ def _clean(prompts, plen):
 class DecodingTest(parameterized.TestCase):
 
   @parameterized.parameters('rope_gqa', 'learned_layernorm', 'composed',
-                            'composed_prompt_only')
+                            'composed_prompt_only', 'composed_recency')
   def test_cached_equals_uncached_greedy(self, kind):
     model, params = _model(kind)
     prompts, plen = _prompts([3, 7, 10])

@@ -15,7 +15,11 @@ augmenting forward runs under `stop_gradient`: m_A is read, never trained.
 Ours (the paper is silent): the cross-attention is causal, so anchor
 position t only reads augmenting positions <= t; the queries and keys are
 RMS-normalised; the output projection starts at zero so that the composed
-model begins exactly as the anchor.
+model begins exactly as the anchor. Optionally (`recency_bias`) each head
+adds a learnt -slope * (t - s) to its logits: content alone cannot tell the
+anchor's own position from earlier ones holding the same token, and at
+small scale a bridge without it fails to even relay m_A's next-token
+prediction (README, Status).
 """
 
 from __future__ import annotations
@@ -99,10 +103,14 @@ class CrossAttentionBridge(nn.Module):
   num_heads: int
   cache_len: int = 512  # Decode-time slots; the anchor's max_len.
   causal: bool = True
+  # Ours: a learnt per-head bias -slope_h * (t - s) on the attention logits
+  # (ALiBi's form), so a head can read the augmenting state at its own
+  # position t. Both models read the same tokens, so positions agree.
+  recency_bias: bool = False
 
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
-               decode: bool = False) -> Array:
+               decode: bool = False, positions: Array | None = None) -> Array:
     h, d = self.num_heads, self.d_model // self.num_heads
     init = lambda names, fn=nn.initializers.lecun_normal(): (
         nn.with_logical_partitioning(fn, names))
@@ -127,8 +135,25 @@ class CrossAttentionBridge(nn.Module):
     if prompt_len is not None:
       mask = mask & (jnp.arange(k.shape[1])[None, None, None, :]
                      < prompt_len[:, None, None, None])
+    bias = None
+    if self.recency_bias:
+      if positions is None:
+        raise ValueError('recency_bias needs the anchor token positions.')
+      # Slopes start at 1, 1/4, 1/16, ... (one sharp head, then ever
+      # longer views) and are learnt; softplus keeps them positive.
+      slope = jax.nn.softplus(self.param(
+          'recency_slope', nn.with_logical_partitioning(
+              lambda _, shape: jnp.log(jnp.expm1(
+                  4.0 ** -jnp.arange(shape[0], dtype=jnp.float32))),
+              ('heads',)), (h,)))
+      # Key slot s holds position s (the cache while decoding, else the
+      # sequence); queries sit at `positions`.
+      dist = (positions[:, None, :, None].astype(jnp.float32)
+              - jnp.arange(k.shape[1], dtype=jnp.float32))
+      bias = -slope[:, None, None] * jnp.maximum(dist, 0.0)
     out, probs = transformer.dot_product_attention(q, k, v, mask,
-                                                   return_probs=True)
+                                                   return_probs=True,
+                                                   bias=bias)
     # Which augmenting positions each anchor position reads, for plots:
     # apply(..., mutable=['intermediates']).
     self.sow('intermediates', 'attention', probs)
@@ -142,23 +167,24 @@ class Composition(nn.Module):
   num_heads: int
   augmenting: tuple[Augmenting, ...]
   cache_len: int = 512
+  recency_bias: bool = False
 
   def setup(self):
     self.bridges = {
         (a.name, i, j): CrossAttentionBridge(
             self.d_model, self.num_heads, self.cache_len,
-            name=f'{a.name}_{i}_{j}')
+            recency_bias=self.recency_bias, name=f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
   def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
-               prompt_len: Array | None, decode: bool = False
-               ) -> Array | None:
+               prompt_len: Array | None, decode: bool = False,
+               positions: Array | None = None) -> Array | None:
     """Sum of the bridges into anchor layer j, or None if there are none."""
     add = None
     for (name, i, jj), bridge in self.bridges.items():
       if jj == j:
         y = bridge(x.astype(jnp.float32), aug[name][i].astype(jnp.float32),
-                   prompt_len, decode)
+                   prompt_len, decode, positions)
         add = y if add is None else add + y
     return add
 
@@ -169,6 +195,8 @@ class ComposedLM(nn.Module):
   augmenting: tuple[Augmenting, ...]
   cross_heads: int | None = None  # None: the anchor's head count.
   prompt_only: bool = False  # Ablation: m_A reads the prompt only.
+  # Ours: a learnt recency bias in every bridge (CrossAttentionBridge).
+  recency_bias: bool = False
 
   def setup(self):
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
@@ -176,7 +204,8 @@ class ComposedLM(nn.Module):
                     for a in self.augmenting}
     self.composition = Composition(
         self.anchor.d_model, self.cross_heads or self.anchor.num_heads,
-        self.augmenting, self.anchor.max_len)
+        self.augmenting, self.anchor.max_len,
+        recency_bias=self.recency_bias)
 
   def augmenting_states(self, tokens: Array, decode: bool = False
                         ) -> dict[str, dict[int, Array]]:
@@ -216,7 +245,7 @@ class ComposedLM(nn.Module):
         # Nothing below the lowest composed layer depends on the bridges;
         # this keeps even a whole-tree gradient from running down there.
         x = jax.lax.stop_gradient(x)
-      add = self.composition(j, x, aug, plen, decode)
+      add = self.composition(j, x, aug, plen, decode, positions)
       if add is not None:
         x = x + add.astype(x.dtype)
     return anchor.head(x)

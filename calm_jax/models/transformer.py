@@ -204,9 +204,12 @@ class Norm(nn.Module):
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                           softcap: float | None = None,
                           scale: float | None = None,
-                          return_probs: bool = False
+                          return_probs: bool = False,
+                          bias: Array | None = None
                           ) -> Array | tuple[Array, Array]:
   """q [b, t, h, d]; k, v [b, s, kv, d]; mask broadcastable to [b, h, t, s].
+
+  `bias` (broadcastable to [b, h, t, s]) is added to the logits.
 
   Grouped-query attention shares each key/value head across h // kv query
   heads. Softmax runs in float32 whatever the compute dtype.
@@ -218,6 +221,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                       preferred_element_type=jnp.float32) * (
                           d ** -0.5 if scale is None else scale)
   logits = _softcap(logits, softcap)
+  if bias is not None:
+    logits = logits + jnp.broadcast_to(bias, (b, h, t, k.shape[1])).reshape(
+        logits.shape)
   mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1]))
   mask = mask.reshape(b, kv, h // kv, t, k.shape[1])
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
