@@ -1,0 +1,207 @@
+r"""Can values written into m_B's residual stream drive its arithmetic?
+
+CALM can only solve KV-MATH if the anchor, once a bridge has written each
+key's value into its residual stream, computes the sum with its own NUM-MATH
+skill. This script asks that with an oracle in place of m_A and the bridge:
+after anchor block `--layer` it writes a learnt vector E[+-value] (the
+key's true value, signed by the operator before it) at the last letter of
+every key, and a learnt F at the key's other letters; `--mode=overwrite`
+replaces the residual there instead of adding to it. Only E and F (a few
+hundred numbers) train, on `kv_math_compose`; the anchor is frozen.
+
+It prints, as JSON lines:
+  * `guess`: the target-token loss on `kv_math_dev` of the best guess that
+    knows only the operators (answer distribution of `kv_math_compose`
+    given the operator string) — what a bridge that reads nothing reaches;
+  * every `--eval_every` steps, the oracle's train loss and its
+    `kv_math_dev` loss and greedy exact match (teacher-forced argmax of
+    every target token, which is what greedy decoding yields).
+
+An exact match near CALM's target says the anchor can use values written
+into it at that layer; a loss near `guess` says it cannot, whatever m_A
+holds.
+
+  python benchmarks/kv_anchor_probe.py --workdir=/tmp/calm_kv --layer=0
+
+reads `WORKDIR/config.json` (the task) and `WORKDIR/models/anchor`.
+"""
+
+import collections
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
+_CONFIG = flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
+                            'tiny: a random anchor on the smoke task, for '
+                            'the tests.')
+_LAYER = flags.DEFINE_integer('layer', 0, 'Write after this anchor block.')
+_MODE = flags.DEFINE_enum('mode', 'add', ['add', 'overwrite'],
+                          'Add to the residual, or replace it at key letters.')
+_STEPS = flags.DEFINE_integer('steps', 400, 'Adam steps on E and F.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Examples per step.')
+_LR = flags.DEFINE_float('learning_rate', 3e-2, 'Adam learning rate.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 100, 'Steps between evals.')
+
+
+def guess_loss(task, key_map, dev, samples: int = 200_000) -> float:
+  """Dev target-token loss of p(answer token | operators, answer prefix).
+
+  The distribution is estimated from `samples` fresh expressions over the
+  compose keys' values (what D_C teaches), add-one smoothed.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from calm_jax.data import kv_arithmetic as kv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  pool = key_map.values[key_map.compose]
+  lengths, operands, operators = kv.sample_expressions(rng, len(pool),
+                                                       samples, task)
+  counts = collections.Counter()
+  contexts = collections.Counter()
+  for n, row, ops in zip(lengths, operands, operators):
+    ops = ''.join(task.operators[o] for o in ops[:n - 1])
+    answer = str(kv.evaluate(pool[row[:n]].tolist(), ops)) + '$'
+    for i, ch in enumerate(answer):
+      counts[ops, answer[:i], ch] += 1
+      contexts[ops, answer[:i]] += 1
+  total, n = 0.0, 0
+  alphabet = 12  # Digits, '-' and the end.
+  for e in dev:
+    ops = re.sub(r'[^-+*]', '', e['prompt'])
+    answer = e['target'] + '$'
+    for i, ch in enumerate(answer):
+      total -= math.log((counts[ops, answer[:i], ch] + 1)
+                        / (contexts[ops, answer[:i]] + alphabet))
+      n += 1
+  return total / n
+
+
+def main(argv):
+  del argv
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from calm_jax import checkpoints
+  from calm_jax.data import kv_arithmetic as kv
+  from calm_jax.data import tokenizers
+  from calm_jax.models import transformer
+
+  if _CONFIG.value == 'tiny':
+    task = kv.SMOKE_CONFIG
+    arch = transformer.DecoderConfig(vocab_size=259, d_model=32, num_layers=2,
+                                     num_heads=2, d_ff=64, max_len=64)
+    params = nn.meta.unbox(transformer.Decoder(arch).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    model_dir = os.path.join(tempfile.mkdtemp(), 'anchor')
+    checkpoints.save_model(model_dir, arch, params, role='anchor')
+  else:
+    if not _WORKDIR.value:
+      raise app.UsageError('--workdir is required (a calm_jax.main workdir '
+                           'of experiments/kv_arithmetic.py).')
+    with open(os.path.join(_WORKDIR.value, 'config.json')) as f:
+      config = json.load(f)
+    if config['data']['dataset'] != 'kv_arithmetic':
+      raise app.UsageError(f'{_WORKDIR.value} holds a '
+                           f'{config["data"]["dataset"]!r} run; this probe '
+                           'needs kv_arithmetic.')
+    task = kv.make_config(**config['data']['kv'])
+    model_dir = os.path.join(_WORKDIR.value, 'models', 'anchor')
+  arch, params = checkpoints.load_model(model_dir, '--workdir')
+  if not 0 <= _LAYER.value < arch.num_layers:
+    raise app.UsageError(f'--layer={_LAYER.value}: the anchor has blocks '
+                         f'0..{arch.num_layers - 1}.')
+  model = transformer.Decoder(arch)
+  tok = tokenizers.ByteTokenizer()
+  key_map = kv.make_key_map(task)
+  values = key_map.as_dict()
+  max_value = int(max(values.values()))
+  train_ex = kv.generate_split(task, 'kv_math_compose', key_map=key_map)
+  dev_ex = kv.generate_split(task, 'kv_math_dev', key_map=key_map)
+  print(json.dumps({'guess': 'operators only',
+                    'dev_loss': round(guess_loss(task, key_map, dev_ex),
+                                      4)}),
+        flush=True)
+
+  width = max(len(e['prompt']) + len(e['target']) + 2
+              for e in train_ex + dev_ex)
+
+  def encode(examples):
+    n = len(examples)
+    tokens, targets = (np.zeros((n, width), np.int32) for _ in range(2))
+    weights, letters = (np.zeros((n, width), np.float32) for _ in range(2))
+    slot = np.zeros((n, width), np.int32)  # 0: none, else value + max + 1.
+    for i, e in enumerate(examples):
+      prompt = [tok.bos_id] + tok.encode(e['prompt'])
+      seq = prompt + tok.encode(e['target']) + [tok.eos_id]
+      tokens[i, :len(seq)] = seq
+      targets[i, :len(seq) - 1] = seq[1:]
+      weights[i, len(prompt) - 1:len(seq) - 1] = 1
+      for m in re.finditer(r'[a-z]+', e['prompt']):
+        # BOS shifts prompt character c to token c + 1.
+        sign = -1 if e['prompt'][max(m.start() - 1, 0)] == '-' else 1
+        slot[i, m.end()] = sign * values[m.group()] + max_value + 1
+        letters[i, m.start() + 1:m.end()] = 1
+    return tuple(map(jnp.asarray, (tokens, targets, weights, slot, letters)))
+
+  train, dev = encode(train_ex), encode(dev_ex)
+
+  def forward(theta, tokens, slot, letters):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    run = lambda method, *a: model.apply({'params': params}, *a,
+                                         method=method)
+    x = run(lambda m, t, p: m.embed(t, p), tokens, positions)
+    for j in range(arch.num_layers):
+      x = run(lambda m, x, p, j=j: m.block(j, x, p), x, positions)
+      if j == _LAYER.value:
+        last = (slot > 0)[..., None].astype(x.dtype)
+        other = letters[..., None]
+        if _MODE.value == 'overwrite':
+          x = x * (1 - last - other)
+        x = x + other * theta['F'] + last * theta['E'][slot]
+    return run(lambda m, x: m.head(x), x)
+
+  def loss_fn(theta, batch):
+    tokens, targets, weights, slot, letters = batch
+    logits = forward(theta, tokens, slot, letters)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    exact = ((logits.argmax(-1) == targets) | (weights == 0)).all(-1)
+    return (loss * weights).sum() / weights.sum(), exact.mean()
+
+  theta = {'E': jnp.zeros((2 * max_value + 2, arch.d_model)),
+           'F': jnp.zeros((arch.d_model,))}
+  opt = optax.adam(_LR.value)
+  opt_state = opt.init(theta)
+
+  @jax.jit
+  def step(theta, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(theta, batch)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(theta, updates), opt_state, loss
+
+  evaluate = jax.jit(loss_fn)
+  rng = np.random.default_rng(0)
+  for s in range(1, _STEPS.value + 1):
+    idx = rng.integers(0, len(train_ex), _BATCH.value)
+    theta, opt_state, loss = step(theta, opt_state,
+                                  tuple(a[idx] for a in train))
+    if s % _EVAL_EVERY.value == 0 or s == _STEPS.value:
+      dev_loss, dev_exact = evaluate(theta, dev)
+      print(json.dumps({
+          'layer': _LAYER.value, 'mode': _MODE.value, 'step': s,
+          'train_loss': round(float(loss), 4),
+          'dev_loss': round(float(dev_loss), 4),
+          'dev_exact_match': round(float(dev_exact), 4)}), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
