@@ -38,7 +38,9 @@ setuptools.setup(
         # torch==2.13.0 is the CPU wheel these machines hold; transformers
         # only builds the reference models of the parity tests.
         # nbclient + ipykernel execute the demo notebook headless.
-        'test': ['pytest>=8', 'portpicker>=1.6', 'torch==2.13.0',
+        # pytest-xdist spreads the suite over the machine's cores.
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6',
+                 'torch==2.13.0',
                  'transformers==5.23.0', 'nbformat>=5.9', 'nbclient>=0.9',
                  'ipykernel>=6.25'],
     },
