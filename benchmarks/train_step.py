@@ -98,6 +98,7 @@ def main(argv):
   import numpy as np
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+  from calm_jax import config_lib
   from calm_jax import train
   from calm_jax.models import composition
   from calm_jax.models import lora as lora_lib
@@ -112,8 +113,8 @@ def main(argv):
   aug = transformer.DecoderConfig(
       d_ff=4 * size['aug']['d_model'], **size['aug'], **common)
   pairs = composition.select_pairs(aug.num_layers, anchor.num_layers, 4)
-  cfg = ml_collections.ConfigDict(dict(
-      composition=dict(cross_heads=0, prompt_only=False)))
+  cfg = ml_collections.ConfigDict()
+  cfg.composition = config_lib.composition_config()
   train_cfg = ml_collections.ConfigDict(dict(
       steps=1000, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1,
       weight_decay=0.01, b1=0.9, b2=0.98, grad_clip=1.0))

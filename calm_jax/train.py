@@ -289,7 +289,8 @@ def composition_task(config: ConfigDict, frozen: Params,
       anchor, augmenting, cross_heads=config.composition.cross_heads or None,
       prompt_only=(config.composition.prompt_only if prompt_only is None
                    else prompt_only),
-      recency_bias=config.composition.recency_bias)
+      # .get: configs written before the field existed keep the paper's.
+      recency_bias=config.composition.get('recency_bias', False))
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA
