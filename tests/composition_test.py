@@ -197,6 +197,7 @@ class CompositionTest(parameterized.TestCase):
                                        None, positions=positions)['params'])
     # Content-free logits leave only the bias: head h weighs slot s <= t by
     # exp(-slope_h * (t - s)), slopes starting at 1, 1/4, 1/16, 1/64.
+    # (Geometric from 1 to 1/64 for any head count: no slope underflows.)
     params['query']['kernel'] = jnp.zeros_like(params['query']['kernel'])
     _, state = bridge.apply({'params': params}, anchor_h, aug_h, None,
                             positions=positions, mutable=['intermediates'])

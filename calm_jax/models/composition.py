@@ -139,13 +139,15 @@ class CrossAttentionBridge(nn.Module):
     if self.recency_bias:
       if positions is None:
         raise ValueError('recency_bias needs the anchor token positions.')
-      # Slopes start at 1, 1/4, 1/16, ... (one sharp head, then ever
-      # longer views) and are learnt; softplus keeps them positive.
+      # Slopes start geometric from 1 (a sharp head) to 1/64 (a long view)
+      # across heads, 1, 1/4, 1/16, 1/64 for four, and are learnt;
+      # softplus keeps them positive.
+      def slope_init(_, shape):
+        i = jnp.arange(shape[0], dtype=jnp.float32)
+        return jnp.log(jnp.expm1(2.0 ** (-6.0 * i / max(shape[0] - 1, 1))))
       slope = jax.nn.softplus(self.param(
           'recency_slope', nn.with_logical_partitioning(
-              lambda _, shape: jnp.log(jnp.expm1(
-                  4.0 ** -jnp.arange(shape[0], dtype=jnp.float32))),
-              ('heads',)), (h,)))
+              slope_init, ('heads',)), (h,)))
       # Key slot s holds position s (the cache while decoding, else the
       # sequence); queries sit at `positions`.
       dist = (positions[:, None, :, None].astype(jnp.float32)
