@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -44,36 +43,15 @@ def main(argv):
   del argv
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from calm_jax import checkpoints
   from calm_jax.data import kv_arithmetic as kv
   from calm_jax.data import tokenizers
   from calm_jax.models import transformer
-
-  if _CONFIG.value == 'tiny':
-    task = kv.SMOKE_CONFIG
-    arch = transformer.DecoderConfig(vocab_size=259, d_model=32, num_layers=2,
-                                     num_heads=2, d_ff=64, max_len=64)
-    params = nn.meta.unbox(transformer.Decoder(arch).init(
-        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
-    model_dir = os.path.join(tempfile.mkdtemp(), 'aug_kv')
-    checkpoints.save_model(model_dir, arch, params, role='aug_kv')
-  else:
-    if not _WORKDIR.value:
-      raise app.UsageError('--workdir is required (a calm_jax.main workdir '
-                           'of experiments/kv_arithmetic.py).')
-    with open(os.path.join(_WORKDIR.value, 'config.json')) as f:
-      config = json.load(f)
-    if config['data']['dataset'] != 'kv_arithmetic':
-      raise app.UsageError(f'{_WORKDIR.value} holds a '
-                           f'{config["data"]["dataset"]!r} run; this probe '
-                           'needs kv_arithmetic.')
-    task = kv.make_config(**config['data']['kv'])
-    model_dir = os.path.join(_WORKDIR.value, 'models', _ROLE.value)
-  arch, params = checkpoints.load_model(model_dir, '--role')
+  import kv_workdir  # benchmarks/, the script's own folder.
+  task, arch, params = kv_workdir.load(_WORKDIR.value, _ROLE.value,
+                                      _CONFIG.value == 'tiny')
   model = transformer.Decoder(arch)
   tok = tokenizers.ByteTokenizer()
   values = kv.make_key_map(task).as_dict()

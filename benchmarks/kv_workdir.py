@@ -1,0 +1,41 @@
+"""What the KV probes read: the task of a kv_arithmetic workdir and one of its
+models, or (`tiny`) the smoke task and a random model, for the tests."""
+
+import json
+import os
+import tempfile
+
+from absl import app
+
+
+def load(workdir: str, role: str, tiny: bool):
+  """Returns (task config, DecoderConfig, params) of WORKDIR/models/ROLE."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from calm_jax import checkpoints
+  from calm_jax.data import kv_arithmetic as kv
+  from calm_jax.models import transformer
+
+  if tiny:
+    task = kv.SMOKE_CONFIG
+    arch = transformer.DecoderConfig(vocab_size=259, d_model=32, num_layers=2,
+                                     num_heads=2, d_ff=64, max_len=64)
+    params = nn.meta.unbox(transformer.Decoder(arch).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    model_dir = os.path.join(tempfile.mkdtemp(), role)
+    checkpoints.save_model(model_dir, arch, params, role=role)
+  else:
+    if not workdir:
+      raise app.UsageError('--workdir is required (a calm_jax.main workdir '
+                           'of experiments/kv_arithmetic.py).')
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    if config['data']['dataset'] != 'kv_arithmetic':
+      raise app.UsageError(f'{workdir} holds a '
+                           f'{config["data"]["dataset"]!r} run; this probe '
+                           'needs kv_arithmetic.')
+    task = kv.make_config(**config['data']['kv'])
+    model_dir = os.path.join(workdir, 'models', role)
+  arch, params = checkpoints.load_model(model_dir, '--workdir')
+  return task, arch, params
