@@ -6,13 +6,15 @@ skill. This script asks that with an oracle in place of m_A and the bridge:
 after anchor block `--layer` it writes a learnt vector E[+-value] (the
 key's true value, signed by the operator before it) at the last letter of
 every key, and a learnt F at the key's other letters; `--mode=overwrite`
-replaces the residual there instead of adding to it. Only E and F (a few
-hundred numbers) train, on `kv_math_compose`; the anchor is frozen.
+replaces the residual there instead of adding to it. Only E and F (about
+2K numbers at the KV defaults) train, on `kv_math_compose`; the anchor is
+frozen.
 
 It prints, as JSON lines:
   * `guess`: the target-token loss on `kv_math_dev` of the best guess that
-    knows only the operators (answer distribution of `kv_math_compose`
-    given the operator string) — what a bridge that reads nothing reaches;
+    knows only the operators (the answer distribution given the operator
+    string, estimated from 200K fresh expressions over the compose keys'
+    values) — what a bridge that reads nothing reaches;
   * every `--eval_every` steps, the oracle's train loss and its
     `kv_math_dev` loss and greedy exact match (teacher-forced argmax of
     every target token, which is what greedy decoding yields).
@@ -63,9 +65,9 @@ def guess_loss(task, key_map, dev, samples: int = 200_000) -> float:
                                                        samples, task)
   counts = collections.Counter()
   contexts = collections.Counter()
-  for n, row, ops in zip(lengths, operands, operators):
-    ops = ''.join(task.operators[o] for o in ops[:n - 1])
-    answer = str(kv.evaluate(pool[row[:n]].tolist(), ops)) + '$'
+  for length, row, op_idx in zip(lengths, operands, operators):
+    ops = ''.join(task.operators[o] for o in op_idx[:length - 1])
+    answer = str(kv.evaluate(pool[row[:length]].tolist(), ops)) + '$'
     for i, ch in enumerate(answer):
       counts[ops, answer[:i], ch] += 1
       contexts[ops, answer[:i]] += 1
