@@ -66,6 +66,19 @@ class TokenizerTest(absltest.TestCase):
                      'ab+12=é')
     self.assertEqual(tok.decode([0, 1, 0xFF + 3]), '\ufffd')
 
+  def test_char_tokenizer_one_id_per_code_point(self):
+    tok = tokenizers.get_tokenizer('char')
+    byte = tokenizers.get_tokenizer('byte')
+    self.assertEqual(tok.vocab_size, 768 + 3)
+    self.assertEqual(tok.encode('ab+12='), byte.encode('ab+12='))
+    ids = tok.encode('\u00e9\u0101\u02af+3=')
+    self.assertEqual(ids[:3], [0xE9 + 3, 0x101 + 3, 0x2AF + 3])
+    self.assertTrue(all(i < tok.vocab_size for i in ids))
+    self.assertEqual(tok.decode([tok.bos_id] + ids + [tok.eos_id, 50]),
+                     '\u00e9\u0101\u02af+3=')
+    with self.assertRaisesRegex(ValueError, r"U\+0416.*data\.tokenizer='byte'"):
+      tok.encode('a\u0416')
+
   def test_unknown_tokenizer_names_field(self):
     with self.assertRaisesRegex(ValueError, r'data\.tokenizer.*byte'):
       tokenizers.get_tokenizer('sentencepiece')
@@ -95,6 +108,24 @@ class KeyMapTest(absltest.TestCase):
                                   kv.make_key_map(config).values)
     example = kv.generate_split(config, 'kv_subs_eval')[0]
     self.assertRegex(example['target'], r'^[1-9]([+*-][1-9]){2,5}$')
+
+  def test_key_alphabet(self):
+    self.assertLen(kv.letters(500), 500)
+    self.assertTrue(all(ord(c) < 0x300 and c.isalpha()
+                        for c in kv.letters(500)))
+    alphabet = kv.letters(300)
+    config = kv.make_config(num_keys=300, key_min_len=1, key_max_len=1,
+                            key_alphabet=alphabet, max_value=9,
+                            unique_values=False, operators='+-')
+    key_map = kv.make_key_map(config)
+    self.assertEqual(sorted(key_map.keys), sorted(alphabet))
+    self.assertEqual(key_map.keys, kv.make_key_map(config).keys)
+    example = kv.generate_split(config, 'kv_math_eval')[0]
+    self.assertRegex(example['prompt'], r'^\w([+-]\w){2,5}=$')
+    # The default alphabet keeps the keys of configs made before it.
+    self.assertEqual(kv.make_keys(kv.make_config(
+        num_keys=500, max_value=9, unique_values=False))[:3],
+                     ['yaqhcg', 'qvrvd', 'ulgn'])
 
   def test_compose_held_out_partition(self):
     key_map = kv.make_key_map(SMOKE)
@@ -211,6 +242,12 @@ class ConfigTest(parameterized.TestCase):
       ('compose_key_fraction', dict(compose_key_fraction=1.0)),
       ('max_operands', dict(min_operands=5, max_operands=4)),
       ('operators', dict(operators='+/')),
+      ('key_alphabet', dict(key_alphabet='ab7')),
+      ('key_alphabet', dict(key_alphabet='a=b')),
+      ('key_alphabet', dict(key_alphabet='aba')),
+      ('key_alphabet', dict(key_alphabet='')),
+      ('num_keys', dict(num_keys=30, key_min_len=1, key_max_len=1,
+                        max_value=30)),
       ('num_eval', dict(num_eval=0)),
       ('bogus', dict(bogus=1)),
   )
@@ -255,6 +292,15 @@ class TfdsTest(absltest.TestCase):
     cfg = _data_cfg()
     cfg.seq_len = 16
     with self.assertRaisesRegex(ValueError, r'data\.seq_len=16'):
+      pipeline.make_source('kv_arithmetic', 'kv_math_eval', cfg, data_dir)
+    fields = dict(kv.config_fields(SMOKE), key_min_len=1, key_max_len=1,
+                  key_alphabet=kv.letters(200))
+    with self.assertRaisesRegex(ValueError, r"tokenizer='char'"):
+      pipeline.make_source('kv_arithmetic', 'kv_math_eval',
+                           _data_cfg(**fields), data_dir)
+    cfg = _data_cfg(**dict(fields, key_alphabet=kv.letters(200, 0x400)))
+    cfg.tokenizer = 'char'
+    with self.assertRaisesRegex(ValueError, r'key_alphabet.*U\+0400'):
       pipeline.make_source('kv_arithmetic', 'kv_math_eval', cfg, data_dir)
 
 

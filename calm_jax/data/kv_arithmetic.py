@@ -70,9 +70,14 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
 
   # Number of distinct keys (the paper uses 25K).
   num_keys: int = 25_000
-  # Key lengths, in letters, inclusive.
+  # Key lengths, in characters, inclusive.
   key_min_len: int = 2
   key_max_len: int = 6
+  # Characters keys are made of (the paper: letters). Printable characters
+  # other than digits, operators, '=' and whitespace, so that a key never
+  # reads as part of a numeral or an expression; non-ASCII ones need
+  # data.tokenizer='char' (see `letters`).
+  key_alphabet: str = 'abcdefghijklmnopqrstuvwxyz'
   # Values are integers in [1, max_value]: distinct (one key per value, the
   # paper's map) when `unique_values`, else drawn uniformly with replacement,
   # which lets many keys share small values (CPU-scale arithmetic).
@@ -106,9 +111,15 @@ def config_fields(config: KvArithmeticConfig) -> dict[str, Any]:
   return {name: getattr(config, name) for name in FIELDS}
 
 
-def num_possible_keys(min_len: int, max_len: int) -> int:
-  """Number of distinct lowercase strings with length in [min_len, max_len]."""
-  return sum(26**n for n in range(min_len, max_len + 1))
+# Printable ASCII that may not appear in a key: digits, '=', space and every
+# operator (even ones a config leaves out, so that datasets stay comparable).
+_RESERVED_KEY_CHARS = frozenset('0123456789= ' + ALLOWED_OPERATORS)
+
+
+def num_possible_keys(min_len: int, max_len: int, alphabet_size: int = 26
+                      ) -> int:
+  """Number of distinct strings over an alphabet with length in [min, max]."""
+  return sum(alphabet_size**n for n in range(min_len, max_len + 1))
 
 
 def num_compose_keys(config: KvArithmeticConfig) -> int:
@@ -126,8 +137,8 @@ def validate_config(config: KvArithmeticConfig) -> None:
     raise ValueError(f'data.kv.{field}={getattr(config, field)!r}: {msg}')
 
   for field in FIELDS:
-    if field not in ('operators', 'compose_key_fraction', 'unique_values'
-                     ) and not _is_int(getattr(config, field)):
+    if field not in ('operators', 'compose_key_fraction', 'unique_values',
+                     'key_alphabet') and not _is_int(getattr(config, field)):
       fail(field, 'must be an int.')
   if not isinstance(config.unique_values, (bool, np.bool_)):
     fail('unique_values', 'must be True or False.')
@@ -138,11 +149,24 @@ def validate_config(config: KvArithmeticConfig) -> None:
          f'must be >= data.kv.key_min_len={config.key_min_len}.')
   if config.num_keys < 2:
     fail('num_keys', 'must be >= 2 (one compose and one held-out key).')
-  capacity = num_possible_keys(config.key_min_len, config.key_max_len)
+  alphabet = config.key_alphabet
+  if not isinstance(alphabet, str) or not alphabet:
+    fail('key_alphabet', 'must be a non-empty string of characters.')
+  for char in alphabet:
+    if not char.isprintable() or char.isspace() or char.isdecimal() or (
+        char in _RESERVED_KEY_CHARS):
+      fail('key_alphabet', f'{char!r} may not appear in a key; use printable '
+           "characters other than digits, '=', whitespace and "
+           f'{ALLOWED_OPERATORS!r}.')
+  if len(set(alphabet)) != len(alphabet):
+    fail('key_alphabet', 'contains a repeated character; list each once.')
+  capacity = num_possible_keys(config.key_min_len, config.key_max_len,
+                               len(alphabet))
   if config.num_keys > capacity:
     fail('num_keys', f'only {capacity} distinct keys of '
-         f'{config.key_min_len}-{config.key_max_len} letters exist; lower '
-         'num_keys or raise data.kv.key_max_len.')
+         f'{config.key_min_len}-{config.key_max_len} characters over '
+         f'data.kv.key_alphabet ({len(alphabet)} characters) exist; lower '
+         'num_keys, raise data.kv.key_max_len or extend the alphabet.')
   if config.max_value < 1:
     fail('max_value', 'must be >= 1.')
   if config.unique_values and config.max_value < config.num_keys:
@@ -221,24 +245,43 @@ def make_config(**fields: Any) -> KvArithmeticConfig:
 # Key map.
 
 
-def make_keys(config: KvArithmeticConfig) -> list[str]:
-  """Returns `num_keys` distinct lowercase keys, deterministic in the seed.
+def letters(count: int, start: int = 0xC0) -> str:
+  """The first `count` letters (str.isalpha) from code point `start` on.
 
-  Each candidate first draws its length uniformly, then its letters; repeats
-  are rejected. Short lengths saturate (there are only 676 two-letter keys),
-  after which their draws are simply rejected.
+  `letters(500)` gives 500 single-character keys from Latin-1 and Latin
+  Extended-A/B, each one token with data.tokenizer='char'.
+  """
+  out, c = [], start
+  while len(out) < count:
+    if chr(c).isalpha() and chr(c).isprintable():
+      out.append(chr(c))
+    c += 1
+  return ''.join(out)
+
+
+def make_keys(config: KvArithmeticConfig) -> list[str]:
+  """Returns `num_keys` distinct keys, deterministic in the seed.
+
+  Each candidate first draws its length uniformly, then its characters from
+  `key_alphabet`; repeats are rejected. Short lengths saturate (there are only
+  676 two-letter keys), after which their draws are simply rejected.
   """
   rng = np.random.default_rng([config.seed, _KEYS_STREAM])
   lo, hi = config.key_min_len, config.key_max_len
+  alphabet = np.array([ord(c) for c in config.key_alphabet], np.uint32)
   keys, seen = [], set()
   while len(keys) < config.num_keys:
     # Vectorised draws in chunks; Python only dedupes and slices.
     n = 2 * (config.num_keys - len(keys)) + 64
     lengths = rng.integers(lo, hi + 1, size=n)
-    letters = rng.integers(0, 26, size=(n, hi), dtype=np.uint8) + ord('a')
-    rows = letters.view(f'S{hi}').ravel()
+    # uint8 draws while the alphabet fits: the draws (and so the keys) of
+    # the 26-letter default stay what they were before alphabets existed.
+    dtype = np.uint8 if len(alphabet) <= 256 else np.uint32
+    letters = alphabet[rng.integers(0, len(alphabet), size=(n, hi),
+                                    dtype=dtype)]
+    rows = letters.view(f'U{hi}').ravel()
     for row, length in zip(rows, lengths):
-      key = row[:length].decode('ascii')
+      key = row[:length]
       if key not in seen:
         seen.add(key)
         keys.append(key)

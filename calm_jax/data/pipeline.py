@@ -222,10 +222,25 @@ def kv_arithmetic_config(data_cfg: ml_collections.ConfigDict
   fields = generated.subconfig_fields(data_cfg, 'kv')
   config = kv_arithmetic.make_config(**fields)
   seq_len = data_cfg.get('seq_len', None)
-  # One token per character with the byte tokenizer, so the longest possible
-  # example is known up front: fail now, not when a rare long example is
-  # drawn thousands of steps into training.
-  if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':
+  tokenizer = data_cfg.get('tokenizer', 'byte')
+  if tokenizer == 'byte' and not config.key_alphabet.isascii():
+    raise ValueError(
+        'data.kv.key_alphabet has non-ASCII characters, which the byte '
+        "tokenizer splits into several tokens; set data.tokenizer='char' "
+        '(one token per character).')
+  if tokenizer == 'char':
+    tok = tokenizers.get_tokenizer('char')
+    for char in config.key_alphabet:
+      if ord(char) >= tok.num_code_points:
+        raise ValueError(
+            f'data.kv.key_alphabet: {char!r} (U+{ord(char):04X}) is past the '
+            f"char tokenizer's U+{tok.num_code_points - 1:04X}; use letters "
+            'below it.')
+  # One token per character with the byte tokenizer (ASCII keys) and the
+  # char tokenizer, so the longest possible example is known up front: fail
+  # now, not when a rare long example is drawn thousands of steps into
+  # training.
+  if seq_len is not None and tokenizer in ('byte', 'char'):
     needed = kv_arithmetic.max_example_chars(config) + 1
     if seq_len < needed:
       raise ValueError(

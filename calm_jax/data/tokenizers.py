@@ -74,8 +74,54 @@ class ByteTokenizer:
     return out.decode('utf-8', errors='replace')
 
 
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+  """One id per Unicode code point below `num_code_points`, after PAD/BOS/EOS.
+
+  Code point `c` maps to id `c + 3`, so ASCII text gets the same ids as with
+  `ByteTokenizer`. The default 768 code points (U+0000..U+02FF: ASCII,
+  Latin-1, Latin Extended-A/B, IPA) give 531 letters that are one token each,
+  e.g. single-character keys for the key-value task. Text outside the range
+  raises rather than being silently mapped to a shared id.
+  """
+
+  name: str = 'char'
+  pad_id: int = 0
+  bos_id: int = 1
+  eos_id: int = 2
+  num_special: int = 3
+  num_code_points: int = 768
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_code_points + self.num_special
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the ids of `text`, without BOS/EOS (the pipeline adds them)."""
+    ids = [ord(c) + self.num_special for c in text]
+    for c, i in zip(text, ids):
+      if i >= self.vocab_size:
+        raise ValueError(
+            f'The {self.name!r} tokenizer has no id for {c!r} (U+{ord(c):04X}'
+            f'); it covers U+0000..U+{self.num_code_points - 1:04X}. Use '
+            "data.tokenizer='byte' for arbitrary text.")
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Returns the text of `ids`, stopping at the first EOS (like bytes)."""
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        break
+      if self.num_special <= i < self.vocab_size:
+        out.append(chr(i - self.num_special))
+    return ''.join(out)
+
+
 _TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
     'byte': ByteTokenizer,
+    'char': CharTokenizer,
 }
 
 
