@@ -78,7 +78,7 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
   c.pretrain = pretrain
   # Augmenting models only: every k-th layer is paired with the anchor
   # (n = num_layers // k), unless explicit (aug_layer, anchor_layer) pairs
-  # are given.
+  # are given; anchor_layer -1 is the anchor's embeddings.
   c.every_k = every_k
   c.pairs = ()
   # Augmenting models only, for the `calm_vanilla_aug` row: the same

@@ -126,8 +126,10 @@ class PairSelectionTest(parameterized.TestCase):
   def test_out_of_range_pairs(self):
     with self.assertRaisesRegex(ValueError, r'augmenting layer 4 is out of'):
       C.validate_pairs([(4, 0)], 4, 8, 'models.augmenting.a.pairs')
-    with self.assertRaisesRegex(ValueError, r'anchor layer -1 is out of'):
-      C.validate_pairs([(0, -1)], 4, 8, 'models.augmenting.a.pairs')
+    with self.assertRaisesRegex(ValueError, r'anchor layer -2 is out of'):
+      C.validate_pairs([(0, -2)], 4, 8, 'models.augmenting.a.pairs')
+    # -1 is the anchor's embeddings, the input of its first block.
+    self.assertEqual(C.validate_pairs([(0, -1)], 4, 8, 'pairs'), ((0, -1),))
 
 
 class CompositionTest(parameterized.TestCase):
@@ -242,6 +244,27 @@ class CompositionTest(parameterized.TestCase):
     for j in (0, 1, 2):
       self.assertEqual(norm(grads['anchor'][f'layer_{j}']), 0.0, j)
     self.assertGreater(norm(grads['anchor']['layer_3']), 0.0)
+
+  def test_pair_into_the_embeddings(self):
+    model, params, tokens = _composed(pairs=((1, -1), (3, 3)))
+    self.assertEqual(sorted(params['composition']), ['a_1_-1', 'a_3_3'])
+    params = _noisy(params)
+    only_top = {**params, 'composition': {
+        'a_3_3': params['composition']['a_3_3'],
+        'a_1_-1': jax.tree_util.tree_map(jnp.zeros_like,
+                                         params['composition']['a_1_-1'])}}
+    apply = jax.jit(model.apply)
+    # The bridge into the embeddings changes what every block reads ...
+    self.assertGreater(float(jnp.abs(
+        apply({'params': params}, tokens)
+        - apply({'params': only_top}, tokens)).max()), 1e-3)
+    # ... so the backward pass runs through every block, not the table.
+    grads = jax.jit(jax.grad(
+        lambda p: model.apply({'params': p}, tokens).mean()))(params)
+    self.assertGreater(float(jnp.abs(
+        grads['anchor']['layer_0']['attn']['query']['kernel']).sum()), 0.0)
+    self.assertGreater(float(jnp.abs(
+        grads['composition']['a_1_-1']['proj']['kernel']).sum()), 0.0)
 
   def test_remat_changes_nothing_but_memory(self):
     model, params, tokens = _composed()

@@ -51,10 +51,13 @@ def _model(kind):
   elif kind == 'learned_layernorm':
     model = T.Decoder(LEARNED)
   else:
-    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, C.select_pairs(
-        AUG.num_layers, ANCHOR.num_layers, 1)),),
+    pairs = C.select_pairs(AUG.num_layers, ANCHOR.num_layers, 1)
+    if kind == 'composed_embeddings':
+      pairs += ((0, -1),)
+    model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, pairs),),
                          prompt_only=kind == 'composed_prompt_only',
-                         recency_bias=kind == 'composed_recency')
+                         recency_bias=kind in ('composed_recency',
+                                               'composed_embeddings'))
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32),
       **_kw(model, jnp.ones((1,), jnp.int32)))['params']))
@@ -81,7 +84,8 @@ def _clean(prompts, plen):
 class DecodingTest(parameterized.TestCase):
 
   @parameterized.parameters('rope_gqa', 'learned_layernorm', 'composed',
-                            'composed_prompt_only', 'composed_recency')
+                            'composed_prompt_only', 'composed_recency',
+                            'composed_embeddings')
   def test_cached_equals_uncached_greedy(self, kind):
     model, params = _model(kind)
     prompts, plen = _prompts([3, 7, 10])

@@ -8,6 +8,9 @@ stream right after layer j, and the next anchor layer reads the sum:
 
     H_B[j] <- H_B[j] + f_cross(f_proj(H_A[i]), H_B[j])
 
+Anchor layer j = -1 (ours) names the anchor's embeddings, the input of its
+first block: a small anchor may already compute in block 0 (README, Status).
+
 Parameters live under three kinds of top-level keys: `anchor` and
 `aug_<name>` (frozen pretrained models) and `composition` (trainable). The
 augmenting forward runs under `stop_gradient`: m_A is read, never trained.
@@ -65,7 +68,10 @@ def select_pairs(num_aug_layers: int, num_anchor_layers: int, every_k: int,
 def validate_pairs(pairs: Sequence[Sequence[int]], num_aug_layers: int,
                    num_anchor_layers: int, field: str
                    ) -> tuple[tuple[int, int], ...]:
-  """Checks explicit (augmenting layer, anchor layer) pairs."""
+  """Checks explicit (augmenting layer, anchor layer) pairs.
+
+  Anchor layer -1 is the anchor's embeddings (the input of block 0).
+  """
   out = []
   for p in pairs:
     if len(p) != 2:
@@ -76,10 +82,10 @@ def validate_pairs(pairs: Sequence[Sequence[int]], num_aug_layers: int,
       raise ValueError(
           f'{field}: augmenting layer {a} is out of range; the augmenting '
           f'model has layers 0..{num_aug_layers - 1}.')
-    if not 0 <= b < num_anchor_layers:
+    if not -1 <= b < num_anchor_layers:
       raise ValueError(
           f'{field}: anchor layer {b} is out of range; the anchor has '
-          f'layers 0..{num_anchor_layers - 1}.')
+          f'layers 0..{num_anchor_layers - 1} (-1: its embeddings).')
     out.append((a, b))
   if not out:
     raise ValueError(f'{field} is empty; give at least one pair or use '
@@ -241,8 +247,9 @@ class ComposedLM(nn.Module):
     positions = anchor.positions(tokens, decode)
     x = anchor.embed(tokens, positions)
     lowest = min(j for a in self.augmenting for _, j in a.pairs)
-    for j in range(self.anchor.num_layers):
-      x = anchor.block(j, x, positions, decode)
+    for j in range(-1, self.anchor.num_layers):
+      if j >= 0:
+        x = anchor.block(j, x, positions, decode)
       if j == lowest:
         # Nothing below the lowest composed layer depends on the bridges;
         # this keeps even a whole-tree gradient from running down there.
