@@ -3,10 +3,11 @@ r"""Can values written into m_B's residual stream drive its arithmetic?
 CALM can only solve KV-MATH if the anchor, once a bridge has written each
 key's value into its residual stream, computes the sum with its own NUM-MATH
 skill. This script asks that with an oracle in place of m_A and the bridge:
-after anchor block `--layer` it writes a learnt vector E[+-value] (the
-key's true value, signed by the operator before it) at the last letter of
-every key, and a learnt F at the key's other letters; `--mode=overwrite`
-replaces the residual there instead of adding to it. Only E and F (about
+after anchor block `--layer` (-1: into its embeddings) it writes a learnt
+vector E[+-value] (the key's true value, signed by the operator before it)
+at the last letter of every key, and a learnt F at the key's other
+letters; `--mode=overwrite` replaces the residual there instead of adding
+to it. Only E and F (about
 2K numbers at the KV defaults) train, on `kv_math_compose`; the anchor is
 frozen.
 
@@ -42,7 +43,8 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
 _CONFIG = flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
                             'tiny: a random anchor on the smoke task, for '
                             'the tests.')
-_LAYER = flags.DEFINE_integer('layer', 0, 'Write after this anchor block.')
+_LAYER = flags.DEFINE_integer('layer', 0, 'Write after this anchor block '
+                              '(-1: into its embeddings).')
 _MODE = flags.DEFINE_enum('mode', 'add', ['add', 'overwrite'],
                           'Add to the residual, or replace it at key letters.')
 _STEPS = flags.DEFINE_integer('steps', 400, 'Adam steps on E and F.')
@@ -92,16 +94,14 @@ def main(argv):
   import numpy as np
   import optax
   from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.data import tokenizers
   from calm_jax.models import transformer
   import kv_workdir  # benchmarks/, the script's own folder.
-  task, arch, params = kv_workdir.load(_WORKDIR.value, 'anchor',
-                                      _CONFIG.value == 'tiny')
-  if not 0 <= _LAYER.value < arch.num_layers:
+  task, arch, params, tok = kv_workdir.load(_WORKDIR.value, 'anchor',
+                                           _CONFIG.value == 'tiny')
+  if not -1 <= _LAYER.value < arch.num_layers:
     raise app.UsageError(f'--layer={_LAYER.value}: the anchor has blocks '
-                         f'0..{arch.num_layers - 1}.')
+                         f'0..{arch.num_layers - 1} (-1: its embeddings).')
   model = transformer.Decoder(arch)
-  tok = tokenizers.ByteTokenizer()
   key_map = kv.make_key_map(task)
   values = key_map.as_dict()
   max_value = int(max(values.values()))
@@ -126,7 +126,7 @@ def main(argv):
       tokens[i, :len(seq)] = seq
       targets[i, :len(seq) - 1] = seq[1:]
       weights[i, len(prompt) - 1:len(seq) - 1] = 1
-      for m in re.finditer(r'[a-z]+', e['prompt']):
+      for m in re.finditer(r'[^-+*=]+', e['prompt']):  # The keys.
         # BOS shifts prompt character c to token c + 1.
         sign = -1 if e['prompt'][max(m.start() - 1, 0)] == '-' else 1
         slot[i, m.end()] = sign * values[m.group()] + max_value + 1
@@ -139,15 +139,21 @@ def main(argv):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     run = lambda method, *a: model.apply({'params': params}, *a,
                                          method=method)
+
+    def write(x):
+      last = (slot > 0)[..., None].astype(x.dtype)
+      other = letters[..., None]
+      if _MODE.value == 'overwrite':
+        x = x * (1 - last - other)
+      return x + other * theta['F'] + last * theta['E'][slot]
+
     x = run(lambda m, t, p: m.embed(t, p), tokens, positions)
+    if _LAYER.value == -1:
+      x = write(x)
     for j in range(arch.num_layers):
       x = run(lambda m, x, p, j=j: m.block(j, x, p), x, positions)
       if j == _LAYER.value:
-        last = (slot > 0)[..., None].astype(x.dtype)
-        other = letters[..., None]
-        if _MODE.value == 'overwrite':
-          x = x * (1 - last - other)
-        x = x + other * theta['F'] + last * theta['E'][slot]
+        x = write(x)
     return run(lambda m, x: m.head(x), x)
 
   def loss_fn(theta, batch):

@@ -47,13 +47,11 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.data import tokenizers
   from calm_jax.models import transformer
   import kv_workdir  # benchmarks/, the script's own folder.
-  task, arch, params = kv_workdir.load(_WORKDIR.value, _ROLE.value,
-                                      _CONFIG.value == 'tiny')
+  task, arch, params, tok = kv_workdir.load(_WORKDIR.value, _ROLE.value,
+                                           _CONFIG.value == 'tiny')
   model = transformer.Decoder(arch)
-  tok = tokenizers.ByteTokenizer()
   values = kv.make_key_map(task).as_dict()
   layers = tuple(range(arch.num_layers))
 
@@ -71,7 +69,7 @@ def main(argv):
     states = {l: np.asarray(h) for l, h in hidden(jnp.asarray(tokens)).items()}
     where, labels = [], []
     for i, e in enumerate(examples):
-      for m in re.finditer(r'[a-z]+', e['prompt']):
+      for m in re.finditer(r'[^-+*=]+', e['prompt']):
         where.append((i, m.end()))  # BOS shifts the last letter to m.end().
         labels.append(values[m.group()])
     idx = tuple(np.array(where).T)

@@ -9,16 +9,21 @@ from absl import app
 
 
 def load(workdir: str, role: str, tiny: bool):
-  """Returns (task config, DecoderConfig, params) of WORKDIR/models/ROLE."""
+  """Returns (task config, DecoderConfig, params, tokenizer) of a model.
+
+  The model is WORKDIR/models/ROLE; the tokenizer is the run's
+  `data.tokenizer`.
+  """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
   from calm_jax import checkpoints
   from calm_jax.data import kv_arithmetic as kv
+  from calm_jax.data import tokenizers
   from calm_jax.models import transformer
 
   if tiny:
-    task = kv.SMOKE_CONFIG
+    task, tokenizer = kv.SMOKE_CONFIG, 'byte'
     arch = transformer.DecoderConfig(vocab_size=259, d_model=32, num_layers=2,
                                      num_heads=2, d_ff=64, max_len=64)
     params = nn.meta.unbox(transformer.Decoder(arch).init(
@@ -36,6 +41,7 @@ def load(workdir: str, role: str, tiny: bool):
                            f'{config["data"]["dataset"]!r} run; this probe '
                            'needs kv_arithmetic.')
     task = kv.make_config(**config['data']['kv'])
+    tokenizer = config['data'].get('tokenizer', 'byte')
     model_dir = os.path.join(workdir, 'models', role)
   arch, params = checkpoints.load_model(model_dir, '--workdir')
-  return task, arch, params
+  return task, arch, params, tokenizers.get_tokenizer(tokenizer)

@@ -62,12 +62,12 @@ class BenchmarksTest(absltest.TestCase):
 
   def test_kv_anchor_probe(self):
     lines = _run('kv_anchor_probe.py', '--steps=4', '--eval_every=2',
-                 '--layer=1', '--mode=overwrite', '--batch_size=8')
+                 '--layer=-1', '--mode=overwrite', '--batch_size=8')
     self.assertEqual(lines[0]['guess'], 'operators only')
     self.assertGreater(lines[0]['dev_loss'], 0.0)
     self.assertEqual([l['step'] for l in lines[1:]], [2, 4])
     for line in lines[1:]:
-      self.assertEqual((line['layer'], line['mode']), (1, 'overwrite'))
+      self.assertEqual((line['layer'], line['mode']), (-1, 'overwrite'))
       self.assertTrue(0.0 < line['dev_loss'] < 20.0)
       self.assertBetween(line['dev_exact_match'], 0.0, 1.0)
 
