@@ -28,6 +28,10 @@ class ValidateTest(absltest.TestCase):
   def test_smoke_and_default_configs_are_valid(self):
     config_lib.validate(smoke())
     config_lib.validate(kv_arithmetic.get_config(''))
+    single = kv_arithmetic.get_config('single_token')
+    config_lib.validate(single)
+    self.assertEqual(single.models.augmenting.kv.pairs,
+                     ((0, -1), (1, -1), (2, -1), (3, -1)))
 
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
