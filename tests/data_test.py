@@ -282,6 +282,23 @@ class TfdsTest(absltest.TestCase):
     again = kv.prepare(SMOKE, data_dir)
     self.assertEqual(again.data_dir, builder.data_dir)
 
+  def test_one_token_keys_through_tfds(self):
+    fields = dict(kv.config_fields(SMOKE), key_min_len=1, key_max_len=1,
+                  key_alphabet=kv.letters(200))
+    cfg = _data_cfg(**fields)
+    cfg.tokenizer = 'char'
+    source = pipeline.make_source('kv_arithmetic', 'kv_math_compose', cfg,
+                                  self.create_tempdir().full_path)
+    tok = tokenizers.get_tokenizer('char')
+    example = {k: v.decode() for k, v in source[0].items()}
+    row = pipeline.encode_example(example, tok, SEQ_LEN)
+    # BOS, then one id per key and per operator, then '='.
+    prompt = example['prompt']
+    self.assertLen(tok.encode(prompt), len(prompt))
+    np.testing.assert_array_equal(row['inputs'][1:len(prompt) + 1],
+                                  tok.encode(prompt))
+    self.assertTrue(any(ord(c) >= 0xC0 for c in prompt))
+
   def test_make_source_errors(self):
     data_dir = self.create_tempdir().full_path
     with self.assertRaisesRegex(ValueError, r'data\.dataset.*kv_arithmetic'):
