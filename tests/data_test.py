@@ -79,6 +79,18 @@ class TokenizerTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"U\+0416.*data\.tokenizer='byte'"):
       tok.encode('a\u0416')
 
+  def test_char_tokenizer_of_n_code_points(self):
+    tok = tokenizers.get_tokenizer('char:2048')
+    self.assertEqual((tok.name, tok.vocab_size), ('char:2048', 2048 + 3))
+    self.assertEqual(tok.encode('a\u0416\u07ff'), [0x61 + 3, 0x416 + 3,
+                                                     0x7FF + 3])
+    self.assertEqual(tok.decode(tok.encode('\u0416+3=')), '\u0416+3=')
+    with self.assertRaisesRegex(ValueError, r"U\+0800.*U\+07FF"):
+      tok.encode('\u0800')
+    for bad in ('char:', 'char:12', 'char:x1'):
+      with self.assertRaisesRegex(ValueError, r'char:N.*\[128, '):
+        tokenizers.get_tokenizer(bad)
+
   def test_unknown_tokenizer_names_field(self):
     with self.assertRaisesRegex(ValueError, r'data\.tokenizer.*byte'):
       tokenizers.get_tokenizer('sentencepiece')
@@ -317,8 +329,17 @@ class TfdsTest(absltest.TestCase):
                            _data_cfg(**fields), data_dir)
     cfg = _data_cfg(**dict(fields, key_alphabet=kv.letters(200, 0x400)))
     cfg.tokenizer = 'char'
-    with self.assertRaisesRegex(ValueError, r'key_alphabet.*U\+0400'):
+    with self.assertRaisesRegex(ValueError,
+                                r"key_alphabet.*U\+0400.*'char:N' with N > "):
       pipeline.make_source('kv_arithmetic', 'kv_math_eval', cfg, data_dir)
+    # A char tokenizer over enough code points takes them, one token each.
+    cfg.tokenizer = 'char:2048'
+    source = pipeline.make_source('kv_arithmetic', 'kv_math_eval', cfg,
+                                  data_dir)
+    prompt = source[0]['prompt'].decode()
+    self.assertTrue(any(ord(c) >= 0x400 for c in prompt))
+    self.assertLen(tokenizers.get_tokenizer('char:2048').encode(prompt),
+                   len(prompt))
 
 
 class EncodeTest(absltest.TestCase):

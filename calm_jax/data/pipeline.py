@@ -228,19 +228,21 @@ def kv_arithmetic_config(data_cfg: ml_collections.ConfigDict
         'data.kv.key_alphabet has non-ASCII characters, which the byte '
         "tokenizer splits into several tokens; set data.tokenizer='char' "
         '(one token per character).')
-  if tokenizer == 'char':
-    tok = tokenizers.get_tokenizer('char')
+  tok = tokenizers.get_tokenizer(tokenizer)
+  is_char = isinstance(tok, tokenizers.CharTokenizer)
+  if is_char:
     for char in config.key_alphabet:
       if ord(char) >= tok.num_code_points:
         raise ValueError(
             f'data.kv.key_alphabet: {char!r} (U+{ord(char):04X}) is past the '
-            f"char tokenizer's U+{tok.num_code_points - 1:04X}; use letters "
-            'below it.')
+            f"{tokenizer!r} tokenizer's U+{tok.num_code_points - 1:04X}; use "
+            f"letters below it, or data.tokenizer='char:N' with N > "
+            f'{ord(char)}.')
   # One token per character with the byte tokenizer (ASCII keys) and the
   # char tokenizer, so the longest possible example is known up front: fail
   # now, not when a rare long example is drawn thousands of steps into
   # training.
-  if seq_len is not None and tokenizer in ('byte', 'char'):
+  if seq_len is not None and (tokenizer == 'byte' or is_char):
     needed = kv_arithmetic.max_example_chars(config) + 1
     if seq_len < needed:
       raise ValueError(

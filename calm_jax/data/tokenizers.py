@@ -126,11 +126,23 @@ _TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-  """Returns the tokenizer registered under `name` (config `data.tokenizer`)."""
+  """Returns the tokenizer registered under `name` (config `data.tokenizer`).
+
+  `char:N` is the char tokenizer over the first N code points (`char` is
+  `char:768`), for vocabularies of more one-token letters.
+  """
+  if isinstance(name, str) and name.startswith('char:'):
+    count = name[len('char:'):]
+    if not count.isdigit() or not 128 <= int(count) <= 0x110000:
+      raise ValueError(
+          f'data.tokenizer={name!r}: N in char:N is the number of code '
+          f'points covered, an integer in [128, {0x110000}], e.g. char:4096.')
+    return CharTokenizer(name=name, num_code_points=int(count))
   if name not in _TOKENIZERS:
     raise ValueError(
         f'Unknown tokenizer data.tokenizer={name!r}. Known tokenizers: '
-        f'{sorted(_TOKENIZERS)}. Set config.data.tokenizer to one of them, or '
-        'register a new one in calm_jax/data/tokenizers.py:_TOKENIZERS.'
+        f'{sorted(_TOKENIZERS)} and char:N. Set config.data.tokenizer to one '
+        'of them, or register a new one in '
+        'calm_jax/data/tokenizers.py:_TOKENIZERS.'
     )
   return _TOKENIZERS[name]()
