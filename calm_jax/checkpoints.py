@@ -116,6 +116,26 @@ def restore_on_one_device(path: str) -> Any:
     return ckptr.restore(path, abstract)
 
 
+def load_composition(directory: str) -> tuple[dict, dict]:
+  """(params, {aug name: pairs}) of a composed run's latest checkpoint.
+
+  `directory` is a run's checkpoint folder (WORKDIR/runs/ROW/seed_S/
+  checkpoints); the pairs are read off the bridge names.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f'no composition checkpoint in {directory!r}.')
+  state = restore_on_one_device(
+      os.path.join(os.path.abspath(directory), str(step), 'state'))
+  params = state['params']['composition']
+  pairs: dict[str, list[tuple[int, int]]] = {}
+  for key in params:
+    name, i, j = key.rsplit('_', 2)
+    pairs.setdefault(name, []).append((int(i), int(j)))
+  return params, pairs
+
+
 def model_exists(path: str) -> bool:
   return (epath.Path(path) / config_lib.MODEL_FILE).is_file()
 

@@ -17,7 +17,6 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import orbax.checkpoint as ocp
 
 from calm_jax import checkpoints
 from calm_jax import decoding
@@ -44,22 +43,6 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.mark_flags_as_required(['anchor', 'prompt'])
 
 
-def load_composition(directory: str) -> tuple[dict, dict]:
-  """(params, {aug name: pairs}) of a run's latest checkpoint."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f'--composition: no checkpoint in {directory!r}.')
-  state = checkpoints.restore_on_one_device(
-      os.path.join(os.path.abspath(directory), str(step), 'state'))
-  params = state['params']['composition']
-  pairs: dict[str, list[tuple[int, int]]] = {}
-  for key in params:
-    name, i, j = key.rsplit('_', 2)
-    pairs.setdefault(name, []).append((int(i), int(j)))
-  return params, pairs
-
-
 def main(argv):
   del argv
   if os.path.isdir(_TOKENIZER.value):
@@ -71,7 +54,10 @@ def main(argv):
   if not _COMPOSITION.value:
     model, params, kw = transformer.Decoder(anchor_cfg), anchor, {}
   else:
-    comp, pairs = load_composition(_COMPOSITION.value)
+    try:
+      comp, pairs = checkpoints.load_composition(_COMPOSITION.value)
+    except ValueError as e:
+      raise app.UsageError(f'--composition: {e}') from e
     paths = dict(a.split('=', 1) for a in _AUG.value)
     if sorted(paths) != sorted(pairs):
       raise app.UsageError(f'--augmenting must name {sorted(pairs)} (the '

@@ -60,6 +60,25 @@ class BenchmarksTest(absltest.TestCase):
       self.assertBetween(line['held_out_key_acc'], 0.0, 1.0)
       self.assertGreater(line['test_occurrences'], 0)
 
+  def test_kv_bridge_writes(self):
+    lines = _run('kv_bridge_writes.py', '--examples=16')
+    # Both bridges of the tiny composition, at every kind of position each
+    # split has: keys and operators in KV-MATH, digits and operators in
+    # NUM-MATH.
+    got = {(l['split'], tuple(l['bridge']), l['position']) for l in lines}
+    self.assertEqual(got, {
+        (split, bridge, kind) for bridge in ((0, -1), (1, 1))
+        for split, kinds in (('kv_math_dev', ('key', 'operator')),
+                             ('num_math_eval', ('digit', 'operator')))
+        for kind in kinds})
+    for line in lines:
+      self.assertGreater(line['count'], 0)
+      self.assertGreater(line['write_norm'], 0)
+      self.assertGreater(line['residual_norm'], 0)
+      self.assertLen(line['own_attention'], 2)
+      for weight in line['own_attention']:
+        self.assertBetween(weight, 0.0, 1.0)
+
   def test_kv_anchor_probe(self):
     lines = _run('kv_anchor_probe.py', '--steps=4', '--eval_every=2',
                  '--layer=-1', '--mode=overwrite', '--batch_size=8')
