@@ -99,6 +99,10 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # so a head can read m_A at the anchor's own position (the paper's f_cross
   # has none; content alone cannot find it among repeated tokens).
   c.recency_bias = False
+  # Initial slope of the sharpest recency head (the others start flatter,
+  # down to 1/64 of it); larger reads m_A's own position more exclusively
+  # from the first step.
+  c.recency_max_slope = 1.0
   # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
   # read them every step instead of running m_A.
   c.cache_augmenting = False
@@ -276,6 +280,11 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
         check_split(m.vanilla_split,
                     f'models.augmenting.{name}.vanilla_split')
   check_train(config.train, 'train')
+  slope = config.composition.get('recency_max_slope', 1.0)
+  if not isinstance(slope, (int, float)) or not slope > 0:
+    raise ValueError(f'composition.recency_max_slope={slope!r} must be a '
+                     'positive number (1.0: the sharpest head starts at '
+                     'slope 1).')
   for i, split in enumerate(config.eval.splits):
     check_split(split, f'eval.splits[{i}]')
   if config.eval.during_training_split:

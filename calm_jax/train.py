@@ -290,7 +290,8 @@ def composition_task(config: ConfigDict, frozen: Params,
       prompt_only=(config.composition.prompt_only if prompt_only is None
                    else prompt_only),
       # .get: configs written before the field existed keep the paper's.
-      recency_bias=config.composition.get('recency_bias', False))
+      recency_bias=config.composition.get('recency_bias', False),
+      recency_max_slope=config.composition.get('recency_max_slope', 1.0))
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA

@@ -219,6 +219,13 @@ class CompositionTest(parameterized.TestCase):
                              .sum()), 0.0)
     with self.assertRaisesRegex(ValueError, 'positions'):
       bridge.apply({'params': params}, anchor_h, aug_h, None)
+    # recency_max_slope scales every head's initial slope.
+    sharp = C.CrossAttentionBridge(d_model=32, num_heads=4, recency_bias=True,
+                                   recency_max_slope=8.0)
+    init = sharp.init(jax.random.key(2), anchor_h, aug_h, None,
+                      positions=positions)['params']['recency_slope']
+    np.testing.assert_allclose(jax.nn.softplus(nn.meta.unbox(init)),
+                               8.0 * slopes, rtol=1e-5)
 
   def test_no_gradient_reaches_the_augmenting_model(self):
     model, params, tokens = _composed()

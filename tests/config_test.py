@@ -140,6 +140,12 @@ class ValidateTest(absltest.TestCase):
     self.assertInvalid(c, r'baselines\.full_ft_steps=-1 must be an integer '
                        r'>= 0 \(0 = train\.steps\)')
 
+  def test_recency_max_slope(self):
+    c = smoke()
+    for bad in (0.0, -1.0):  # (ConfigDict itself rejects a string.)
+      c.composition.recency_max_slope = bad
+      self.assertInvalid(c, r'composition\.recency_max_slope=.*positive')
+
   def test_unknown_tokenizer_and_arch_field(self):
     c = smoke()
     c.data.tokenizer = 'sentencepiece'

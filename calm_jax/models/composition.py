@@ -113,6 +113,9 @@ class CrossAttentionBridge(nn.Module):
   # (ALiBi's form), so a head can read the augmenting state at its own
   # position t. Both models read the same tokens, so positions agree.
   recency_bias: bool = False
+  # Initial slope of the sharpest head; the others start geometrically
+  # flatter, down to 1/64 of it.
+  recency_max_slope: float = 1.0
 
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
@@ -145,12 +148,13 @@ class CrossAttentionBridge(nn.Module):
     if self.recency_bias:
       if positions is None:
         raise ValueError('recency_bias needs the anchor token positions.')
-      # Slopes start geometric from 1 (a sharp head) to 1/64 (a long view)
-      # across heads, 1, 1/4, 1/16, 1/64 for four, and are learnt;
-      # softplus keeps them positive.
+      # Slopes start geometric from `recency_max_slope` (a sharp head) to
+      # 1/64 of it (a long view) across heads, 1, 1/4, 1/16, 1/64 for four
+      # by default, and are learnt; softplus keeps them positive.
       def slope_init(_, shape):
         i = jnp.arange(shape[0], dtype=jnp.float32)
-        return jnp.log(jnp.expm1(2.0 ** (-6.0 * i / max(shape[0] - 1, 1))))
+        return jnp.log(jnp.expm1(self.recency_max_slope * 2.0 ** (
+            -6.0 * i / max(shape[0] - 1, 1))))
       slope = jax.nn.softplus(self.param(
           'recency_slope', nn.with_logical_partitioning(
               slope_init, ('heads',)), (h,)))
@@ -176,12 +180,15 @@ class Composition(nn.Module):
   augmenting: tuple[Augmenting, ...]
   cache_len: int = 512
   recency_bias: bool = False
+  recency_max_slope: float = 1.0
 
   def setup(self):
     self.bridges = {
         (a.name, i, j): CrossAttentionBridge(
             self.d_model, self.num_heads, self.cache_len,
-            recency_bias=self.recency_bias, name=f'{a.name}_{i}_{j}')
+            recency_bias=self.recency_bias,
+            recency_max_slope=self.recency_max_slope,
+            name=f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
   def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
@@ -205,6 +212,7 @@ class ComposedLM(nn.Module):
   prompt_only: bool = False  # Ablation: m_A reads the prompt only.
   # Ours: a learnt recency bias in every bridge (CrossAttentionBridge).
   recency_bias: bool = False
+  recency_max_slope: float = 1.0
 
   def setup(self):
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
@@ -213,7 +221,8 @@ class ComposedLM(nn.Module):
     self.composition = Composition(
         self.anchor.d_model, self.cross_heads or self.anchor.num_heads,
         self.augmenting, self.anchor.max_len,
-        recency_bias=self.recency_bias)
+        recency_bias=self.recency_bias,
+        recency_max_slope=self.recency_max_slope)
 
   def augmenting_states(self, tokens: Array, decode: bool = False
                         ) -> dict[str, dict[int, Array]]:
