@@ -58,10 +58,10 @@ def main(argv):
                                                   tiny)
   _, aug_cfg, aug, _ = kv_workdir.load(_WORKDIR.value, 'aug_kv', tiny)
   if tiny:
-    pairs, recency = ((0, -1), (1, 1)), True
+    pairs = ((0, -1), (1, 1))
     model = composition_lib.ComposedLM(
         anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
-        recency_bias=recency)
+        recency_bias=True)
     comp = nn.meta.unbox(model.init(
         jax.random.key(1), jnp.ones((1, 8), jnp.int32))['params'][
             'composition'])
@@ -80,10 +80,12 @@ def main(argv):
       raise app.UsageError(f'{run_dir} composes {sorted(by_name)}; this '
                            'script reads one augmenting model named kv.')
     pairs = tuple(sorted(by_name['kv']))
-    recency = 'recency_slope' in next(iter(comp.values()))
+    bridge = next(iter(comp.values()))
     model = composition_lib.ComposedLM(
         anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
-        recency_bias=recency)
+        cross_heads=bridge['value']['kernel'].shape[1],
+        recency_bias='recency_slope' in bridge,
+        anchor_queries='query' in bridge)
   params = {'anchor': anchor, 'aug_kv': aug, 'composition': comp}
   keys = set(kv.make_key_map(task).as_dict())
 

@@ -103,6 +103,11 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # down to 1/64 of it); larger reads m_A's own position more exclusively
   # from the first step.
   c.recency_max_slope = 1.0
+  # Ours: False drops the content term of the bridges' attention (no query
+  # or key projections), leaving the recency bias alone to choose which m_A
+  # positions to read (needs recency_bias). The paper's f_cross takes its
+  # queries from the anchor.
+  c.anchor_queries = True
   # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
   # read them every step instead of running m_A.
   c.cache_augmenting = False
@@ -285,6 +290,11 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     raise ValueError(f'composition.recency_max_slope={slope!r} must be a '
                      'positive number (1.0: the sharpest head starts at '
                      'slope 1).')
+  if (not config.composition.get('anchor_queries', True)
+      and not config.composition.recency_bias):
+    raise ValueError('composition.anchor_queries=False needs '
+                     'composition.recency_bias=True (without either, every '
+                     'head averages all earlier positions); set it.')
   for i, split in enumerate(config.eval.splits):
     check_split(split, f'eval.splits[{i}]')
   if config.eval.during_training_split:

@@ -76,9 +76,10 @@ def main(argv):
     bridge = next(iter(comp.values()))
     model = composition_lib.ComposedLM(
         anchor_cfg, tuple(augmenting),
-        cross_heads=bridge['query']['kernel'].shape[1],
+        cross_heads=bridge['value']['kernel'].shape[1],
         prompt_only=_PROMPT_ONLY.value,
-        recency_bias='recency_slope' in bridge)
+        recency_bias='recency_slope' in bridge,
+        anchor_queries='query' in bridge)
     kw = None
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)
   if kw is None:

@@ -219,6 +219,28 @@ class CompositionTest(parameterized.TestCase):
                              .sum()), 0.0)
     with self.assertRaisesRegex(ValueError, 'positions'):
       bridge.apply({'params': params}, anchor_h, aug_h, None)
+    # Without anchor queries the weights are the bias alone, whatever the
+    # anchor holds, and there are no query or key projections.
+    free = C.CrossAttentionBridge(d_model=32, num_heads=4, recency_bias=True,
+                                  anchor_queries=False)
+    free_params = nn.meta.unbox(free.init(
+        jax.random.key(2), anchor_h, aug_h, None,
+        positions=positions)['params'])
+    self.assertEmpty({'query', 'key', 'q_norm'} & set(free_params))
+    free_params['out'] = _noisy(free_params['out'])
+    outs = []
+    for h_b in (anchor_h, -3.0 * anchor_h + 1.0):
+      out, state = free.apply({'params': free_params}, h_b, aug_h, None,
+                              positions=positions, mutable=['intermediates'])
+      np.testing.assert_allclose(state['intermediates']['attention'][0][0],
+                                 want, atol=1e-6)
+      outs.append(out)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    with self.assertRaisesRegex(ValueError, 'recency_bias=True'):
+      C.CrossAttentionBridge(d_model=32, num_heads=4,
+                             anchor_queries=False).init(
+                                 jax.random.key(2), anchor_h, aug_h, None,
+                                 positions=positions)
     # recency_max_slope scales every head's initial slope.
     sharp = C.CrossAttentionBridge(d_model=32, num_heads=4, recency_bias=True,
                                    recency_max_slope=8.0)

@@ -146,6 +146,14 @@ class ValidateTest(absltest.TestCase):
       c.composition.recency_max_slope = bad
       self.assertInvalid(c, r'composition\.recency_max_slope=.*positive')
 
+  def test_content_free_bridges_need_recency(self):
+    c = smoke()
+    c.composition.anchor_queries = False
+    self.assertInvalid(c, r'anchor_queries=False needs '
+                       r'composition\.recency_bias=True')
+    c.composition.recency_bias = True
+    config_lib.validate(c)
+
   def test_unknown_tokenizer_and_arch_field(self):
     c = smoke()
     c.data.tokenizer = 'sentencepiece'

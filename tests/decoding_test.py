@@ -52,12 +52,16 @@ def _model(kind):
     model = T.Decoder(LEARNED)
   else:
     pairs = C.select_pairs(AUG.num_layers, ANCHOR.num_layers, 1)
-    if kind == 'composed_embeddings':
+    if kind in ('composed_embeddings', 'composed_content_free'):
       pairs += ((0, -1),)
     model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, pairs),),
                          prompt_only=kind == 'composed_prompt_only',
                          recency_bias=kind in ('composed_recency',
-                                               'composed_embeddings'))
+                                               'composed_embeddings',
+                                               'composed_content_free'),
+                         recency_max_slope=(
+                             8.0 if kind == 'composed_content_free' else 1.0),
+                         anchor_queries=kind != 'composed_content_free')
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32),
       **_kw(model, jnp.ones((1,), jnp.int32)))['params']))
@@ -85,7 +89,7 @@ class DecodingTest(parameterized.TestCase):
 
   @parameterized.parameters('rope_gqa', 'learned_layernorm', 'composed',
                             'composed_prompt_only', 'composed_recency',
-                            'composed_embeddings')
+                            'composed_embeddings', 'composed_content_free')
   def test_cached_equals_uncached_greedy(self, kind):
     model, params = _model(kind)
     prompts, plen = _prompts([3, 7, 10])

@@ -116,6 +116,12 @@ class CrossAttentionBridge(nn.Module):
   # Initial slope of the sharpest head; the others start geometrically
   # flatter, down to 1/64 of it.
   recency_max_slope: float = 1.0
+  # Ours, off by default: with False the attention has no content term
+  # (no query or key projections): every head weighs m_A's positions by
+  # the recency bias alone, whatever the anchor holds there. For bridges
+  # into an anchor's embeddings of tokens it never trained on, whose
+  # queries are then per-token noise.
+  anchor_queries: bool = True
 
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
@@ -129,10 +135,19 @@ class CrossAttentionBridge(nn.Module):
     # f_proj: D_A -> D_B.
     proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
     proj = transformer.Norm('rmsnorm', 1e-6, name='kv_norm')(proj)
-    query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
-    q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(query_in)
-    k = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'key')(proj)
     v = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'value')(proj)
+    if self.anchor_queries:
+      query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
+      q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(query_in)
+      k = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'key')(proj)
+    else:
+      if not self.recency_bias:
+        raise ValueError('anchor_queries=False needs recency_bias=True: '
+                         'without either, every head averages all earlier '
+                         'positions.')
+      # Zero logits: only the recency bias and the mask shape attention.
+      q = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32)
+      k = jnp.zeros_like(v)
     if decode:
       # The cached projected states of earlier steps are the keys/values.
       k, v, mask = transformer.update_cache(self, k, v, self.cache_len)
@@ -181,6 +196,7 @@ class Composition(nn.Module):
   cache_len: int = 512
   recency_bias: bool = False
   recency_max_slope: float = 1.0
+  anchor_queries: bool = True
 
   def setup(self):
     self.bridges = {
@@ -188,6 +204,7 @@ class Composition(nn.Module):
             self.d_model, self.num_heads, self.cache_len,
             recency_bias=self.recency_bias,
             recency_max_slope=self.recency_max_slope,
+            anchor_queries=self.anchor_queries,
             name=f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
@@ -213,6 +230,8 @@ class ComposedLM(nn.Module):
   # Ours: a learnt recency bias in every bridge (CrossAttentionBridge).
   recency_bias: bool = False
   recency_max_slope: float = 1.0
+  # Ours: content-free bridge attention (CrossAttentionBridge).
+  anchor_queries: bool = True
 
   def setup(self):
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
@@ -222,7 +241,8 @@ class ComposedLM(nn.Module):
         self.anchor.d_model, self.cross_heads or self.anchor.num_heads,
         self.augmenting, self.anchor.max_len,
         recency_bias=self.recency_bias,
-        recency_max_slope=self.recency_max_slope)
+        recency_max_slope=self.recency_max_slope,
+        anchor_queries=self.anchor_queries)
 
   def augmenting_states(self, tokens: Array, decode: bool = False
                         ) -> dict[str, dict[int, Array]]:
