@@ -82,6 +82,12 @@ def main(argv):
         anchor_queries='query' in bridge)
     kw = None
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)
+  if len(prompt) + _MAX_NEW.value > anchor_cfg.max_len:
+    raise app.UsageError(
+        f'--max_new_tokens={_MAX_NEW.value}: the prompt ({len(prompt)} '
+        f'tokens with BOS) and the new tokens exceed the anchor\'s max_len='
+        f'{anchor_cfg.max_len}; use --max_new_tokens='
+        f'{max(anchor_cfg.max_len - len(prompt), 0)} or less.')
   if kw is None:
     import numpy as np
     kw = {'prompt_len': np.array([len(prompt)], np.int32)}
