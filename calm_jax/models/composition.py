@@ -22,7 +22,9 @@ model begins exactly as the anchor. Optionally (`recency_bias`) each head
 adds a learnt -slope * (t - s) to its logits: content alone cannot tell the
 anchor's own position from earlier ones holding the same token, and at
 small scale a bridge without it fails to even relay m_A's next-token
-prediction (README, Status).
+prediction (README, Status). With it, `anchor_queries=False` drops the
+content term altogether, for anchors whose states at the bridge are
+untrained embeddings (README, The composition).
 """
 
 from __future__ import annotations
