@@ -51,6 +51,7 @@ def main(argv):
   from calm_jax import checkpoints
   from calm_jax.data import kv_arithmetic as kv
   from calm_jax.models import composition as composition_lib
+  from calm_jax.models import transformer
   import kv_workdir  # benchmarks/, the script's own folder.
 
   tiny = _CONFIG.value == 'tiny'
@@ -119,7 +120,11 @@ def main(argv):
               'operator' if prompt[t] in kv.ALLOWED_OPERATORS else 'other')
           where[kind].append((i, t + 1))  # +1: BOS.
           t += 1
-    embedded = np.asarray(anchor['embedding'])[tokens]
+    # The anchor's own input: embeddings as its config scales them.
+    embedded = np.asarray(transformer.Decoder(anchor_cfg).apply(
+        {'params': anchor}, jnp.asarray(tokens),
+        jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+        method=transformer.Decoder.embed))
     for i, j in pairs:
       bridge = inter['composition'][f'kv_{i}_{j}']
       write = np.asarray(bridge['__call__'][0])
