@@ -81,12 +81,9 @@ def main(argv):
       raise app.UsageError(f'{run_dir} composes {sorted(by_name)}; this '
                            'script reads one augmenting model named kv.')
     pairs = tuple(sorted(by_name['kv']))
-    bridge = next(iter(comp.values()))
     model = composition_lib.ComposedLM(
         anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
-        cross_heads=bridge['value']['kernel'].shape[1],
-        recency_bias='recency_slope' in bridge,
-        anchor_queries='query' in bridge)
+        **composition_lib.bridge_options(comp))
   params = {'anchor': anchor, 'aug_kv': aug, 'composition': comp}
   keys = set(kv.make_key_map(task).as_dict())
 

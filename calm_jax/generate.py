@@ -73,13 +73,9 @@ def main(argv):
             f'anchor has {anchor_cfg.vocab_size}; they cannot compose.')
       augmenting.append(composition_lib.Augmenting(
           name, cfg, tuple(sorted(pairs[name]))))
-    bridge = next(iter(comp.values()))
     model = composition_lib.ComposedLM(
-        anchor_cfg, tuple(augmenting),
-        cross_heads=bridge['value']['kernel'].shape[1],
-        prompt_only=_PROMPT_ONLY.value,
-        recency_bias='recency_slope' in bridge,
-        anchor_queries='query' in bridge)
+        anchor_cfg, tuple(augmenting), prompt_only=_PROMPT_ONLY.value,
+        **composition_lib.bridge_options(comp))
     kw = None
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)
   if len(prompt) + _MAX_NEW.value > anchor_cfg.max_len:

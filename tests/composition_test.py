@@ -249,6 +249,22 @@ class CompositionTest(parameterized.TestCase):
     np.testing.assert_allclose(jax.nn.softplus(nn.meta.unbox(init)),
                                8.0 * slopes, rtol=1e-5)
 
+  def test_bridge_options_read_back_from_params(self):
+    anchor_h = jnp.ones((1, 4, 32))
+    aug_h = jnp.ones((1, 4, 16))
+    positions = jnp.arange(4)[None]
+    for kw in (dict(num_heads=4),
+               dict(num_heads=2, recency_bias=True),
+               dict(num_heads=4, recency_bias=True, anchor_queries=False)):
+      params = C.CrossAttentionBridge(d_model=32, **kw).init(
+          jax.random.key(0), anchor_h, aug_h, None,
+          positions=positions)['params']
+      want = dict(cross_heads=kw['num_heads'],
+                  recency_bias=kw.get('recency_bias', False),
+                  anchor_queries=kw.get('anchor_queries', True))
+      self.assertEqual(C.bridge_options({'a_0_1': nn.meta.unbox(params)}),
+                       want)
+
   def test_no_gradient_reaches_the_augmenting_model(self):
     model, params, tokens = _composed()
     params = _noisy(params)

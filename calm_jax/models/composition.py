@@ -30,7 +30,7 @@ untrained embeddings (README, The composition).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,6 +95,19 @@ def validate_pairs(pairs: Sequence[Sequence[int]], num_aug_layers: int,
   if len(set(out)) != len(out):
     raise ValueError(f'{field} has duplicate pairs: {out}.')
   return tuple(out)
+
+
+def bridge_options(params: Mapping[str, Any]) -> dict[str, Any]:
+  """ComposedLM's bridge arguments, read off trained composition params.
+
+  `params` is the `composition` subtree ({bridge name: params}). Only
+  options that change the parameters are recoverable; init-only ones
+  (`recency_max_slope`) no longer matter once trained.
+  """
+  bridge = next(iter(params.values()))
+  return dict(cross_heads=bridge['value']['kernel'].shape[1],
+              recency_bias='recency_slope' in bridge,
+              anchor_queries='query' in bridge)
 
 
 @dataclasses.dataclass(frozen=True)
