@@ -108,6 +108,10 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # positions to read (needs recency_bias). The paper's f_cross takes its
   # queries from the anchor.
   c.anchor_queries = True
+  # Ours (0: the paper): adds weight x the mean over tokens of the squared
+  # norm of what the bridges write into the anchor's stream to the training
+  # loss, so they leave alone what D_C does not need them to change.
+  c.write_penalty = 0.0
   # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
   # read them every step instead of running m_A.
   c.cache_augmenting = False
@@ -290,6 +294,10 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     raise ValueError(f'composition.recency_max_slope={slope!r} must be a '
                      'positive number (1.0: the sharpest head starts at '
                      'slope 1).')
+  penalty = config.composition.get('write_penalty', 0.0)
+  if not isinstance(penalty, (int, float)) or not penalty >= 0:
+    raise ValueError(f'composition.write_penalty={penalty!r} must be a '
+                     'number >= 0 (0: no penalty, the paper).')
   if (not config.composition.get('anchor_queries', True)
       and not config.composition.recency_bias):
     raise ValueError('composition.anchor_queries=False needs '

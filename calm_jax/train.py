@@ -56,6 +56,10 @@ class Task:
   apply: ApplyFn  # (all params, batch) -> logits [b, t, vocab].
   init_trainable: Callable[[jax.Array], Params]  # rng -> boxed params.
   frozen: Params  # Placed on the mesh; {} when everything trains.
+  # (all params, batch) -> (logits, penalty): a training-only term added
+  # to the loss (composition.write_penalty); None: there is none.
+  apply_with_penalty: Callable[[Params, dict[str, jax.Array]],
+                               tuple[jax.Array, jax.Array]] | None = None
 
 
 # =================================================================== loss
@@ -99,18 +103,31 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
   differentiated; the frozen tree is an input like the batch."""
 
   def loss_fn(trainable, frozen, batch):
-    logits = task.apply({**frozen, **trainable}, batch)
-    return weighted_xent(logits, batch)
+    params = {**frozen, **trainable}
+    if task.apply_with_penalty is None:
+      logits, penalty = task.apply(params, batch), None
+    else:
+      logits, penalty = task.apply_with_penalty(params, batch)
+    loss, aux = weighted_xent(logits, batch)
+    aux['xent'] = loss
+    if penalty is not None:
+      aux['penalty'] = penalty
+      loss = loss + penalty
+    return loss, aux
 
   def train_step(state, frozen, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], frozen, batch)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     new_state = {'params': optax.apply_updates(state['params'], updates),
                  'opt': opt, 'step': state['step'] + 1}
-    metrics = {'loss': loss, 'accuracy': aux['accuracy'],
+    # `loss` stays the cross-entropy, comparable with the eval loss and
+    # with runs without a penalty; `penalty` is logged beside it.
+    metrics = {'loss': aux['xent'], 'accuracy': aux['accuracy'],
                'grad_norm': optax.global_norm(grads),
                'learning_rate': schedule(state['step'])}
+    if 'penalty' in aux:
+      metrics['penalty'] = aux['penalty']
     return new_state, metrics
 
   return train_step
@@ -301,11 +318,27 @@ def composition_task(config: ConfigDict, frozen: Params,
     params = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32))
     return {'composition': params['params']['composition']}
 
+  def apply(p, b, mutable=False):
+    return model.apply({'params': p}, b['inputs'], prompt_len=b['prompt_len'],
+                       aug_states=aug_cache.states_from_batch(b),
+                       mutable=mutable)
+
+  weight = config.composition.get('write_penalty', 0.0)
+
+  def apply_with_penalty(p, b):
+    # Ours: weight x the mean over real tokens of the squared norm of all
+    # the bridges write there (summed over anchor layers).
+    logits, cols = apply(p, b, mutable=['bridge_writes'])
+    sq = sum(v for vs in cols['bridge_writes'].values() for v in vs)
+    # Real input positions: BOS, prompt and target, up to the last one
+    # weighted (whatever the tokenizer's pad id).
+    w = b['weights']
+    real = (jnp.cumsum(w[:, ::-1], 1)[:, ::-1] > 0).astype(jnp.float32)
+    return logits, weight * (sq * real).sum() / jnp.maximum(real.sum(), 1.0)
+
   return Task(
       name=name, model=model, frozen=frozen, init_trainable=init_trainable,
-      apply=lambda p, b: model.apply(
-          {'params': p}, b['inputs'], prompt_len=b['prompt_len'],
-          aug_states=aug_cache.states_from_batch(b)))
+      apply=apply, apply_with_penalty=apply_with_penalty if weight else None)
 
 
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,

@@ -146,6 +146,14 @@ class ValidateTest(absltest.TestCase):
       c.composition.recency_max_slope = bad
       self.assertInvalid(c, r'composition\.recency_max_slope=.*positive')
 
+  def test_write_penalty(self):
+    c = smoke()
+    c.composition.write_penalty = -0.1
+    self.assertInvalid(c, r'composition\.write_penalty=-0\.1 must be a '
+                       r'number >= 0')
+    c.composition.write_penalty = 0.5
+    config_lib.validate(c)
+
   def test_content_free_bridges_need_recency(self):
     c = smoke()
     c.composition.anchor_queries = False

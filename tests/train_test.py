@@ -127,6 +127,41 @@ class TrainLoopTest(absltest.TestCase):
     np.testing.assert_allclose([h['loss'] for h in first + rest],
                                [h['loss'] for h in full], rtol=1e-6)
 
+  def test_write_penalty_is_the_mean_squared_bridge_write(self):
+    self.assertIsNone(self.task.apply_with_penalty)  # The paper: none.
+    self.config.composition.write_penalty = 0.25
+    task = train.composition_task(self.config, self.frozen,
+                                  self.task.model.anchor, self.augmenting)
+    params = {**self.frozen,
+              **nn.meta.unbox(jax.jit(task.init_trainable)(
+                  jax.random.key(0)))}
+    # Non-zero writes: the output projections start at zero.
+    params['composition'] = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if 'out' in str(p) else x,
+        params['composition'])
+    batch = next(self.data.train(self.config.train.split).iterator(
+        4, seed=0))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()
+             if k in data_lib.MODEL_KEYS}
+    logits, penalty = task.apply_with_penalty(params, batch)
+    np.testing.assert_allclose(logits, task.apply(params, batch), atol=1e-5)
+    # By hand, from the per-token squared norms the model sows.
+    _, cols = task.model.apply(
+        {'params': params}, batch['inputs'], prompt_len=batch['prompt_len'],
+        mutable=['bridge_writes'])
+    sq = sum(v[0] for v in cols['bridge_writes'].values())
+    n_real = batch['prompt_len'] + batch['weights'].sum(-1) - 1
+    real = np.arange(sq.shape[1])[None] < np.asarray(n_real)[:, None]
+    self.assertGreater(float(sq.min()), 0.0)
+    np.testing.assert_allclose(penalty, 0.25 * np.asarray(sq)[real].mean(),
+                               rtol=1e-5)
+    # Training logs the cross-entropy as `loss` and the penalty beside it.
+    self.task = task
+    _, history = self._run(os.path.join(self.workdir, 'pen'))
+    # (Zero while the output projections are still at their zero init.)
+    self.assertTrue(all('penalty' in h for h in history), history)
+    self.assertGreater(history[-1]['penalty'], 0.0)
+
   def test_bfloat16_frozen_models(self):
     anchor, frozen = train.cast_frozen(self.task.model.anchor,
                                        self.frozen['anchor'], 'bfloat16')
