@@ -115,6 +115,19 @@ class DecodingTest(parameterized.TestCase):
           tokens[i, plen[i]:plen[i] + NEW], cached['new_tokens'][i])
       self.assertTrue((tokens[i, plen[i] + NEW:] == PAD).all())
 
+  def test_content_free_bridges_cache_values_only(self):
+    for kind, has_keys in (('composed_embeddings', True),
+                           ('composed_content_free', False)):
+      model, _ = _model(kind)
+      cache = jax.eval_shape(lambda m=model: m.init(
+          jax.random.key(0), jnp.ones((2, 1), jnp.int32), decode=True,
+          prompt_len=jnp.ones((2,), jnp.int32))['cache'])
+      bridges = cache['composition']
+      self.assertNotEmpty(bridges)
+      for name, c in bridges.items():
+        self.assertIn('cached_value', c, name)
+        self.assertEqual('cached_key' in c, has_keys, (kind, name))
+
   def test_prompt_only_changes_the_completion(self):
     # Guards the model_kwargs plumbing: the flag must reach the bridges.
     prompts, plen = _prompts([3, 7, 10])

@@ -161,16 +161,18 @@ class CrossAttentionBridge(nn.Module):
                          'without either, every head averages all earlier '
                          'positions.')
       # Zero logits: only the recency bias and the mask shape attention.
-      q = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32)
-      k = jnp.zeros_like(v)
+      q, k = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32), None
     if decode:
-      # The cached projected states of earlier steps are the keys/values.
+      # The cached projected states of earlier steps are the keys/values
+      # (values only without a content term: its keys would all be zero).
       k, v, mask = transformer.update_cache(self, k, v, self.cache_len)
     else:
       t, s = anchor_h.shape[1], aug_h.shape[1]
       mask = jnp.ones((1, 1, t, s), bool)
       if self.causal:
         mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
+    if k is None:
+      k = jnp.zeros_like(v)
     if prompt_len is not None:
       mask = mask & (jnp.arange(k.shape[1])[None, None, None, :]
                      < prompt_len[:, None, None, None])

@@ -286,28 +286,31 @@ class SelfAttention(nn.Module):
                  'out')(out)
 
 
-def update_cache(module: nn.Module, k: Array, v: Array, max_len: int):
+def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int):
   """Writes one step's keys/values into the module's cache; returns all.
 
   The cache holds `max_len` slots; step t attends to slots 0..t. As in the
   Flax examples, `init(..., decode=True)` only creates the zero cache.
+  `k=None` caches values only (attention without a content term) and
+  returns None for the keys.
   """
-  b, t, heads, d = k.shape
+  b, t, heads, d = v.shape
   if t != 1:
     raise ValueError(f'decode=True takes one token per step, got length {t}.')
-  initialized = module.has_variable('cache', 'cached_key')
-  ck = module.variable('cache', 'cached_key', jnp.zeros, (b, max_len, heads, d),
-                       k.dtype)
+  initialized = module.has_variable('cache', 'cached_value')
+  ck = None if k is None else module.variable(
+      'cache', 'cached_key', jnp.zeros, (b, max_len) + k.shape[2:], k.dtype)
   cv = module.variable('cache', 'cached_value', jnp.zeros, (b, max_len, heads, d),
                        v.dtype)
   idx = module.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
   i = idx.value
   if initialized:  # The init pass only creates the (zero) cache.
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+    if ck is not None:
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
     cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
     idx.value = i + 1
   mask = (jnp.arange(max_len) <= i)[None, None, None, :]
-  return ck.value, cv.value, mask
+  return None if ck is None else ck.value, cv.value, mask
 
 
 class Mlp(nn.Module):
