@@ -156,6 +156,17 @@ def main(argv):
         x = write(x)
     return run(lambda m, x: m.head(x), x)
 
+  def residual_at_keys(tokens, slot):
+    """Mean norm of the stream at the keys' last letters, before writes."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = model.apply({'params': params}, tokens, positions,
+                    method=lambda m, t, p: m.embed(t, p))
+    for j in range(_LAYER.value + 1):
+      x = model.apply({'params': params}, x, positions,
+                      method=lambda m, x, p, j=j: m.block(j, x, p))
+    at_key = (slot > 0).astype(jnp.float32)
+    return (jnp.linalg.norm(x, axis=-1) * at_key).sum() / at_key.sum()
+
   def loss_fn(theta, batch):
     tokens, targets, weights, slot, letters = batch
     logits = forward(theta, tokens, slot, letters)
@@ -175,6 +186,10 @@ def main(argv):
     return optax.apply_updates(theta, updates), opt_state, loss
 
   evaluate = jax.jit(loss_fn)
+  # Rows of E that some training example writes, and the norm of what
+  # they are added to (the residual at the key's last letter).
+  used = np.unique(np.asarray(train[3])[np.asarray(train[3]) > 0])
+  residual_norm = float(jax.jit(residual_at_keys)(dev[0], dev[3]))
   rng = np.random.default_rng(0)
   for s in range(1, _STEPS.value + 1):
     idx = rng.integers(0, len(train_ex), _BATCH.value)
@@ -186,7 +201,12 @@ def main(argv):
           'layer': _LAYER.value, 'mode': _MODE.value, 'step': s,
           'train_loss': round(float(loss), 4),
           'dev_loss': round(float(dev_loss), 4),
-          'dev_exact_match': round(float(dev_exact), 4)}), flush=True)
+          'dev_exact_match': round(float(dev_exact), 4),
+          # How large the oracle's writes are, beside the residual they
+          # land on (kv_bridge_writes.py measures the same for CALM).
+          'key_write_norm': round(float(jnp.linalg.norm(
+              theta['E'][used], axis=-1).mean()), 3),
+          'key_residual_norm': round(residual_norm, 3)}), flush=True)
 
 
 if __name__ == '__main__':

@@ -89,6 +89,8 @@ class BenchmarksTest(absltest.TestCase):
       self.assertEqual((line['layer'], line['mode']), (-1, 'overwrite'))
       self.assertTrue(0.0 < line['dev_loss'] < 20.0)
       self.assertBetween(line['dev_exact_match'], 0.0, 1.0)
+      self.assertGreater(line['key_write_norm'], 0.0)
+      self.assertGreater(line['key_residual_norm'], 0.0)
 
 
 if __name__ == '__main__':
