@@ -44,47 +44,17 @@ def main(argv):
   del argv
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from calm_jax import checkpoints
   from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.models import composition as composition_lib
   from calm_jax.models import transformer
   import kv_workdir  # benchmarks/, the script's own folder.
 
-  tiny = _CONFIG.value == 'tiny'
-  task, anchor_cfg, anchor, tok = kv_workdir.load(_WORKDIR.value, 'anchor',
-                                                  tiny)
-  _, aug_cfg, aug, _ = kv_workdir.load(_WORKDIR.value, 'aug_kv', tiny)
-  if tiny:
-    pairs = ((0, -1), (1, 1))
-    model = composition_lib.ComposedLM(
-        anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
-        recency_bias=True)
-    comp = nn.meta.unbox(model.init(
-        jax.random.key(1), jnp.ones((1, 8), jnp.int32))['params'][
-            'composition'])
-    # Non-zero output projections, so that the writes are not all zero.
-    comp = jax.tree_util.tree_map_with_path(
-        lambda p, x: (jax.random.normal(jax.random.key(2), x.shape)
-                      if 'out' in jax.tree_util.keystr(p) else x), comp)
-  else:
-    run_dir = os.path.join(_WORKDIR.value, 'runs', _RUN.value,
-                           f'seed_{_SEED.value}', 'checkpoints')
-    if not os.path.isdir(run_dir):
-      raise app.UsageError(f'--run={_RUN.value} --seed={_SEED.value}: no '
-                           f'{run_dir}; name a composed row the workdir ran.')
-    comp, by_name = checkpoints.load_composition(run_dir)
-    if sorted(by_name) != ['kv']:
-      raise app.UsageError(f'{run_dir} composes {sorted(by_name)}; this '
-                           'script reads one augmenting model named kv.')
-    pairs = tuple(sorted(by_name['kv']))
-    model = composition_lib.ComposedLM(
-        anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
-        **composition_lib.bridge_options(comp))
-  params = {'anchor': anchor, 'aug_kv': aug, 'composition': comp}
+  task, model, params, tok = kv_workdir.load_composed(
+      _WORKDIR.value, _RUN.value, _SEED.value, _CONFIG.value == 'tiny')
+  anchor_cfg, pairs = model.anchor, model.augmenting[0].pairs
+  anchor = params['anchor']
   keys = set(kv.make_key_map(task).as_dict())
 
   @jax.jit

@@ -45,3 +45,48 @@ def load(workdir: str, role: str, tiny: bool):
     model_dir = os.path.join(workdir, 'models', role)
   arch, params = checkpoints.load_model(model_dir, '--workdir')
   return task, arch, params, tokenizers.get_tokenizer(tokenizer)
+
+
+def load_composed(workdir: str, run: str, seed: int, tiny: bool):
+  """Returns (task, model, params, tokenizer) of a trained composed row.
+
+  The row is WORKDIR/runs/RUN/seed_SEED (its last checkpoint), over
+  WORKDIR/models/{anchor,aug_kv}; `tiny`: random models and bridges (with
+  non-zero output projections) on the smoke task, for the tests.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from calm_jax import checkpoints
+  from calm_jax.models import composition as composition_lib
+
+  task, anchor_cfg, anchor, tok = load(workdir, 'anchor', tiny)
+  _, aug_cfg, aug, _ = load(workdir, 'aug_kv', tiny)
+  if tiny:
+    pairs = ((0, -1), (1, 1))
+    model = composition_lib.ComposedLM(
+        anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
+        recency_bias=True)
+    comp = nn.meta.unbox(model.init(
+        jax.random.key(1), jnp.ones((1, 8), jnp.int32))['params'][
+            'composition'])
+    # Non-zero output projections, so that the writes are not all zero.
+    comp = jax.tree_util.tree_map_with_path(
+        lambda p, x: (jax.random.normal(jax.random.key(2), x.shape)
+                      if 'out' in jax.tree_util.keystr(p) else x), comp)
+  else:
+    run_dir = os.path.join(workdir, 'runs', run, f'seed_{seed}',
+                           'checkpoints')
+    if not os.path.isdir(run_dir):
+      raise app.UsageError(f'--run={run} --seed={seed}: no {run_dir}; name '
+                           'a composed row the workdir ran.')
+    comp, by_name = checkpoints.load_composition(run_dir)
+    if sorted(by_name) != ['kv']:
+      raise app.UsageError(f'{run_dir} composes {sorted(by_name)}; this '
+                           'script reads one augmenting model named kv.')
+    pairs = tuple(sorted(by_name['kv']))
+    model = composition_lib.ComposedLM(
+        anchor_cfg, (composition_lib.Augmenting('kv', aug_cfg, pairs),),
+        **composition_lib.bridge_options(comp))
+  params = {'anchor': anchor, 'aug_kv': aug, 'composition': comp}
+  return task, model, params, tok

@@ -79,6 +79,23 @@ class BenchmarksTest(absltest.TestCase):
       for weight in line['own_attention']:
         self.assertBetween(weight, 0.0, 1.0)
 
+  def test_kv_errors(self):
+    lines = _run('kv_errors.py', '--examples=8', '--contexts=1')
+    self.assertEqual(lines[0]['split'], 'kv_math_eval')
+    self.assertEqual(lines[0]['examples'], 8)
+    # Every wrong answer lands in the histogram, numeric or not.
+    self.assertEqual(sum(lines[0]['error_histogram'].values()),
+                     round(8 * (1 - lines[0]['exact_match'])))
+    self.assertEqual([l['probe'] for l in lines[1:]],
+                     ['held_out_keys', 'compose_keys'])
+    for line in lines[1:]:
+      # The smoke task: 200 keys, 20% compose; one context, three places.
+      self.assertEqual(line['prompts'], 3 * line['keys'])
+      for field in ('exact_match', 'keys_always_right', 'keys_never_right'):
+        self.assertBetween(line[field], 0.0, 1.0)
+      self.assertLen(line['exact_match_by_place'], 3)
+    self.assertEqual((lines[1]['keys'], lines[2]['keys']), (160, 40))
+
   def test_kv_anchor_probe(self):
     lines = _run('kv_anchor_probe.py', '--steps=4', '--eval_every=2',
                  '--layer=-1', '--mode=overwrite', '--batch_size=8')
