@@ -108,6 +108,10 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # positions to read (needs recency_bias). The paper's f_cross takes its
   # queries from the anchor.
   c.anchor_queries = True
+  # Ours (0: the paper's linear f_proj): > 0 follows the projection with a
+  # residual GELU MLP of this width, so a bridge can map m_A's state to
+  # what the anchor needs non-linearly.
+  c.proj_hidden = 0
   # Ours (0: the paper): adds weight x the mean over tokens of the squared
   # norm of what the bridges write into the anchor's stream to the training
   # loss, so they leave alone what D_C does not need them to change.
@@ -294,6 +298,10 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     raise ValueError(f'composition.recency_max_slope={slope!r} must be a '
                      'positive number (1.0: the sharpest head starts at '
                      'slope 1).')
+  hidden = config.composition.get('proj_hidden', 0)
+  if not isinstance(hidden, int) or hidden < 0:
+    raise ValueError(f'composition.proj_hidden={hidden!r} must be an integer '
+                     '>= 0 (0: the paper\'s linear f_proj).')
   penalty = config.composition.get('write_penalty', 0.0)
   if not isinstance(penalty, (int, float)) or not penalty >= 0:
     raise ValueError(f'composition.write_penalty={penalty!r} must be a '

@@ -309,7 +309,8 @@ def composition_task(config: ConfigDict, frozen: Params,
       # .get: configs written before the field existed keep the paper's.
       recency_bias=config.composition.get('recency_bias', False),
       recency_max_slope=config.composition.get('recency_max_slope', 1.0),
-      anchor_queries=config.composition.get('anchor_queries', True))
+      anchor_queries=config.composition.get('anchor_queries', True),
+      proj_hidden=config.composition.get('proj_hidden', 0))
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA

@@ -255,15 +255,42 @@ class CompositionTest(parameterized.TestCase):
     positions = jnp.arange(4)[None]
     for kw in (dict(num_heads=4),
                dict(num_heads=2, recency_bias=True),
-               dict(num_heads=4, recency_bias=True, anchor_queries=False)):
+               dict(num_heads=4, recency_bias=True, anchor_queries=False),
+               dict(num_heads=4, recency_bias=True, anchor_queries=False,
+                    proj_hidden=24)):
       params = C.CrossAttentionBridge(d_model=32, **kw).init(
           jax.random.key(0), anchor_h, aug_h, None,
           positions=positions)['params']
       want = dict(cross_heads=kw['num_heads'],
                   recency_bias=kw.get('recency_bias', False),
-                  anchor_queries=kw.get('anchor_queries', True))
+                  anchor_queries=kw.get('anchor_queries', True),
+                  proj_hidden=kw.get('proj_hidden', 0))
       self.assertEqual(C.bridge_options({'a_0_1': nn.meta.unbox(params)}),
                        want)
+
+  def test_proj_hidden_is_a_residual_mlp_after_the_projection(self):
+    anchor_h = jnp.ones((2, 5, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    kw = dict(d_model=32, num_heads=4, recency_bias=True,
+              anchor_queries=False)
+    linear = C.CrossAttentionBridge(**kw)
+    mlp = C.CrossAttentionBridge(proj_hidden=24, **kw)
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), anchor_h, aug_h, None,
+                                    positions=positions)['params'])
+    self.assertEqual(params['mlp_in']['kernel'].shape, (32, 24))
+    self.assertEqual(params['mlp_out']['kernel'].shape, (24, 32))
+    params['out']['kernel'] = jax.random.normal(
+        jax.random.key(2), params['out']['kernel'].shape)
+    run = lambda m, p: m.apply({'params': p}, anchor_h, aug_h, None,
+                               positions=positions)
+    # With the MLP's output at zero it is the paper's linear bridge...
+    off = dict(params, mlp_out={'kernel': jnp.zeros((24, 32))})
+    base = {k: v for k, v in off.items() if not k.startswith('mlp_')}
+    np.testing.assert_allclose(run(mlp, off), run(linear, base), atol=1e-6)
+    # ...and otherwise a different function of m_A's states.
+    self.assertGreater(float(jnp.abs(run(mlp, params) -
+                                     run(linear, base)).max()), 1e-3)
 
   def test_no_gradient_reaches_the_augmenting_model(self):
     model, params, tokens = _composed()

@@ -146,6 +146,14 @@ class ValidateTest(absltest.TestCase):
       c.composition.recency_max_slope = bad
       self.assertInvalid(c, r'composition\.recency_max_slope=.*positive')
 
+  def test_proj_hidden(self):
+    c = smoke()
+    c.composition.proj_hidden = -1
+    self.assertInvalid(c, r'composition\.proj_hidden=-1 must be an integer '
+                       r'>= 0')
+    c.composition.proj_hidden = 64
+    config_lib.validate(c)
+
   def test_write_penalty(self):
     c = smoke()
     c.composition.write_penalty = -0.1

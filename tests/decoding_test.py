@@ -61,7 +61,9 @@ def _model(kind):
                                                'composed_content_free'),
                          recency_max_slope=(
                              8.0 if kind == 'composed_content_free' else 1.0),
-                         anchor_queries=kind != 'composed_content_free')
+                         anchor_queries=kind != 'composed_content_free',
+                         proj_hidden=(
+                             16 if kind == 'composed_content_free' else 0))
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32),
       **_kw(model, jnp.ones((1,), jnp.int32)))['params']))

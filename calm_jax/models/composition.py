@@ -24,7 +24,8 @@ anchor's own position from earlier ones holding the same token, and at
 small scale a bridge without it fails to even relay m_A's next-token
 prediction (README, Status). With it, `anchor_queries=False` drops the
 content term altogether, for anchors whose states at the bridge are
-untrained embeddings (README, The composition).
+untrained embeddings (README, The composition); `proj_hidden` makes f_proj
+a residual MLP instead of the paper's linear map.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def bridge_options(params: Mapping[str, Any]) -> dict[str, Any]:
   bridge = next(iter(params.values()))
   return dict(cross_heads=bridge['value']['kernel'].shape[1],
               recency_bias='recency_slope' in bridge,
-              anchor_queries='query' in bridge)
+              anchor_queries='query' in bridge,
+              proj_hidden=(bridge['mlp_in']['kernel'].shape[-1]
+                           if 'mlp_in' in bridge else 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,10 @@ class CrossAttentionBridge(nn.Module):
   # into an anchor's embeddings of tokens it never trained on, whose
   # queries are then per-token noise.
   anchor_queries: bool = True
+  # Ours, 0 (the paper's linear f_proj) by default: > 0 adds a residual
+  # GELU MLP of that width after the projection, so that a bridge can turn
+  # m_A's state into the vector the anchor needs non-linearly.
+  proj_hidden: int = 0
 
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
@@ -150,6 +157,11 @@ class CrossAttentionBridge(nn.Module):
     # f_proj: D_A -> D_B.
     proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
     proj = transformer.Norm('rmsnorm', 1e-6, name='kv_norm')(proj)
+    if self.proj_hidden:
+      hidden = nn.gelu(dense(self.proj_hidden, -1, ('embed', 'mlp'),
+                             'mlp_in')(proj))
+      proj = proj + dense(self.d_model, -1, ('mlp', 'embed'),
+                          'mlp_out')(hidden)
     v = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'value')(proj)
     if self.anchor_queries:
       query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
@@ -214,6 +226,7 @@ class Composition(nn.Module):
   recency_bias: bool = False
   recency_max_slope: float = 1.0
   anchor_queries: bool = True
+  proj_hidden: int = 0
 
   def setup(self):
     self.bridges = {
@@ -222,6 +235,7 @@ class Composition(nn.Module):
             recency_bias=self.recency_bias,
             recency_max_slope=self.recency_max_slope,
             anchor_queries=self.anchor_queries,
+            proj_hidden=self.proj_hidden,
             name=f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
@@ -249,6 +263,8 @@ class ComposedLM(nn.Module):
   recency_max_slope: float = 1.0
   # Ours: content-free bridge attention (CrossAttentionBridge).
   anchor_queries: bool = True
+  # Ours: a non-linear f_proj (CrossAttentionBridge).
+  proj_hidden: int = 0
 
   def setup(self):
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
@@ -259,7 +275,8 @@ class ComposedLM(nn.Module):
         self.augmenting, self.anchor.max_len,
         recency_bias=self.recency_bias,
         recency_max_slope=self.recency_max_slope,
-        anchor_queries=self.anchor_queries)
+        anchor_queries=self.anchor_queries,
+        proj_hidden=self.proj_hidden)
 
   def augmenting_states(self, tokens: Array, decode: bool = False
                         ) -> dict[str, dict[int, Array]]:
