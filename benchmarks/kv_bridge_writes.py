@@ -29,14 +29,9 @@ import sys
 
 from absl import app
 from absl import flags
+import kv_workdir  # benchmarks/, the script's own folder (sys.path[0]).
 
-_WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
-_RUN = flags.DEFINE_string('run', 'calm', 'A composed row of the workdir '
-                           '(runs/RUN).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Which seed of the row.')
-_CONFIG = flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
-                            'tiny: random models and bridges on the smoke '
-                            'task, for the tests.')
+_ROW = kv_workdir.define_composed_row_flags()
 _EXAMPLES = flags.DEFINE_integer('examples', 256, 'Prompts per split.')
 
 
@@ -49,10 +44,8 @@ def main(argv):
   import numpy as np
   from calm_jax.data import kv_arithmetic as kv
   from calm_jax.models import transformer
-  import kv_workdir  # benchmarks/, the script's own folder.
 
-  task, model, params, tok = kv_workdir.load_composed(
-      _WORKDIR.value, _RUN.value, _SEED.value, _CONFIG.value == 'tiny')
+  task, model, params, tok = _ROW.load()
   anchor_cfg, pairs = model.anchor, model.augmenting[0].pairs
   anchor = params['anchor']
   keys = set(kv.make_key_map(task).as_dict())

@@ -30,18 +30,15 @@ import sys
 
 from absl import app
 from absl import flags
+import kv_workdir  # benchmarks/, the script's own folder (sys.path[0]).
 
-_WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
-_RUN = flags.DEFINE_string('run', 'calm', 'A composed row of the workdir '
-                           '(runs/RUN).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Which seed of the row.')
-_CONFIG = flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
-                            'tiny: random models and bridges on the smoke '
-                            'task, for the tests.')
-_EXAMPLES = flags.DEFINE_integer('examples', 128, 'kv_math_eval prompts.')
+_ROW = kv_workdir.define_composed_row_flags()
+_EXAMPLES = flags.DEFINE_integer('examples', 128, 'kv_math_eval prompts.',
+                                 lower_bound=1)
 _CONTEXTS = flags.DEFINE_integer('contexts', 4, 'Compose-key contexts per '
-                                 'key and place.')
-_BATCH = flags.DEFINE_integer('batch_size', 512, 'Prompts per decode call.')
+                                 'key and place.', lower_bound=1)
+_BATCH = flags.DEFINE_integer('batch_size', 512, 'Prompts per decode call.',
+                              lower_bound=1)
 
 
 def main(argv):
@@ -51,10 +48,8 @@ def main(argv):
   import numpy as np
   from calm_jax import decoding
   from calm_jax.data import kv_arithmetic as kv
-  import kv_workdir  # benchmarks/, the script's own folder.
 
-  task, model, params, tok = kv_workdir.load_composed(
-      _WORKDIR.value, _RUN.value, _SEED.value, _CONFIG.value == 'tiny')
+  task, model, params, tok = _ROW.load()
   key_map = kv.make_key_map(task)
   new_tokens = len(str(task.max_operands * task.max_value)) + 2
 

@@ -1,11 +1,13 @@
 """What the KV probes read: the task of a kv_arithmetic workdir and one of its
 models, or (`tiny`) the smoke task and a random model, for the tests."""
 
+import dataclasses
 import json
 import os
 import tempfile
 
 from absl import app
+from absl import flags
 
 
 def load(workdir: str, role: str, tiny: bool):
@@ -90,3 +92,29 @@ def load_composed(workdir: str, run: str, seed: int, tiny: bool):
         **composition_lib.bridge_options(comp))
   params = {'anchor': anchor, 'aug_kv': aug, 'composition': comp}
   return task, model, params, tok
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposedRowFlags:
+  """--workdir, --run, --seed and --config of a script reading a composed row."""
+  workdir: flags.FlagHolder
+  run: flags.FlagHolder
+  seed: flags.FlagHolder
+  config: flags.FlagHolder
+
+  def load(self):
+    """load_composed() of the row these flags name."""
+    return load_composed(self.workdir.value, self.run.value, self.seed.value,
+                         self.config.value == 'tiny')
+
+
+def define_composed_row_flags() -> ComposedRowFlags:
+  """Defines the flags that name a trained composed row (load_composed)."""
+  return ComposedRowFlags(
+      workdir=flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.'),
+      run=flags.DEFINE_string('run', 'calm', 'A composed row of the workdir '
+                              '(runs/RUN).'),
+      seed=flags.DEFINE_integer('seed', 0, 'Which seed of the row.'),
+      config=flags.DEFINE_enum('config', 'workdir', ['workdir', 'tiny'],
+                               'tiny: random models and bridges on the smoke '
+                               'task, for the tests.'))

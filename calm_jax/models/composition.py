@@ -319,10 +319,11 @@ class ComposedLM(nn.Module):
         x = jax.lax.stop_gradient(x)
       add = self.composition(j, x, aug, plen, decode, positions)
       if add is not None:
-        # What the bridges write at each position, [b, t]: the training
-        # loop may penalise it (composition.write_penalty), with
-        # apply(..., mutable=['bridge_writes']).
-        self.sow('bridge_writes', f'sq_norm_{j}',
-                 jnp.sum(jnp.square(add.astype(jnp.float32)), -1))
+        if self.is_mutable_collection('bridge_writes'):
+          # What the bridges write at each position, [b, t], for the
+          # training loop to penalise (composition.write_penalty):
+          # apply(..., mutable=['bridge_writes']).
+          self.sow('bridge_writes', f'sq_norm_{j}',
+                   jnp.sum(jnp.square(add.astype(jnp.float32)), -1))
         x = x + add.astype(x.dtype)
     return anchor.head(x)
