@@ -1,13 +1,15 @@
-"""The launch scripts (dry-run) and how calm_jax.distributed reads their env.
+"""The launch scripts and how calm_jax.distributed reads their env.
 
-Nothing here starts a cluster or a jax backend: the scripts print their
+Nothing here starts a cluster: the pod and SLURM scripts print their
 commands, the SLURM job script runs against stub `scontrol`/`srun`/`python3`,
-and `distributed.plan` is pure.
+and `distributed.plan` is pure. `local.py` runs a small table for real.
 """
 
+import json
 import os
 import stat
 import subprocess
+import sys
 import textwrap
 
 from absl.testing import absltest
@@ -17,6 +19,7 @@ from calm_jax import distributed
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO_ROOT, 'launch', 'tpu_pod.sh')
 SLURM = os.path.join(REPO_ROOT, 'launch', 'slurm_gpu.sh')
+LOCAL = os.path.join(REPO_ROOT, 'launch', 'local.py')
 
 
 def _run(script: str, *args: str, env: dict[str, str] | None = None,
@@ -211,6 +214,81 @@ class DistributedPlanTest(absltest.TestCase):
                                 r'\[0, JAX_NUM_PROCESSES=2\)'):
       distributed.plan('h:1', None, 2, env={'JAX_NUM_PROCESSES': '2'},
                        on_tpu_vm=False)
+
+
+class LocalTest(absltest.TestCase):
+  """launch/local.py: one workdir, several processes on this machine."""
+
+  def _local(self, *args: str, timeout: float = 30
+             ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LOCAL, *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+  def test_dry_run_plans_three_phases(self):
+    r = self._local(
+        '--dry_run', '--config=experiments/kv_arithmetic.py:smoke',
+        '--workdir=/tmp/r1', '--config.train.steps', '7',
+        "--config.rows=('m_A','calm','calm_vanilla_aug','lora')",
+        '--config.seeds=(0,1)')
+    self.assertEqual(r.returncode, 0, r.stderr)
+    lines = r.stdout.splitlines()
+    names = [line[2:] for line in lines if line.startswith('# ')]
+    # The row that pretrains its own m_A keeps its seeds in one run.
+    self.assertEqual(names, ['prepare', 'train_calm_vanilla_aug',
+                             'train_calm_seed0', 'train_calm_seed1',
+                             'train_lora_seed0', 'train_lora_seed1', 'score'])
+    commands = dict(zip(names, lines[1::2]))
+    for name, rows, seeds in (
+        ('prepare', '("m_A",)', '(0,)'),
+        ('train_calm_vanilla_aug', '("calm_vanilla_aug",)', '(0,1)'),
+        ('train_lora_seed1', '("lora",)', '(1,)'),
+        ('score', '("m_A","calm","calm_vanilla_aug","lora")', '(0,1)')):
+      with self.subTest(name):
+        cmd = commands[name]
+        self.assertIn('-m calm_jax.main '
+                      '--config=experiments/kv_arithmetic.py:smoke '
+                      '--config.train.steps 7 --workdir=/tmp/r1 ', cmd)
+        self.assertIn(f"'--config.rows={rows}'", cmd)
+        self.assertIn(f"'--config.seeds={seeds}'", cmd)
+        # The user's rows and seeds are replaced, not passed twice.
+        self.assertEqual(cmd.count('--config.rows'), 1)
+        self.assertEqual(cmd.count('--config.seeds'), 1)
+
+  def test_runs_a_table_and_scores_without_retraining(self):
+    workdir = self.create_tempdir().full_path
+    r = self._local(
+        '--workers=2', '--config=experiments/kv_arithmetic.py:smoke',
+        f'--workdir={workdir}', '--config.train.steps=6',
+        '--config.train.eval_every=3', '--config.eval.num_examples=8',
+        "--config.rows=('m_A','calm','calm_vanilla_aug')",
+        '--config.seeds=(0,1)', timeout=600)
+    self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+    self.assertEqual(list(results['rows']), ['m_A', 'calm',
+                                             'calm_vanilla_aug'])
+    for row in ('calm', 'calm_vanilla_aug'):
+      self.assertEqual(results['rows'][row]['kv_math_eval']['seeds'], 2)
+    logs = sorted(os.listdir(os.path.join(workdir, 'logs')))
+    self.assertEqual(logs, ['prepare.log', 'score.log',
+                            'train_calm_seed0.log', 'train_calm_seed1.log',
+                            'train_calm_vanilla_aug.log'])
+    with open(os.path.join(workdir, 'logs', 'score.log')) as f:
+      score = f.read()
+    # Every run was finished by phase 2: phase 3 only resumed and scored.
+    self.assertEqual(score.count('resuming at step 6/6'), 4)
+    self.assertNotIn('s/step', score)
+    self.assertIn('total:', r.stdout)
+
+  def test_a_failed_run_stops_before_scoring(self):
+    workdir = self.create_tempdir().full_path
+    r = self._local(
+        '--config=experiments/kv_arithmetic.py:smoke', f'--workdir={workdir}',
+        "--config.rows=('m_A','calm')", '--config.seeds=(0,)',
+        '--python=false')
+    self.assertNotEqual(r.returncode, 0)
+    self.assertIn("phase 'prepare' failed", r.stderr)
+    self.assertNotIn('score', r.stdout)
 
 
 if __name__ == '__main__':
