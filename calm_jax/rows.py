@@ -199,3 +199,10 @@ BUILDERS: dict[str, Callable[[Context], Built]] = {
     'calm_prompt_only': calm_prompt_only, 'calm_n1': calm_n1,
     'calm_n2': calm_n2, 'calm_every_layer': calm_every_layer,
 }
+# What a scheduler must know before building a row (launch/local.py): the
+# rows that train nothing (a frozen model scored as it is), and those whose
+# builder pretrains a frozen model of its own on first use (`extra_model`),
+# which must not run in two processes at once. A new row of either kind
+# belongs here too.
+FROZEN_ROWS = ('m_A', 'm_B')
+ROWS_WITH_OWN_MODELS = ('calm_vanilla_aug',)

@@ -45,6 +45,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from calm_jax import rows as rows_lib
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally FILE:VARIANT '
     '(as for calm_jax.main).', lock_config=True)
@@ -61,11 +63,11 @@ _PYTHON = flags.DEFINE_string('python', sys.executable,
                               'Interpreter for the runs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Rows that only score a frozen model: run once, in phase 1.
-FROZEN_ROWS = ('m_A', 'm_B')
-# Rows whose builder pretrains a frozen model of its own on first use:
-# all their seeds go to one run, so no two processes make that model.
-ROWS_WITH_OWN_MODELS = ('calm_vanilla_aug',)
+# Rows that only score a frozen model run once, in phase 1. A row whose
+# builder pretrains a frozen model of its own keeps all its seeds in one
+# run, so no two processes make that model.
+FROZEN_ROWS = rows_lib.FROZEN_ROWS
+ROWS_WITH_OWN_MODELS = rows_lib.ROWS_WITH_OWN_MODELS
 
 
 @dataclasses.dataclass(frozen=True)

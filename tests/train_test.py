@@ -18,6 +18,7 @@ from calm_jax import aug_cache
 from calm_jax import checkpoints
 from calm_jax import config_lib
 from calm_jax import data as data_lib
+from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax import train
 from experiments import kv_arithmetic
@@ -233,6 +234,11 @@ class SmokePipelineTest(absltest.TestCase):
     for role in ('anchor', 'aug_kv', 'vanilla_kv'):
       self.assertTrue(checkpoints.model_exists(
           os.path.join(workdir, 'models', role)))
+    # What launch/local.py schedules by: exactly the frozen rows train
+    # nothing.
+    self.assertEqual(
+        sorted(os.listdir(os.path.join(workdir, 'runs'))),
+        sorted(set(tiny_config().rows) - set(rows_lib.FROZEN_ROWS)))
     self.assertTrue(any(f.startswith('events') for f in os.listdir(
         os.path.join(workdir, 'runs', 'calm', 'seed_0', 'tensorboard'))))
     for name in ('results.md', 'results.png'):
