@@ -45,6 +45,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from calm_jax import config_lib
 from calm_jax import rows as rows_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,12 +63,6 @@ _DRY_RUN = flags.DEFINE_bool(
 _PYTHON = flags.DEFINE_string('python', sys.executable,
                               'Interpreter for the runs.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-# Rows that only score a frozen model run once, in phase 1. A row whose
-# builder pretrains a frozen model of its own keeps all its seeds in one
-# run, so no two processes make that model.
-FROZEN_ROWS = rows_lib.FROZEN_ROWS
-ROWS_WITH_OWN_MODELS = rows_lib.ROWS_WITH_OWN_MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +101,20 @@ def forwarded_config_args(argv: list[str]) -> list[str]:
 
 
 def plan(rows: tuple[str, ...], seeds: tuple[int, ...]) -> list[Run]:
-  """The runs of all three phases, in order."""
-  frozen = tuple(r for r in rows if r in FROZEN_ROWS) or ('m_B',)
-  trained = [r for r in rows if r not in FROZEN_ROWS]
+  """The runs of all three phases, in order.
+
+  Rows that only score a frozen model run once, in phase 1. A row whose
+  builder pretrains a frozen model of its own keeps all its seeds in one
+  run, so no two processes make that model.
+  """
+  frozen = tuple(r for r in rows if r in rows_lib.FROZEN_ROWS) or ('m_B',)
+  trained = [r for r in rows if r not in rows_lib.FROZEN_ROWS]
+  own_models = rows_lib.ROWS_WITH_OWN_MODELS
   runs = [Run('prepare', frozen, seeds[:1])]
   # Whole-row runs first: they are the longest.
-  runs += [Run('train', (r,), seeds) for r in trained
-           if r in ROWS_WITH_OWN_MODELS]
+  runs += [Run('train', (r,), seeds) for r in trained if r in own_models]
   runs += [Run('train', (r,), (s,)) for r in trained for s in seeds
-           if r not in ROWS_WITH_OWN_MODELS]
+           if r not in own_models]
   runs.append(Run('score', rows, seeds))
   return runs
 
@@ -161,9 +161,12 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  # What every run would refuse, refused once, before any of them starts.
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   rows, seeds = tuple(config.rows), tuple(config.seeds)
-  if not rows or not seeds:
-    raise app.UsageError('config.rows and config.seeds must not be empty.')
   workdir = os.path.abspath(_WORKDIR.value)
   config_args = forwarded_config_args(sys.argv[1:])
   runs = plan(rows, seeds)
@@ -181,13 +184,11 @@ def main(argv: list[str]) -> int:
   start = time.monotonic()
 
   def serial(run: Run) -> None:
-    t = time.monotonic()
     rc, seconds, log = _execute(run, commands[run], workdir, env, None)
     _report(run, rc, seconds, log)
     if rc:
       sys.exit(f'local.py: phase {run.phase!r} failed; see {log}')
-    print(f'phase {run.phase}: {(time.monotonic() - t) / 60:.1f} min',
-          flush=True)
+    print(f'phase {run.phase}: {seconds / 60:.1f} min', flush=True)
 
   serial(runs[0])
   train_runs = runs[1:-1]

@@ -281,6 +281,16 @@ class LocalTest(absltest.TestCase):
     self.assertNotIn('s/step', score)
     self.assertIn('total:', r.stdout)
 
+  def test_bad_config_fails_before_any_run(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'w')
+    r = self._local(
+        '--config=experiments/kv_arithmetic.py:smoke', f'--workdir={workdir}',
+        "--config.rows=('m_A','calm_n7')")
+    self.assertNotEqual(r.returncode, 0)
+    self.assertIn("rows[1]='calm_n7' is not a known row", r.stderr)
+    self.assertEqual(r.stdout, '')
+    self.assertFalse(os.path.exists(workdir))
+
   def test_a_failed_run_stops_before_scoring(self):
     workdir = self.create_tempdir().full_path
     r = self._local(
