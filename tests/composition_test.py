@@ -366,5 +366,56 @@ class CompositionTest(parameterized.TestCase):
                      (1, 6, VOCAB))
 
 
+class PackingTest(parameterized.TestCase):
+  """Packed rows: no logit of a document depends on another document."""
+
+  @parameterized.named_parameters(
+      ('paper_bridges', {}),
+      ('recency_sliding_learned', dict(recency_bias=True)))
+  def test_no_logit_in_document_2_depends_on_document_1(self, bridge):
+    # m_A with learned positions and the anchor with a sliding window, so
+    # positions and windows must restart with each document too.
+    aug = dataclasses.replace(AUG, norm='layernorm', position='learned',
+                              mlp='gelu', use_bias=True)
+    anchor = dataclasses.replace(ANCHOR, sliding_window=4,
+                                 sliding_layers=(0, 2))
+    model = C.ComposedLM(anchor, (C.Augmenting('a', aug, ((1, 1), (3, 3))),),
+                         **bridge)
+    doc1 = jax.random.randint(jax.random.key(1), (7,), 3, VOCAB)
+    doc2 = jax.random.randint(jax.random.key(2), (9,), 3, VOCAB)
+    row = jnp.concatenate([doc1, doc2, jnp.zeros(4, jnp.int32)])[None]
+    seg = jnp.array([[1] * 7 + [2] * 9 + [0] * 4])
+    pos = jnp.array([list(range(7)) + list(range(9)) + [0] * 4])
+    params = _noisy(nn.meta.unbox(model.init(
+        jax.random.key(0), row, positions=pos, segment_ids=seg)['params']))
+    apply = jax.jit(lambda p, t, **kw: model.apply({'params': p}, t, **kw))
+    packed = apply(params, row, positions=pos, segment_ids=seg)
+    # Another document 1 (and other padding) changes nothing in document 2.
+    other = row.at[0, :7].set((doc1 + 5) % VOCAB).at[0, 16:].set(7)
+    again = apply(params, other, positions=pos, segment_ids=seg)
+    np.testing.assert_array_equal(packed[0, 7:16], again[0, 7:16])
+    self.assertGreater(float(jnp.abs(packed[0, :7] - again[0, :7]).max()),
+                       1e-3)
+    # Document 2 packed is document 2 alone (positions restart at 0).
+    alone = apply(params, doc2[None])
+    np.testing.assert_allclose(packed[0, 7:16], alone[0], atol=2e-5)
+    # Without segment ids the row is one document: document 2 then does
+    # depend on document 1, so the check above can fail.
+    unpacked = apply(params, row)
+    moved = apply(params, other)
+    self.assertGreater(float(jnp.abs(unpacked[0, 7:16] -
+                                     moved[0, 7:16]).max()), 1e-3)
+
+  def test_prompt_mask_is_prompt_len_per_document(self):
+    model, params, tokens = _composed(prompt_only=True)
+    params = _noisy(params)
+    plen = jnp.array([3, 5])
+    mask = (jnp.arange(tokens.shape[1])[None] < plen[:, None]).astype(
+        jnp.int32)
+    apply = jax.jit(lambda p, **kw: model.apply({'params': p}, tokens, **kw))
+    np.testing.assert_allclose(apply(params, prompt_len=plen),
+                               apply(params, prompt_mask=mask), atol=1e-6)
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -146,8 +146,14 @@ class CrossAttentionBridge(nn.Module):
   proj_hidden: int = 0
 
   @nn.compact
-  def __call__(self, anchor_h: Array, aug_h: Array, prompt_len: Array | None,
-               decode: bool = False, positions: Array | None = None) -> Array:
+  def __call__(self, anchor_h: Array, aug_h: Array,
+               prompt_len: Array | None = None, decode: bool = False,
+               positions: Array | None = None, mask: Array | None = None
+               ) -> Array:
+    """Which augmenting positions each anchor position reads: `mask`
+    [b or 1, 1, t, s] if given (the composition's: causal, per document),
+    else s <= t (all s when not `causal`); while decoding, the cache slots
+    up to this step. Either way only s < `prompt_len` when it is given."""
     h, d = self.num_heads, self.d_model // self.num_heads
     init = lambda names, fn=nn.initializers.lecun_normal(): (
         nn.with_logical_partitioning(fn, names))
@@ -178,7 +184,7 @@ class CrossAttentionBridge(nn.Module):
       # The cached projected states of earlier steps are the keys/values
       # (values only without a content term: its keys would all be zero).
       k, v, mask = transformer.update_cache(self, k, v, self.cache_len)
-    else:
+    elif mask is None:
       t, s = anchor_h.shape[1], aug_h.shape[1]
       mask = jnp.ones((1, 1, t, s), bool)
       if self.causal:
@@ -202,10 +208,13 @@ class CrossAttentionBridge(nn.Module):
       slope = jax.nn.softplus(self.param(
           'recency_slope', nn.with_logical_partitioning(
               slope_init, ('heads',)), (h,)))
-      # Key slot s holds position s (the cache while decoding, else the
-      # sequence); queries sit at `positions`.
+      # Queries sit at `positions`; so do the keys of the same sequence
+      # (packed rows restart them per document), while decoding cache slot
+      # s holds position s.
+      key_pos = (jnp.arange(k.shape[1], dtype=jnp.float32)[None] if decode
+                 else positions.astype(jnp.float32))
       dist = (positions[:, None, :, None].astype(jnp.float32)
-              - jnp.arange(k.shape[1], dtype=jnp.float32))
+              - key_pos[:, None, None, :])
       bias = -slope[:, None, None] * jnp.maximum(dist, 0.0)
     out, probs = transformer.dot_product_attention(q, k, v, mask,
                                                    return_probs=True,
@@ -240,14 +249,15 @@ class Composition(nn.Module):
         for a in self.augmenting for (i, j) in a.pairs}
 
   def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
-               prompt_len: Array | None, decode: bool = False,
-               positions: Array | None = None) -> Array | None:
+               mask: Array | None, prompt_len: Array | None = None,
+               decode: bool = False, positions: Array | None = None
+               ) -> Array | None:
     """Sum of the bridges into anchor layer j, or None if there are none."""
     add = None
     for (name, i, jj), bridge in self.bridges.items():
       if jj == j:
         y = bridge(x.astype(jnp.float32), aug[name][i].astype(jnp.float32),
-                   prompt_len, decode, positions)
+                   prompt_len, decode, positions, mask)
         add = y if add is None else add + y
     return add
 
@@ -278,46 +288,67 @@ class ComposedLM(nn.Module):
         anchor_queries=self.anchor_queries,
         proj_hidden=self.proj_hidden)
 
-  def augmenting_states(self, tokens: Array, decode: bool = False
+  def augmenting_states(self, tokens: Array, decode: bool = False,
+                        positions: Array | None = None,
+                        segment_ids: Array | None = None
                         ) -> dict[str, dict[int, Array]]:
     """Hidden states of every augmenting model at its paired layers."""
     states = {}
     for a in self.augmenting:
       layers = sorted({i for i, _ in a.pairs})
-      hs = self.aug_lms[a.name].hidden_states(tokens, layers, decode)
+      hs = self.aug_lms[a.name].hidden_states(tokens, layers, decode,
+                                              positions, segment_ids)
       states[a.name] = jax.tree_util.tree_map(jax.lax.stop_gradient, hs)
     return states
 
   def __call__(self, tokens: Array, *, prompt_len: Array | None = None,
-               decode: bool = False,
+               prompt_mask: Array | None = None,
+               positions: Array | None = None,
+               segment_ids: Array | None = None, decode: bool = False,
                aug_states: dict[str, dict[int, Array]] | None = None
                ) -> Array:
     """Composed logits [b, t, vocab]; float32.
+
+    Packed rows pass `segment_ids` and `positions` (see
+    `transformer.Decoder`): neither the models' self-attention nor the
+    bridges' cross-attention crosses a document boundary. `prompt_mask`
+    [b, t] (1 at each document's BOS and prompt) is packed rows' form of
+    `prompt_len`, for the prompt-only ablation.
 
     `aug_states` ({name: {layer: [b, t, D_A]}}) replaces running the
     augmenting models, e.g. with states cached on disk: they are frozen, so
     their states for a fixed dataset never change.
     """
-    if self.prompt_only and prompt_len is None:
+    if self.prompt_only and prompt_len is None and prompt_mask is None:
       raise ValueError('composition.prompt_only needs the batch to carry '
-                       'prompt_len.')
-    plen = prompt_len if self.prompt_only else None
+                       'prompt_len (or prompt_mask in packed rows).')
     if aug_states is None:
-      aug = self.augmenting_states(tokens, decode)
+      aug = self.augmenting_states(tokens, decode, positions, segment_ids)
     else:
       aug = jax.tree_util.tree_map(jax.lax.stop_gradient, aug_states)
     anchor = self.anchor_lm
-    positions = anchor.positions(tokens, decode)
+    positions = anchor.positions(tokens, decode, positions)
+    mask = plen = None
+    if decode:
+      plen = prompt_len if self.prompt_only else None
+    else:
+      # Causal, within each document, and (prompt only) the prompt's.
+      mask = transformer.causal_mask(tokens.shape[1], segment_ids)
+      if self.prompt_only:
+        if prompt_mask is None:
+          prompt_mask = (jnp.arange(tokens.shape[1])[None, :]
+                         < prompt_len[:, None])
+        mask = mask & prompt_mask.astype(bool)[:, None, None, :]
     x = anchor.embed(tokens, positions)
     lowest = min(j for a in self.augmenting for _, j in a.pairs)
     for j in range(-1, self.anchor.num_layers):
       if j >= 0:
-        x = anchor.block(j, x, positions, decode)
+        x = anchor.block(j, x, positions, decode, segment_ids)
       if j == lowest:
         # Nothing below the lowest composed layer depends on the bridges;
         # this keeps even a whole-tree gradient from running down there.
         x = jax.lax.stop_gradient(x)
-      add = self.composition(j, x, aug, plen, decode, positions)
+      add = self.composition(j, x, aug, mask, plen, decode, positions)
       if add is not None:
         if self.is_mutable_collection('bridge_writes'):
           # What the bridges write at each position, [b, t], for the

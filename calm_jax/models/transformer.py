@@ -9,6 +9,10 @@ module (the CALM composition) can read hidden states after chosen layers and
 add to the residual stream between layers. Every parameter carries logical
 axis names so that the same code shards over any mesh.
 
+Packed rows (several documents in one row) pass `segment_ids` (1, 2, ... per
+document, 0 for padding) and `positions` (restarting at 0 in every
+document): attention never crosses a document boundary.
+
 Decoding uses linen's `cache` collection: call with `decode=True` and one
 token per step; positions come from the cache index.
 """
@@ -234,14 +238,33 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   return out
 
 
+def causal_mask(length: int, segment_ids: Array | None = None,
+                window: int = 0) -> Array:
+  """[b or 1, 1, t, t]: position t attends to s <= t of its own document.
+
+  `segment_ids` [b, t] number the documents of packed rows (0: padding,
+  which attends only to padding); `window` > 0 also limits attention to the
+  last `window` positions (sliding-window layers).
+  """
+  idx = jnp.arange(length)
+  mask = idx[None, :] <= idx[:, None]
+  if window:
+    mask = mask & (idx[:, None] - idx[None, :] < window)
+  mask = mask[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] ==
+                   segment_ids[:, None, None, :])
+  return mask
+
+
 class SelfAttention(nn.Module):
   """Causal self-attention with optional grouped-query heads and a KV cache."""
   config: DecoderConfig
   local: bool = False  # Sliding-window layer.
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, decode: bool = False
-               ) -> Array:
+  def __call__(self, x: Array, positions: Array, decode: bool = False,
+               segment_ids: Array | None = None) -> Array:
     cfg = self.config
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -275,11 +298,8 @@ class SelfAttention(nn.Module):
         mask = mask & (jnp.arange(cfg.max_len) > i - cfg.sliding_window)[
             None, None, None, :]
     else:
-      t = x.shape[1]
-      mask = jnp.tril(jnp.ones((t, t), bool))
-      if self.local:
-        mask = mask & ~jnp.tril(jnp.ones((t, t), bool), -cfg.sliding_window)
-      mask = mask[None, None]
+      mask = causal_mask(x.shape[1], segment_ids,
+                         cfg.sliding_window if self.local else 0)
     out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
                                 cfg.query_scale)
     return dense(cfg.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
@@ -342,15 +362,15 @@ class Block(nn.Module):
   layer: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, decode: bool = False
-               ) -> Array:
+  def __call__(self, x: Array, positions: Array, decode: bool = False,
+               segment_ids: Array | None = None) -> Array:
     cfg = self.config
     pdtype = DTYPES[cfg.param_dtype]
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, pdtype,
                              cfg.norm_scale_offset, name=name)
     local = self.layer in cfg.sliding_layers
     y = SelfAttention(cfg, local, name='attn')(norm('attn_norm')(x),
-                                               positions, decode)
+                                               positions, decode, segment_ids)
     x = x + (norm('post_attn_norm')(y) if cfg.post_norms else y)
     y = Mlp(cfg, name='mlp')(norm('mlp_norm')(x))
     return x + (norm('post_mlp_norm')(y) if cfg.post_norms else y)
@@ -403,9 +423,14 @@ class Decoder(nn.Module):
                                ('embed', 'vocab')),
           (cfg.d_model, cfg.vocab_size), pdtype)
 
-  def positions(self, tokens: Array, decode: bool) -> Array:
-    """Positions of `tokens`; while decoding, the number of tokens seen."""
+  def positions(self, tokens: Array, decode: bool,
+                positions: Array | None = None) -> Array:
+    """Positions of `tokens`: `positions` if given (packed rows restart
+    them per document), else 0, 1, ...; while decoding, the number of
+    tokens seen."""
     if not decode:
+      if positions is not None:
+        return positions
       return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     pos = self.decode_position(tokens.shape[1])
     return jnp.broadcast_to(pos + jnp.arange(tokens.shape[1]), tokens.shape)
@@ -420,9 +445,9 @@ class Decoder(nn.Module):
       x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dtype)
     return x
 
-  def block(self, i: int, x: Array, positions: Array, decode: bool = False
-            ) -> Array:
-    return self.layers[i](x, positions, decode)
+  def block(self, i: int, x: Array, positions: Array, decode: bool = False,
+            segment_ids: Array | None = None) -> Array:
+    return self.layers[i](x, positions, decode, segment_ids)
 
   def head(self, x: Array) -> Array:
     """Final norm and unembedding; logits are float32."""
@@ -434,6 +459,8 @@ class Decoder(nn.Module):
     return _softcap(logits, cfg.logit_softcap)
 
   def __call__(self, tokens: Array, *, decode: bool = False,
+               positions: Array | None = None,
+               segment_ids: Array | None = None,
                return_hidden: Sequence[int] = (),
                residual_adds: Mapping[int, Array] | None = None,
                ) -> Array | tuple[Array, dict[int, Array]]:
@@ -442,16 +469,20 @@ class Decoder(nn.Module):
     Args:
       tokens: input ids.
       decode: one token per call, reading and writing the `cache` collection.
+      positions: [b, t] token positions (default 0, 1, ...); packed rows
+        restart them in every document.
+      segment_ids: [b, t] document of each token in packed rows (0:
+        padding); attention stays within a document.
       return_hidden: layer indices whose outputs (the residual stream after
         that block) are also returned, as a dict.
       residual_adds: {layer: array} added to the residual stream right after
         that layer, before the next layer reads it.
     """
-    positions = self.positions(tokens, decode)
+    positions = self.positions(tokens, decode, positions)
     x = self.embed(tokens, positions)
     hidden = {}
     for i in range(self.config.num_layers):
-      x = self.block(i, x, positions, decode)
+      x = self.block(i, x, positions, decode, segment_ids)
       if residual_adds and i in residual_adds:
         x = x + residual_adds[i].astype(x.dtype)
       if i in return_hidden:
@@ -460,16 +491,28 @@ class Decoder(nn.Module):
     return (logits, hidden) if return_hidden else logits
 
   def hidden_states(self, tokens: Array, layers: Sequence[int],
-                    decode: bool = False) -> dict[int, Array]:
+                    decode: bool = False, positions: Array | None = None,
+                    segment_ids: Array | None = None) -> dict[int, Array]:
     """Hidden states after `layers`, skipping everything above the highest."""
-    positions = self.positions(tokens, decode)
+    positions = self.positions(tokens, decode, positions)
     x = self.embed(tokens, positions)
     out = {}
     for i in range(max(layers) + 1):
-      x = self.block(i, x, positions, decode)
+      x = self.block(i, x, positions, decode, segment_ids)
       if i in layers:
         out[i] = x
     return out
+
+
+def cast(config: DecoderConfig, params: Any, dtype: str
+         ) -> tuple[DecoderConfig, Any]:
+  """A model held and computed in `dtype` (its config and params)."""
+  if dtype == config.param_dtype and dtype == config.dtype:
+    return config, params
+  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+  target = DTYPES[dtype]
+  return config, jax.jit(lambda p: jax.tree_util.tree_map(
+      lambda x: x.astype(target), p))(params)
 
 
 def count_params(tree: Any) -> int:
