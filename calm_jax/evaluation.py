@@ -12,6 +12,10 @@ decoder and the completion is scored by the split's metric
                mean over languages, each also reported as 'chrf/<lang>'
   pass_rate    % of generated function bodies whose doctests pass in a
                sandboxed subprocess (examples with a `tests` field only)
+  pass_at_k    HumanEval: % of problems whose greedy completion passes its
+               tests in the sandbox ('pass@1'); with `eval.sampling.n` > 0
+               also the unbiased pass@k of n sampled completions per
+               problem ('sampled_pass@k' for each k of `eval.sampling.k`)
   loss         no decoding
 """
 
@@ -36,19 +40,35 @@ from calm_jax import decoding
 from calm_jax import paths
 from calm_jax import sharding
 
-from calm_jax.data import MODEL_KEYS
+from calm_jax.data import model_inputs
 
 # Metric name -> the key of its headline number in a split's results.
 METRICS = {'exact_match': 'accuracy', 'chrf': 'chrf', 'pass_rate': 'pass_rate',
-           'loss': 'loss'}
+           'pass_at_k': 'pass@1', 'loss': 'loss'}
 # Headline numbers that are percentages (0-100, higher is better).
-_PERCENT = ('accuracy', 'chrf', 'pass_rate')
+_PERCENT = ('accuracy', 'chrf', 'pass_rate', 'pass@1')
 
 
 def check_metric(metric: str, field: str) -> None:
   if metric not in METRICS:
     raise ValueError(f'{field}={metric!r} is not a metric; choose one of '
                      f'{sorted(METRICS)}.')
+
+
+def check_sampling(sampling: Any, field: str = 'eval.sampling') -> None:
+  """`eval.sampling`: n samples per problem, the ks, and how to sample."""
+  if not sampling:
+    return
+  n = sampling.get('n', 0)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ValueError(f'{field}.n={n!r} must be an int >= 0 (0: greedy '
+                     'pass@1 only).')
+  ks = tuple(sampling.get('k', (1,)))
+  if n and (not ks or any(not isinstance(k, int) or not 1 <= k <= n
+                          for k in ks)):
+    raise ValueError(f'{field}.k={ks!r} must be ints in [1, {field}.n={n}].')
+  if n and not sampling.get('temperature', 0.8) > 0:
+    raise ValueError(f'{field}.temperature must be > 0 to sample.')
 
 
 @dataclasses.dataclass
@@ -60,6 +80,31 @@ class Row:
 
   def model_kwargs(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
     return {'prompt_len': batch['prompt_len']} if self.composed else {}
+
+
+def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
+            *, tokenizer, mesh, max_new_tokens: int, rng=None,
+            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+            ) -> list[str]:
+  """The completions of one eval batch's prompts (every row, padding too)."""
+  # The prompt alone (BOS + prompt), right-padded.
+  positions = np.arange(b['inputs'].shape[1])[None]
+  prompts = np.where(positions < b['prompt_len'][:, None], b['inputs'],
+                     tokenizer.pad_id).astype(np.int32)
+  # Completions stop where the KV cache ends (the model's max_len): a
+  # target never reaches past it, since examples fit data.seq_len.
+  budget = min(max_new_tokens, decoding.max_len_of(row.model) -
+               int(np.max(b['prompt_len'])))
+  out = decoding.generate(
+      row.model, row.params,
+      sharding.global_batch({'p': prompts}, mesh, whole=True)['p'],
+      batch['prompt_len'], max_new_tokens=budget, rng=rng,
+      temperature=temperature, top_k=top_k, top_p=top_p,
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      model_kwargs=row.model_kwargs(batch))
+  new_tokens = multihost_utils.process_allgather(out['new_tokens'],
+                                                 tiled=True)
+  return decoding.decode_texts(np.asarray(new_tokens), tokenizer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +119,9 @@ def _loss_fn(model: nn.Module, composed: bool):
 
 
 def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
-           sandbox: dict[str, Any] | None) -> dict[str, float]:
+           sandbox: dict[str, Any] | None,
+           samples: list[list[str]] | None = None,
+           ks: Sequence[int] = ()) -> dict[str, float]:
   """The metric's numbers over the decoded `texts` of valid examples."""
   targets = fields['target_text']
   if metric == 'exact_match':
@@ -100,6 +147,23 @@ def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
     passed = sandbox_lib.pass_rate(programs, **(sandbox or {}))
     return {'pass_rate': 100.0 * sum(passed) / max(len(passed), 1),
             'pass_rate_examples': float(len(passed))}
+  if metric == 'pass_at_k':
+    from calm_jax.data import humaneval  # Deferred: the sandbox.
+    problem = (fields['prompt_text'], fields['tests_text'],
+               fields['entry_point_text'])
+    greedy = humaneval.run(*problem[:1], texts, *problem[1:],
+                           sandbox=sandbox)
+    out = {'pass@1': 100.0 * sum(greedy) / max(len(greedy), 1)}
+    if samples:
+      n = len(samples)
+      passed = [humaneval.run(*problem[:1], s, *problem[1:], sandbox=sandbox)
+                for s in samples]
+      counts = np.sum(np.array(passed, bool), 0)
+      for k in ks:
+        out[f'sampled_pass@{k}'] = 100.0 * float(np.mean(
+            [humaneval.pass_at_k(n, int(c), k) for c in counts]))
+      out['samples'] = float(n)
+    return out
   raise ValueError(f'Unknown metric {metric!r}; choose one of '
                    f'{sorted(METRICS)}.')
 
@@ -107,15 +171,23 @@ def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
 def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
                  tokenizer, mesh, max_new_tokens: int,
                  metric: str = 'exact_match',
-                 sandbox: dict[str, Any] | None = None) -> dict[str, float]:
-  """The metric, the loss and the example count of one row on one split."""
+                 sandbox: dict[str, Any] | None = None,
+                 sampling: Any = None, seed: int = 0) -> dict[str, float]:
+  """The metric, the loss and the example count of one row on one split.
+
+  `sampling` ({n, k, temperature, top_k, top_p}) is read by `pass_at_k`:
+  n sampled completions per example besides the greedy one.
+  """
   check_metric(metric, 'metric')
+  check_sampling(sampling)
+  n_samples = (sampling or {}).get('n', 0) if metric == 'pass_at_k' else 0
   loss_sum = weight = 0.0
   texts: list[str] = []
+  samples: list[list[str]] = [[] for _ in range(n_samples)]
   fields: dict[str, list[str]] = {}
   for b in batches:
     # Every process holds the whole eval batch and places its own rows.
-    batch = sharding.global_batch({k: b[k] for k in MODEL_KEYS}, mesh,
+    batch = sharding.global_batch(model_inputs(b), mesh,
                                   whole=True)
     nll, w = _loss_fn(row.model, row.composed)(row.params, batch)
     loss_sum, weight = loss_sum + float(nll), weight + float(w)
@@ -127,35 +199,30 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
             for v in np.asarray(b[name])[valid])
     if metric == 'loss':
       continue
-    # The prompt alone (BOS + prompt), right-padded.
-    positions = np.arange(b['inputs'].shape[1])[None]
-    prompts = np.where(positions < b['prompt_len'][:, None], b['inputs'],
-                       tokenizer.pad_id).astype(np.int32)
-    # Completions stop where the KV cache ends (the model's max_len): a
-    # target never reaches past it, since examples fit data.seq_len.
-    budget = min(max_new_tokens, decoding.max_len_of(row.model) -
-                 int(np.max(b['prompt_len'])))
-    out = decoding.generate(
-        row.model, row.params,
-        sharding.global_batch({'p': prompts}, mesh, whole=True)['p'],
-        batch['prompt_len'], max_new_tokens=budget,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        model_kwargs=row.model_kwargs(batch))
-    new_tokens = multihost_utils.process_allgather(out['new_tokens'],
-                                                   tiled=True)
-    decoded = decoding.decode_texts(np.asarray(new_tokens), tokenizer)
+    kw = dict(tokenizer=tokenizer, mesh=mesh, max_new_tokens=max_new_tokens)
+    decoded = _decode(row, b, batch, **kw)
     texts.extend(t for t, v in zip(decoded, valid) if v)
+    for i in range(n_samples):
+      rng = jax.random.fold_in(jax.random.key(seed), i)
+      rng = jax.random.fold_in(rng, len(texts))  # This batch's own stream.
+      decoded = _decode(row, b, batch, rng=rng,
+                        temperature=float(sampling.get('temperature', 0.8)),
+                        top_k=int(sampling.get('top_k', 0)),
+                        top_p=float(sampling.get('top_p', 1.0)), **kw)
+      samples[i].extend(t for t, v in zip(decoded, valid) if v)
   result = {'loss': loss_sum / max(weight, 1.0),
             'examples': len(fields.get('target_text', ()))}
   if metric != 'loss':
-    result.update(_score(metric, texts, fields, sandbox))
+    result.update(_score(metric, texts, fields, sandbox, samples,
+                         tuple((sampling or {}).get('k', (1,)))))
   return result
 
 
 def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
              tokenizer, mesh, max_new_tokens: int,
              metrics: dict[str, str] | None = None,
-             sandbox: dict[str, Any] | None = None) -> dict[str, Any]:
+             sandbox: dict[str, Any] | None = None,
+             sampling: Any = None, seed: int = 0) -> dict[str, Any]:
   """Scores every row on every split: {'rows': {row: {split: metrics}}}.
 
   `metrics` maps a split to its metric (default 'exact_match').
@@ -167,7 +234,7 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
         split: evaluate_row(row, batches, tokenizer=tokenizer, mesh=mesh,
                             max_new_tokens=max_new_tokens,
                             metric=metrics.get(split, 'exact_match'),
-                            sandbox=sandbox)
+                            sandbox=sandbox, sampling=sampling, seed=seed)
         for split, batches in splits.items()}
   return results
 
@@ -206,7 +273,7 @@ def aggregate(per_seed: dict[str, list[dict[str, dict[str, float]]]],
 
 
 _LABELS = {'accuracy': 'exact match %', 'chrf': 'chrF', 'pass_rate':
-           'pass rate %', 'loss': 'loss'}
+           'pass rate %', 'pass@1': 'pass@1 %', 'loss': 'loss'}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -235,6 +302,8 @@ def format_table(results: dict[str, Any]) -> str:
                    'split has several)',
            'pass_rate': 'doctest pass rate of greedily decoded function '
                         'bodies, run in a sandbox',
+           'pass_at_k': 'HumanEval pass@1 of greedy completions, run with '
+                        "the problems' tests in a sandbox",
            'loss': 'teacher-forced loss only'}
   note = '; '.join(notes[m] for m in used)
   lines.append(note[0].upper() + note[1:] + ' (mean ± std over seeds). Loss '

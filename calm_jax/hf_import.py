@@ -29,7 +29,6 @@ import ml_dtypes  # noqa: F401  pylint: disable=unused-import
 import numpy as np
 
 from calm_jax.models import transformer
-from calm_jax.tokenizers_hf import HFTokenizer  # noqa: F401  Re-exported.
 
 Params = dict[str, Any]
 # (checkpoint tensor name, our parameter path 'a/b/c', value).
@@ -501,21 +500,3 @@ def load_pretrained(path: str | os.PathLike, dtype: str = 'float32',
     raise ValueError(f'{path}: the checkpoint lacks {len(missing)} of the '
                      f'parameters its config.json implies, e.g. {missing[:5]}.')
   return model, _nest(loaded)
-
-
-# ------------------------------------------------------------- composition
-
-
-def check_same_vocab(models: dict[str, transformer.DecoderConfig]) -> None:
-  """Composition needs one vocabulary; the error names every model.
-
-  Kept here beside the loader for scripts that compose checkpoints by hand;
-  the experiment config path (`config_lib`) runs the same check on its own
-  fields. Equal sizes are necessary, not sufficient: two tokenizers of one
-  size may still disagree on what each id means.
-  """
-  sizes = {name: cfg.vocab_size for name, cfg in models.items()}
-  if len(set(sizes.values())) > 1:
-    raise ValueError('Models with different vocabularies cannot be composed: '
-                     + ', '.join(f'{n} has {v}' for n, v in sizes.items())
-                     + '. Use models that share one tokenizer.')

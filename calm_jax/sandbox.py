@@ -49,6 +49,9 @@ class SandboxResult:
   timed_out: bool
   stdout: str  # At most MAX_OUTPUT_BYTES bytes of each stream, decoded.
   stderr: str
+  # The last MAX_OUTPUT_BYTES bytes of stdout (where a harness that appends
+  # its own output after the program's finds it).
+  stdout_tail: str = ''
 
 
 def _set_limit(kind: int, value: int) -> None:
@@ -80,6 +83,13 @@ def _limits(memory_mb: int, cpu_s: int) -> Callable[[], None]:
 
 def _read_head(path: str) -> str:
   with open(path, 'rb') as f:
+    data = f.read(MAX_OUTPUT_BYTES)
+  return data.decode('utf-8', errors='replace')
+
+
+def _read_tail(path: str) -> str:
+  with open(path, 'rb') as f:
+    f.seek(max(0, os.path.getsize(path) - MAX_OUTPUT_BYTES))
     data = f.read(MAX_OUTPUT_BYTES)
   return data.decode('utf-8', errors='replace')
 
@@ -143,9 +153,10 @@ def run_python(source: str, *, timeout_s: float = 5.0,
     _kill_group(proc.pid)
     returncode = proc.wait()
     stdout, stderr = _read_head(out_path), _read_head(err_path)
+    tail = _read_tail(out_path)
   return SandboxResult(passed=returncode == 0 and not timed_out,
                        returncode=returncode, timed_out=timed_out,
-                       stdout=stdout, stderr=stderr)
+                       stdout=stdout, stderr=stderr, stdout_tail=tail)
 
 
 _DOCTEST_TEMPLATE = '''\
@@ -209,13 +220,21 @@ def doctest_program(module: str, name: str, function_source: str,
                                   source=function_source, tests=tests)
 
 
-def pass_rate(programs: Sequence[str], *, timeout_s: float = 5.0,
-              memory_mb: int = 512, max_workers: int = 2) -> list[bool]:
-  """Runs each program in the sandbox; returns whether each passed."""
+def run_many(programs: Sequence[str], *, timeout_s: float = 5.0,
+             memory_mb: int = 512, max_workers: int = 2
+             ) -> list[SandboxResult]:
+  """Runs each program in the sandbox, a few at a time; in order."""
   if max_workers < 1:
     raise ValueError(f'max_workers={max_workers} must be >= 1.')
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-    results = pool.map(
+    return list(pool.map(
         lambda p: run_python(p, timeout_s=timeout_s, memory_mb=memory_mb),
-        programs)
-    return [r.passed for r in results]
+        programs))
+
+
+def pass_rate(programs: Sequence[str], *, timeout_s: float = 5.0,
+              memory_mb: int = 512, max_workers: int = 2) -> list[bool]:
+  """Runs each program in the sandbox; returns whether each passed."""
+  return [r.passed for r in run_many(programs, timeout_s=timeout_s,
+                                     memory_mb=memory_mb,
+                                     max_workers=max_workers)]

@@ -13,11 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import calm_jax
-from calm_jax import config_lib
 from calm_jax import decoding
 from calm_jax import hf_import
 from calm_jax import sharding
-from calm_jax import tokenizers_hf
 from calm_jax.models import transformer
 
 try:
@@ -284,105 +282,6 @@ class ParityTest(parameterized.TestCase):
     del tensors['lm_head.weight']
     save_file(tensors, file, metadata={'format': 'pt'})
     return calm_jax.load_pretrained(path)
-
-  def test_vocabulary_mismatch_names_both_models(self):
-    _, a = hf_import.read_config(_save(_build('gpt2')))
-    _, b = hf_import.read_config(_save(_build('gemma')))
-    b = transformer.DecoderConfig(**dict(b.to_dict(), vocab_size=256))
-    with self.assertRaisesRegex(ValueError, r'anchor has 128, code has 256'):
-      hf_import.check_same_vocab({'anchor': a, 'code': b})
-    # The experiment's config check refuses the same, naming both fields.
-    from experiments import kv_arithmetic
-    config = kv_arithmetic.get_config('smoke')
-    llama = lambda vocab: _save(transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**dict(LLAMA, vocab_size=vocab,
-                                        num_hidden_layers=4))))
-    config.models.anchor.checkpoint = llama(259)
-    config.models.augmenting.kv.checkpoint = llama(300)
-    with self.assertRaisesRegex(
-        ValueError, r'models\.anchor\.vocab_size=259, models\.augmenting\.kv'
-        r'\.vocab_size=300'):
-      config_lib.validate(config)
-
-  def test_experiment_composes_hf_checkpoints(self):
-    from calm_jax import train
-    from experiments import kv_arithmetic
-    torch.manual_seed(0)
-    paths = {}
-    for role, cfg in (
-        ('anchor', transformers.LlamaConfig(**dict(
-            LLAMA, vocab_size=259, num_hidden_layers=4))),
-        ('aug', transformers.GPT2Config(vocab_size=259, n_embd=32, n_layer=4,
-                                        n_head=2, n_positions=64))):
-      model = (transformers.LlamaForCausalLM if role == 'anchor'
-               else transformers.GPT2LMHeadModel)(cfg)
-      paths[role] = _save(model)
-    config = kv_arithmetic.get_config('smoke')
-    config.models.anchor.checkpoint = paths['anchor']
-    config.models.augmenting.kv.checkpoint = paths['aug']
-    config.rows = ('m_B', 'calm')
-    config.train.steps = 3
-    config.eval.num_examples = 8
-    config.eval.batch_size = 8
-    config.train.batch_size = 8
-    results = train.train_and_evaluate(config, self.create_tempdir().full_path)
-    self.assertEqual(sorted(results['rows']), ['calm', 'm_B'])
-    # The composition was trained on top of the loaded Llama anchor.
-    self.assertGreater(results['trainable_params']['calm'], 0)
-
-
-class TokenizerTest(absltest.TestCase):
-  """Needs `tokenizers` and `sentencepiece` (install requirements), no torch."""
-
-  def _word_level(self, path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {'<pad>': 0, '<s>': 1, '</s>': 2, 'a': 3, 'b': 4, 'ab': 5}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='<pad>'))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(path, 'tokenizer.json'))
-
-  def test_tokenizer_json(self):
-    path = tempfile.mkdtemp()
-    self._word_level(path)
-    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
-      json.dump({'bos_token': '<s>', 'eos_token': '</s>',
-                 'pad_token': '<pad>'}, f)
-    t = tokenizers_hf.HFTokenizer(path)
-    self.assertEqual((t.pad_id, t.bos_id, t.eos_id, t.vocab_size),
-                     (0, 1, 2, 6))
-    self.assertEqual(t.encode('ab a b'), [5, 3, 4])
-    self.assertEqual(t.decode([5, 3, 2, 4]), 'ab a')
-    self.assertIs(hf_import.HFTokenizer, tokenizers_hf.HFTokenizer)
-
-  def test_special_ids_from_config_json_and_pad_falls_back_to_eos(self):
-    path = tempfile.mkdtemp()
-    self._word_level(path)
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-      json.dump({'bos_token_id': 1, 'eos_token_id': [2, 5]}, f)
-    t = tokenizers_hf.HFTokenizer(path)
-    self.assertEqual((t.pad_id, t.bos_id, t.eos_id), (2, 1, 2))
-    self.assertEqual(t.decode([0, 3]), '<pad> a')  # Id 0 is text here.
-    os.remove(os.path.join(path, 'config.json'))
-    with self.assertRaisesRegex(ValueError, 'no EOS token found'):
-      tokenizers_hf.HFTokenizer(path)
-
-  def test_sentencepiece_model(self):
-    import sentencepiece
-    path = tempfile.mkdtemp()
-    text = os.path.join(path, 'corpus.txt')
-    with open(text, 'w') as f:
-      f.write('\n'.join(['the cat sat on the mat', 'a dog and a cat',
-                         'the mat is red'] * 20))
-    sentencepiece.SentencePieceTrainer.train(
-        input=text, model_prefix=os.path.join(path, 'tokenizer'),
-        vocab_size=20, pad_id=0, unk_id=3, bos_id=1, eos_id=2,
-        minloglevel=2)
-    t = tokenizers_hf.HFTokenizer(path)
-    self.assertEqual((t.pad_id, t.bos_id, t.eos_id, t.vocab_size),
-                     (0, 1, 2, 20))
-    ids = t.encode('the cat sat')
-    self.assertNotIn(3, ids)  # No unknown pieces.
-    self.assertEqual(t.decode(ids + [t.eos_id] + ids), 'the cat sat')
 
 
 if __name__ == '__main__':

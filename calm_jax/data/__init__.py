@@ -15,10 +15,11 @@ from calm_jax.data.pipeline import train_dataset
 from calm_jax.data.tokenizers import ByteTokenizer
 from calm_jax.data.tokenizers import get_tokenizer
 from calm_jax.data.tokenizers import Tokenizer
+from calm_jax.data.tokenizers import record as tokenizer_record
 from calm_jax.data.inputs import CACHED
 from calm_jax.data.inputs import Data
 from calm_jax.data.inputs import MODEL_KEYS
 from calm_jax.data.inputs import split_names
-from calm_jax.data.inputs import tokenizer_vocab_size
+from calm_jax.data.inputs import model_inputs
 from calm_jax.data.inputs import TrainData
 from calm_jax.data.inputs import validate_config

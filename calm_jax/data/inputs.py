@@ -11,33 +11,57 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
+from calm_jax.data import files
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
 
-# Batch entries the models read; the rest (texts, masks) is for scoring.
-MODEL_KEYS = ('inputs', 'targets', 'weights', 'prompt_len')
+# Batch entries the models read, where a batch has them (padded rows carry
+# `prompt_len`, packed rows `prompt_mask`, `segment_ids` and `positions`);
+# the rest (texts, masks) is for scoring.
+MODEL_KEYS = ('inputs', 'targets', 'weights', 'prompt_len', 'prompt_mask',
+              'segment_ids', 'positions')
 # Prefix of precomputed per-example arrays the models also read.
 CACHED = pipeline.CACHED
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """The entries of `batch` a model reads (MODEL_KEYS and cached states)."""
+  return {k: v for k, v in batch.items()
+          if k in MODEL_KEYS or k.startswith(CACHED)}
+
 
 def split_names(dataset: str) -> list[str]:
   return list(pipeline.dataset_spec(dataset).splits)
 
 
-def tokenizer_vocab_size(name: str) -> int:
-  return tokenizers.get_tokenizer(name).vocab_size
-
-
 def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
-  """Checks `config.data` without building anything."""
+  """Checks `config.data` without building anything.
+
+  `data.tokenizer` must already be resolved (`config_lib.resolve`): a name
+  or a path, never '' or 'anchor'.
+  """
   spec = pipeline.dataset_spec(data_cfg.dataset)
   tokenizers.get_tokenizer(data_cfg.tokenizer)
-  if int(data_cfg.seq_len) <= 1:
-    raise ValueError(f'data.seq_len must be at least 2, got '
-                     f'{data_cfg.seq_len}.')
+  if not isinstance(data_cfg.seq_len, int) or data_cfg.seq_len <= 1:
+    raise ValueError(f'data.seq_len must be an int >= 2, got '
+                     f'{data_cfg.seq_len!r}.')
+  pack = data_cfg.get('pack', False)
+  if not isinstance(pack, bool):
+    raise ValueError(f'data.pack={pack!r} must be True or False.')
+  if data_cfg.dataset not in pipeline.USER_DATASETS:
+    for field in ('train', 'eval'):
+      if data_cfg.get(field, ''):
+        raise ValueError(
+            f'data.{field}={data_cfg[field]!r} is read only by data.dataset '
+            f'in {list(pipeline.USER_DATASETS)}, not by '
+            f'{data_cfg.dataset!r}, whose splits are its own; compose on '
+            'your own files with experiments/compose.py, or set '
+            f"data.{field}=''.")
   spec.check(data_cfg)
 
 
@@ -47,6 +71,7 @@ class TrainData:
   source: Sequence[Any]
   tokenizer: tokenizers.Tokenizer
   seq_len: int
+  pack: bool = False
 
   def iterator(self, global_batch_size: int, seed: int):
     """A checkpointable grain iterator of this process's share of batches."""
@@ -57,7 +82,7 @@ class TrainData:
           f'{jax.process_count()} processes; use a multiple of it.')
     return iter(pipeline.train_dataset(
         self.source, tokenizer=self.tokenizer, seq_len=self.seq_len,
-        batch_size=per_process, seed=seed,
+        batch_size=per_process, seed=seed, pack=self.pack,
         shard_index=jax.process_index(), shard_count=jax.process_count()))
 
 
@@ -69,6 +94,7 @@ class Data:
     self.config = data_cfg
     self.data_dir = data_cfg.data_dir or os.path.join(workdir, 'tfds')
     self.tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    self.pack = bool(data_cfg.get('pack', False))
     self._eval: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
 
   def source(self, split: str, field: str = 'train.split') -> Sequence[Any]:
@@ -83,22 +109,63 @@ class Data:
     so a too-short value fails naming `seq_len_field` before training.
     """
     source = self.source(split, field)
-    if seq_len and seq_len < self.config.seq_len:
+    if self.config.dataset in pipeline.USER_DATASETS:
+      # Your own examples may be of any length: all are checked (documents
+      # are cut into rows when packed), naming the first that does not fit.
+      if not (self.pack and files.documents_only(self.config)):
+        pipeline.check_fits(source, self.tokenizer,
+                            seq_len or self.config.seq_len,
+                            seq_len_field or 'data.seq_len',
+                            documents_fit=self.pack)
+    elif seq_len and seq_len < self.config.seq_len:
       pipeline.check_fits(source, self.tokenizer, seq_len, seq_len_field)
-    return TrainData(source, self.tokenizer, seq_len or self.config.seq_len)
+    return TrainData(source, self.tokenizer, seq_len or self.config.seq_len,
+                     pack=self.pack)
 
-  def eval(self, split: str, batch_size: int, num_examples: int = 0
-           ) -> list[dict[str, np.ndarray]]:
+  def eval(self, split: str, batch_size: int, num_examples: int = 0,
+           metric: str = 'loss') -> list[dict[str, np.ndarray]]:
     """Padded eval batches of `split` (first `num_examples`; 0: all).
 
     Every process holds the whole eval set and contributes its slice of
-    each batch, so scoring needs no gather.
+    each batch, so scoring needs no gather. A `metric` other than 'loss'
+    decodes completions of prompts, so a split of documents (no prompts)
+    is refused for it.
     """
     key = (split, batch_size, num_examples)
     if key not in self._eval:
+      source = self.source(split, 'eval.splits')
+      if split in pipeline.dataset_spec(self.config.dataset).fit_to_seq_len:
+        kept = [source[i] for i in range(len(source)) if pipeline.fits(
+            source[i], self.tokenizer, self.config.seq_len)]
+        logging.info('%s: %d of %d examples fit data.seq_len=%d with this '
+                     'tokenizer; the others are left out.', split,
+                     len(kept), len(source), self.config.seq_len)
+        if not kept:
+          raise ValueError(
+              f'eval.splits: no example of {split!r} fits data.seq_len='
+              f'{self.config.seq_len}; raise data.seq_len or drop the split.')
+        source = kept
+      n = len(source) if not num_examples else min(num_examples,
+                                                     len(source))
+      if metric != 'loss' and any(pipeline.is_document(source[i])
+                                  for i in range(n)):
+        raise ValueError(
+            f'eval.metrics.{split}={metric!r} scores completions of '
+            f'prompts, but split {split!r} holds documents without a '
+            f'prompt (e.g. {_origin(source, n)}); set eval.metrics.{split}='
+            "'loss', or give prompt/completion examples.")
       batches = pipeline.eval_batches(
-          self.source(split, 'eval.splits'), tokenizer=self.tokenizer,
+          source, tokenizer=self.tokenizer,
           seq_len=self.config.seq_len, batch_size=batch_size,
           num_examples=num_examples or None)
       self._eval[key] = batches
     return self._eval[key]
+
+
+def _origin(source: Sequence[Any], n: int) -> str:
+  for i in range(n):
+    if pipeline.is_document(source[i]):
+      example = source[i]
+      origin = example.get('origin') if hasattr(example, 'get') else None
+      return pipeline._text(origin) if origin is not None else f'example {i}'
+  return 

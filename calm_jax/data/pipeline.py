@@ -1,8 +1,18 @@
 """Grain input pipelines: TFDS array_record sources to fixed-shape batches.
 
-Every example is one sequence `[BOS] prompt target [EOS] PAD...`; the loss
-weights cover only the target and EOS predictions, so the models are trained
-(and scored) on answers, never on prompts.
+Every example is one sequence `[BOS] prompt target [EOS]`; the loss weights
+cover only the target and EOS predictions, so the models are trained (and
+scored) on answers, never on prompts. A *document* (an example whose prompt
+is empty: language-model text) is weighted on every token.
+
+Rows are either padded (one example per row, `[BOS] prompt target [EOS]
+PAD...`, with `prompt_len`), or, with `pack=True`, packed: short examples
+share a row, each with its own `segment_ids` (1, 2, ...; 0 is padding) and
+`positions` (restarting at 0), so that attention never crosses from one
+into another; `prompt_mask` marks each one's BOS and prompt. Documents
+longer than a row are cut into row-sized pieces; a prompt/completion
+example that does not fit is an error, found before training
+(`check_fits`).
 
 Training (`train_dataset`) reads a per-process slice of the source, shuffles
 it globally with a seed (reshuffled every epoch), repeats forever, encodes and
@@ -46,6 +56,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from calm_jax.data import files
 from calm_jax.data import generated
 from calm_jax.data import kv_arithmetic
 from calm_jax.data import tokenizers
@@ -109,12 +120,86 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
   return out
 
 
+def is_document(example: Mapping[str, Any]) -> bool:
+  """An example without a prompt: language-model text, weighted throughout
+  and cut into rows when longer than one."""
+  return not _text(example['prompt'])
+
+
+def document_pieces(example: Mapping[str, Any],
+                    tokenizer: tokenizers.Tokenizer, seq_len: int,
+                    seq_len_field: str = 'data.seq_len') -> list[Batch]:
+  """An example as variable-length pieces of at most `seq_len` positions.
+
+  Each piece has `inputs`, `targets`, `weights` and `prompt_mask` (1 at BOS
+  and prompt positions). A document longer than `seq_len` becomes several
+  pieces (each later one continues the text without a BOS); any other
+  example is one piece, and one that does not fit raises the
+  `encode_example` error.
+  """
+  if not is_document(example):
+    row = encode_example(example, tokenizer, seq_len, seq_len_field)
+    n = int(np.max(np.nonzero(row['weights'])[0])) + 1
+    prompt_mask = (np.arange(n) < row['prompt_len']).astype(np.int32)
+    return [{'inputs': row['inputs'][:n], 'targets': row['targets'][:n],
+             'weights': row['weights'][:n], 'prompt_mask': prompt_mask}]
+  tokens = np.asarray([tokenizer.bos_id] + tokenizer.encode(
+      _text(example['target'])) + [tokenizer.eos_id], np.int32)
+  pieces = []
+  for start in range(0, len(tokens) - 1, seq_len):
+    chunk = tokens[start:start + seq_len + 1]
+    n = len(chunk) - 1
+    prompt_mask = np.zeros(n, np.int32)
+    prompt_mask[0] = start == 0  # The document's BOS.
+    pieces.append({'inputs': chunk[:-1], 'targets': chunk[1:],
+                   'weights': np.ones(n, np.float32),
+                   'prompt_mask': prompt_mask})
+  return pieces
+
+
+def pad_piece(piece: Mapping[str, np.ndarray], seq_len: int, pad_id: int
+              ) -> Batch:
+  """A piece as a padded row, with the `prompt_len` of its prompt mask."""
+  n = len(piece['inputs'])
+  row = {'inputs': np.full(seq_len, pad_id, np.int32),
+         'targets': np.full(seq_len, pad_id, np.int32),
+         'weights': np.zeros(seq_len, np.float32)}
+  for k in row:
+    row[k][:n] = piece[k]
+  row['prompt_len'] = np.int32(piece['prompt_mask'].sum())
+  return row
+
+
+def fits(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
+         seq_len: int) -> bool:
+  """Whether `encode_example` can hold the example in `seq_len`."""
+  try:
+    encode_example(example, tokenizer, seq_len)
+  except ValueError:
+    return False
+  return True
+
+
 def check_fits(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
-               seq_len: int, seq_len_field: str) -> None:
+               seq_len: int, seq_len_field: str,
+               documents_fit: bool = False) -> None:
   """Raises the `encode_example` error for the first example of `source`
-  longer than `seq_len`, before any training; encodes every example once."""
+  longer than `seq_len`, before any training; encodes every example once.
+
+  `documents_fit`: examples without a prompt are cut into pieces (packed
+  rows), so only prompt/completion examples are checked.
+  """
   for i in range(len(source)):
-    encode_example(source[i], tokenizer, seq_len, seq_len_field)
+    example = source[i]
+    if documents_fit and is_document(example):
+      continue
+    try:
+      encode_example(example, tokenizer, seq_len, seq_len_field)
+    except ValueError as e:
+      origin = example.get('origin') if hasattr(example, 'get') else None
+      if origin is None:
+        raise
+      raise ValueError(f'{_text(origin)}: {e}') from None
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -122,10 +207,36 @@ def _check_positive(name: str, value: int) -> None:
     raise ValueError(f'{name}={value!r} must be a positive int.')
 
 
+class _Pieces(grain.experimental.FlatMapTransform):
+  """An example's pieces (`document_pieces`), for packing."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, seq_len: int):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+    # A document yields at most this many pieces; longer ones are cut off
+    # (only reachable with documents over 4096 rows long).
+    self.max_fan_out = 4096
+
+  def flat_map(self, example):
+    return document_pieces(example, self.tokenizer, self.seq_len)[
+        :self.max_fan_out]
+
+
+# Per-token fields of a piece; packing adds `segment_ids` and `positions`.
+PACKED_FIELDS = ('inputs', 'targets', 'weights', 'prompt_mask')
+
+
+def _packed_row(row: Batch) -> Batch:
+  """grain's packed fields under the names the models read."""
+  out = {k: row[k] for k in PACKED_FIELDS}
+  out['segment_ids'] = row['inputs_segment_ids'].astype(np.int32)
+  out['positions'] = row['inputs_positions'].astype(np.int32)
+  return out
+
+
 def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
                   seq_len: int, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1,
-                  num_threads: int = 4,
+                  pack: bool = False, num_threads: int = 4,
                   prefetch_buffer_size: int = 256) -> grain.IterDataset:
   """Infinite, shuffled, per-process training batches from `source`.
 
@@ -133,8 +244,11 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   `shard_index` reads the disjoint slice `source[shard_index::shard_count]`;
   the slice is shuffled with `seed` and reshuffled each epoch. Batches are
   dicts of `inputs`, `targets`, `weights` [batch_size, seq_len] and
-  `prompt_len` [batch_size]. `iter()` of the result is a checkpointable
-  `grain.DatasetIterator` (see the module docstring).
+  `prompt_len` [batch_size]; packed (`pack=True`), of `inputs`, `targets`,
+  `weights`, `prompt_mask`, `segment_ids` and `positions` [batch_size,
+  seq_len] (first-fit packing over `batch_size` rows at a time). `iter()` of
+  the result is a checkpointable `grain.DatasetIterator` (see the module
+  docstring).
   """
   _check_positive('data.seq_len', seq_len)
   _check_positive('batch_size', batch_size)
@@ -146,16 +260,25 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   # Shard before shuffling so processes never share an example, whatever the
   # epoch's permutation.
   ds = ds[shard_index::shard_count]
-  if len(ds) < batch_size:
+  if len(ds) < (1 if pack else batch_size):
     raise ValueError(
         f'Process shard {shard_index}/{shard_count} holds {len(ds)} examples, '
         f'fewer than one batch of {batch_size}; lower the batch size or use a '
         'larger split.')
   ds = ds.shuffle(seed=seed).repeat()  # Epoch e is shuffled with (seed, e).
-  ds = ds.map(functools.partial(
-      encode_example, tokenizer=tokenizer, seq_len=seq_len))
+  if not pack:
+    ds = ds.map(functools.partial(
+        encode_example, tokenizer=tokenizer, seq_len=seq_len))
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    return ds.batch(batch_size, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+  ds = grain.experimental.FlatMapIterDataset(ds, _Pieces(tokenizer, seq_len))
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={k: seq_len for k in PACKED_FIELDS},
+      num_packing_bins=batch_size, seed=seed, shuffle_bins=True)
+  ds = ds.map(_packed_row)
   return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -164,7 +287,8 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
                  num_examples: int | None = None) -> list[Batch]:
   """The first `num_examples` examples of `source` (all if None), batched.
 
-  Order is the source order. The last batch is padded to `batch_size` with
+  Order is the source order; a document longer than `seq_len` fills several
+  rows (for the loss; nothing decodes a document). The last batch is padded to `batch_size` with
   rows that hold only BOS (`prompt_len` 1), zero weights and `valid` False,
   so every batch has one shape and metrics divide by `valid.sum()`. Besides
   the training fields, each batch has `valid` (bool [B]), and for every text
@@ -180,14 +304,20 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   rows = []
   for i in range(n):
     example = source[i]
-    row = encode_example(example, tokenizer, seq_len)
-    row['valid'] = np.bool_(True)
-    # Every text field rides along as `<field>_text` (target, prompt, and
-    # whatever a metric needs: a language, a doctest, a module name).
-    for name, value in example.items():
-      if not name.startswith(CACHED) and _is_text(value):
-        row[f'{name}_text'] = _text(value)
-    rows.append(row)
+    if is_document(example):  # Possibly several rows, for the loss.
+      pieces = [pad_piece(p, seq_len, tokenizer.pad_id)
+                for p in document_pieces(example, tokenizer, seq_len)]
+    else:
+      pieces = [encode_example(example, tokenizer, seq_len)]
+    for row in pieces:
+      row['valid'] = np.bool_(True)
+      # Every text field rides along as `<field>_text` (target, prompt, and
+      # whatever a metric needs: a language, a doctest, a module name).
+      for name, value in example.items():
+        if not name.startswith(CACHED) and _is_text(value):
+          row[f'{name}_text'] = _text(value)
+      rows.append(row)
+  n = len(rows)
   pad = encode_example({'prompt': '', 'target': ''}, tokenizer, seq_len)
   pad['weights'][:] = 0.0
   pad['targets'][:] = tokenizer.pad_id  # Drop the EOS of the empty target.
@@ -275,6 +405,9 @@ class DatasetSpec:
   splits: tuple[str, ...]
   check: Callable[[ml_collections.ConfigDict], Any]
   source: Callable[..., Sequence[Any]]
+  # Eval splits whose examples that do not fit data.seq_len are left out
+  # (and counted) instead of refused.
+  fit_to_seq_len: tuple[str, ...] = ()
 
 
 def _module_spec(module: str) -> DatasetSpec:
@@ -284,15 +417,23 @@ def _module_spec(module: str) -> DatasetSpec:
   catalogs or the code corpus.
   """
   mod = importlib.import_module(module)
-  return DatasetSpec(tuple(mod.SPLITS), mod.check_data_config, mod.source)
+  return DatasetSpec(tuple(getattr(mod, 'ALL_SPLITS', mod.SPLITS)),
+                     mod.check_data_config, mod.source,
+                     tuple(getattr(mod, 'FIT_TO_SEQ_LEN', ())))
 
 
+_FILES = lambda: DatasetSpec(files.SPLITS, files.check_data_config,
+                             files.source)
 _DATASETS: dict[str, Callable[[], DatasetSpec]] = {
     'kv_arithmetic': lambda: DatasetSpec(
         kv_arithmetic.SPLITS, kv_arithmetic_config, _kv_arithmetic_source),
     'code_corpus': lambda: _module_spec('calm_jax.data.code_corpus'),
     'ntl_catalogs': lambda: _module_spec('calm_jax.data.ntl'),
+    # Your own data (calm_jax/data/files.py).
+    'jsonl': _FILES, 'text': _FILES, 'tfds': _FILES,
 }
+# The datasets that read `data.train` / `data.eval`.
+USER_DATASETS = files.FORMATS
 
 
 def dataset_spec(dataset: str) -> DatasetSpec:
