@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+import uuid
 
 from absl import logging
 from etils import epath
@@ -41,7 +42,9 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
   """Writes a model directory atomically: PATH.partial, then a rename.
 
   Every process calls this (Orbax writes each process's shards); only
-  process 0 writes the metadata and renames.
+  process 0 writes the metadata and renames. `metadata` (e.g. `tokenizer`,
+  the record of the tokenizer it was trained on) goes into model.json,
+  beside a unique id of this save (part of the model's fingerprint).
   """
   path = epath.Path(paths.absolute(path))
   tmp = path.parent / (path.name + '.partial')
@@ -53,7 +56,8 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     (tmp / config_lib.MODEL_FILE).write_text(json.dumps(
-        {'format': FORMAT, 'arch': config.to_dict(), **metadata}, indent=2))
+        {'format': FORMAT, 'arch': config.to_dict(), 'uid': uuid.uuid4().hex,
+         **metadata}, indent=2))
     if path.exists():  # Keep the old one until the new one is whole.
       old = path.parent / (path.name + '.old')
       if old.exists():
@@ -66,14 +70,22 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
   multihost_utils.sync_global_devices('calm_jax.save_model:done')
 
 
-def load_model(path: str, field: str = 'checkpoint', shardings: Any = None
+def load_model(path: str, field: str = 'checkpoint', shardings: Any = None,
+               max_len: int | None = None
                ) -> tuple[transformer.DecoderConfig, Any]:
   """Reads a model directory (ours or Hugging Face's); errors name `field`
-  and say what to do."""
+  and say what to do.
+
+  `max_len` caps a Hugging Face checkpoint's context (its decode caches),
+  whose `max_position_embeddings` may be far longer than any use here.
+  """
   config = config_lib.read_model_file(path, field)
   if config_lib.is_hf_checkpoint(path):
     from calm_jax import hf_import  # Deferred: reads safetensors.
-    model, params = hf_import.load_pretrained(path, shardings=shardings)
+    if max_len is not None:
+      max_len = min(max_len, config.max_len)
+    model, params = hf_import.load_pretrained(path, shardings=shardings,
+                                              max_len=max_len)
     return model.config, params
   params_dir = os.path.join(paths.absolute(path), 'params')
   abstract = jax.eval_shape(
@@ -116,14 +128,23 @@ def restore_on_one_device(path: str) -> Any:
     return ckptr.restore(path, abstract)
 
 
-def load_composition(directory: str) -> tuple[dict, dict]:
-  """(params, {aug name: pairs}) of a composed run's latest checkpoint.
+def load_composition(directory: str, step: int | None = None
+                     ) -> tuple[dict, dict]:
+  """(params, {aug name: pairs}) of a composed run's checkpoint.
 
   `directory` is a run's checkpoint folder (WORKDIR/runs/ROW/seed_S/
-  checkpoints); the pairs are read off the bridge names.
+  checkpoints); `step` defaults to the latest. The pairs are read off the
+  bridge names (the run's composition.json records them too).
   """
+  if not os.path.isdir(directory):
+    raise ValueError(f'no composition checkpoint directory {directory!r}.')
   manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step()
+  steps = manager.all_steps()
+  if step is None:
+    step = manager.latest_step()
+  elif step not in steps:
+    raise ValueError(f'step {step} is not among the checkpoints of '
+                     f'{directory!r}: {sorted(steps)}.')
   if step is None:
     raise ValueError(f'no composition checkpoint in {directory!r}.')
   state = restore_on_one_device(

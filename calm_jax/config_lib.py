@@ -20,6 +20,8 @@ from calm_jax.models import transformer
 
 ConfigDict = ml_collections.ConfigDict
 MODEL_FILE = 'model.json'
+# data.seq_len=0: the models' shortest context, at most this.
+AUTO_SEQ_LEN = 1024
 
 
 def parse_variant(arg: str | None, variants: Sequence[str]) -> str:
@@ -29,6 +31,47 @@ def parse_variant(arg: str | None, variants: Sequence[str]) -> str:
     raise ValueError(f'Unknown config variant {variant!r}; use one of '
                      f'{list(variants)}, e.g. --config=FILE:{variants[-1]}.')
   return variant
+
+
+def data_config(dataset: str, **overrides: Any) -> ConfigDict:
+  """Fields of `config.data` shared by every experiment.
+
+  A dataset's own generator fields (`data.kv`, `data.code`, `data.ntl`) are
+  added by its experiment.
+  """
+  c = ConfigDict()
+  # A dataset in calm_jax.data: 'jsonl', 'text' or 'tfds' (your own data,
+  # calm_jax/data/files.py), or a generated one ('kv_arithmetic',
+  # 'code_corpus', 'ntl_catalogs').
+  c.dataset = dataset
+  # '' = the anchor checkpoint's tokenizer ('anchor') when the anchor is a
+  # checkpoint, else 'byte'; or 'char', 'char:N', or a tokenizer directory.
+  c.tokenizer = ''
+  # Tokens per training row (BOS..EOS included); 0: the models' shortest
+  # context, at most 1024.
+  c.seq_len = 0
+  # Where TFDS writes array_record files; '' means WORKDIR/tfds.
+  c.data_dir = ''
+  # Pack several short examples into each training row (segment ids keep
+  # them apart); documents longer than a row are cut into rows.
+  c.pack = False
+  # Your own data (jsonl, text: files or globs, comma-separated; tfds:
+  # split specs such as 'train[:95%]'); '' eval = a held-out fraction.
+  c.train = ''
+  c.eval = ''
+  c.eval_fraction = 0.05
+  c.split_seed = 0
+  # Field names: `text` (language-model style) or `prompt` + `completion`
+  # (loss on the completion only).
+  c.text_key = 'text'
+  c.prompt_key = 'prompt'
+  c.completion_key = 'completion'
+  # data.dataset='tfds': a registered dataset prepared in array_record
+  # format, and its data directory ('' = TFDS's default).
+  c.tfds_name = ''
+  c.tfds_data_dir = ''
+  c.update(overrides)
+  return c
 
 
 def train_config(**overrides: Any) -> ConfigDict:
@@ -82,7 +125,9 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
   c.every_k = every_k
   c.pairs = ()
   # Augmenting models only, for the `calm_vanilla_aug` row: the same
-  # architecture pretrained on this split instead (or loaded from a path).
+  # architecture pretrained on this split instead, or loaded from a path
+  # (required when `checkpoint` is set: a checkpoint's m_A cannot be
+  # pretrained here).
   c.vanilla_split = ''
   c.vanilla_checkpoint = ''
   return c
@@ -156,20 +201,23 @@ def decoder_config(model_cfg: ConfigDict, field: str
                    ) -> transformer.DecoderConfig:
   """The architecture of a config'd model, from its checkpoint if it has one."""
   if model_cfg.checkpoint:
-    return read_model_file(model_cfg.checkpoint, field)
+    return read_model_file(model_cfg.checkpoint, f'{field}.checkpoint')
   return transformer.DecoderConfig.from_dict(model_cfg.arch.to_dict(),
                                              f'{field}.arch')
 
 
 def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
-  """Reads a model directory's architecture, failing clearly if absent."""
+  """Reads a model directory's architecture, failing clearly if absent.
+
+  `field` names where the path came from (e.g. 'models.anchor.checkpoint').
+  """
   path = os.fspath(path)
   meta = os.path.join(path, MODEL_FILE)
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(
-        f'{field}.checkpoint: no model directory at {path!r}. Point it at a '
-        'directory written by calm_jax or a Hugging Face checkpoint, or set '
-        "it to '' to pretrain.")
+        f'{field}: no model directory at {path!r}. Point it at a directory '
+        'written by calm_jax or a Hugging Face checkpoint (config.json and '
+        '*.safetensors).')
   if is_hf_checkpoint(path):
     from calm_jax import hf_import  # Deferred: reads safetensors.
     return hf_import.read_config(path)[1]
@@ -177,10 +225,62 @@ def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
     arch = json.loads(epath.Path(meta).read_text())['arch']
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(
-        f'{field}.checkpoint: {meta!r} is missing or corrupted ({e}). The '
-        'directory is not a complete calm_jax model; re-export it or set '
-        f"{field}.checkpoint to '' to pretrain.") from e
-  return transformer.DecoderConfig.from_dict(arch, f'{field}.checkpoint')
+        f'{field}: {meta!r} is missing or corrupted ({e}). The directory is '
+        'not a complete calm_jax model (nor a Hugging Face one: no '
+        'config.json); re-export it, or point the field at a complete '
+        'one.') from e
+  return transformer.DecoderConfig.from_dict(arch, field)
+
+
+def read_model_json(path: str) -> dict[str, Any]:
+  """A calm_jax model directory's model.json ({} when unreadable)."""
+  try:
+    return json.loads((epath.Path(path) / MODEL_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
+  """Refuses a model whose own tokenizer is not `tok` (the data's).
+
+  A Hugging Face checkpoint's tokenizer files, or the tokenizer a calm_jax
+  model directory records, are compared by their token-to-id maps: equal
+  sizes are not enough. A checkpoint without a tokenizer is refused, since
+  nothing says which ids it reads.
+  """
+  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
+  path = os.fspath(path)
+  if is_hf_checkpoint(path):
+    if not tokenizers.has_tokenizer(path):
+      raise ValueError(
+          f'{field}={path!r} holds no tokenizer (tokenizer.json or '
+          'tokenizer.model), so nothing says which token ids it was trained '
+          "on; copy its tokenizer's files into that directory.")
+    own = tokenizers.checkpoint_tokenizer(path, field)
+    diff = tokenizers.difference(tok, own)
+    theirs = own.spec
+  else:
+    record = read_model_json(path).get('tokenizer')
+    if record is None:
+      # Written before models recorded their tokenizer; such models were
+      # all trained on 'byte' or 'char' ids.
+      if tok.spec in ('byte', 'char') or tok.spec.startswith('char:'):
+        return
+      raise ValueError(
+          f'{field}={path!r} does not record its tokenizer (a model '
+          'directory of an older calm_jax, trained on byte or char ids), '
+          f'and data.tokenizer={tok.spec!r} is neither; set data.tokenizer '
+          "to the one it was trained with, e.g. 'byte'.")
+    theirs = record.get('spec', '?')
+    diff = ('' if record.get('fingerprint') == tok.fingerprint else
+            f'it was trained on {theirs!r}')
+  if diff:
+    raise ValueError(
+        f'{field}={path!r} reads the ids of another tokenizer than '
+        f'data.tokenizer={tok.spec!r} ({diff}). A model must be fed its '
+        'own tokenizer\'s ids, and composed models must share one: set '
+        f'data.tokenizer={theirs!r} (or \'anchor\'), and compose models '
+        'trained with the same tokenizer.')
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -210,6 +310,90 @@ def augmenting_models(config: ConfigDict
 # -------------------------------------------------------------- validation
 
 
+def resolve(config: ConfigDict) -> ConfigDict:
+  """A copy of `config` with its derived fields made explicit.
+
+  `data.tokenizer` becomes a name or an absolute path ('' and 'anchor'
+  name the anchor checkpoint's tokenizer, or bytes when the anchor is
+  pretrained here). Resolving a resolved config changes nothing.
+  """
+  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
+  out = ConfigDict(config.to_dict())
+  out.data.tokenizer = tokenizers.resolve_spec(
+      out.data.get('tokenizer', ''), out.models.anchor.checkpoint)
+  if out.data.get('seq_len', None) == 0:
+    # The shortest context of the models, at most AUTO_SEQ_LEN.
+    roles = [('models.anchor', out.models.anchor)] + [
+        (f'models.augmenting.{n}', m)
+        for n, m in out.models.augmenting.items()]
+    contexts = [decoder_config(m, field).max_len for field, m in roles
+                if m.checkpoint or m.arch]
+    out.data.seq_len = min(contexts + [AUTO_SEQ_LEN])
+  return out
+
+
+def model_checkpoints(config: ConfigDict) -> list[tuple[str, str]]:
+  """(field, path) of every model the config loads from a directory."""
+  out = []
+  if config.models.anchor.checkpoint:
+    out.append(('models.anchor.checkpoint', config.models.anchor.checkpoint))
+  for name, m in config.models.augmenting.items():
+    if m.checkpoint:
+      out.append((f'models.augmenting.{name}.checkpoint', m.checkpoint))
+    if m.get('vanilla_checkpoint', '') and 'calm_vanilla_aug' in config.rows:
+      out.append((f'models.augmenting.{name}.vanilla_checkpoint',
+                  m.vanilla_checkpoint))
+  return out
+
+
+def cached_models(config: ConfigDict, workdir: str
+                  ) -> list[tuple[str, str, ConfigDict]]:
+  """(field, WORKDIR/models/<role>, model config) of every model this
+  config pretrains in the workdir (and caches there)."""
+  models = os.path.join(workdir, 'models')
+  out = []
+  if not config.models.anchor.checkpoint:
+    out.append(('models.anchor', os.path.join(models, 'anchor'),
+                config.models.anchor))
+  for name, m in config.models.augmenting.items():
+    field = f'models.augmenting.{name}'
+    if not m.checkpoint:
+      out.append((field, os.path.join(models, f'aug_{name}'), m))
+    if ('calm_vanilla_aug' in config.rows and
+        not m.get('vanilla_checkpoint', '')):
+      out.append((field, os.path.join(models, f'vanilla_{name}'), m))
+  return out
+
+
+def check_workdir(config: ConfigDict, workdir: str) -> None:
+  """Refuses models cached in `workdir` that this config would not make.
+
+  A model pretrained by an earlier run is reused only if its architecture
+  and tokenizer are this config's; otherwise reusing it would silently
+  train on another model than the config describes.
+  """
+  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
+  tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  for field, path, m in cached_models(config, workdir):
+    if not (epath.Path(path) / MODEL_FILE).is_file():
+      continue
+    cached = read_model_file(path, f'{field} (cached in the workdir)')
+    wanted = transformer.DecoderConfig.from_dict(m.arch.to_dict(),
+                                                 f'{field}.arch')
+    if cached != wanted:
+      diff = sorted(k for k, v in wanted.to_dict().items()
+                    if cached.to_dict()[k] != v)
+      raise ValueError(
+          f'{path} was pretrained by an earlier run with another '
+          f'architecture than {field}.arch (they differ in {diff}); use a '
+          'fresh --workdir, or delete that directory to pretrain anew.')
+    try:
+      check_model_tokenizer(tok, path, f'{field} (cached in the workdir)')
+    except ValueError as e:
+      raise ValueError(f'{e} Or use a fresh --workdir, or delete {path}.'
+                       ) from None
+
+
 def validate(config: ConfigDict, devices: Sequence[Any] | None = None
              ) -> None:
   """Checks a whole experiment config before any compute.
@@ -219,8 +403,18 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
   """
   from calm_jax import data as data_lib  # Deferred: pulls in TFDS.
   from calm_jax import sharding  # Deferred: touches the backend.
+  from calm_jax.data import tokenizers
 
+  config = resolve(config)
   mesh = make_mesh(config, devices)
+  # The model directories first: the default tokenizer is the anchor's.
+  for field, path in model_checkpoints(config):
+    read_model_file(path, field)
+    if is_hf_checkpoint(path) and not tokenizers.has_tokenizer(path):
+      raise ValueError(
+          f'{field}={path!r} holds no tokenizer (tokenizer.json or '
+          'tokenizer.model), so nothing says which token ids it was trained '
+          "on; copy its tokenizer's files into that directory.")
 
   data_lib.validate_config(config.data)
   splits = data_lib.split_names(config.data.dataset)
@@ -250,29 +444,35 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
                      'augmenting model.')
   roles = [('models.anchor', config.models.anchor)] + [
       (f'models.augmenting.{n}', m) for n, m in config.models.augmenting.items()]
-  vocab = {}
-  tokenizer_vocab = data_lib.tokenizer_vocab_size(config.data.tokenizer)
+  # One tokenizer feeds every model: each checkpoint must have been trained
+  # on it (same token-to-id map), and each embedding table must hold its
+  # ids (a table padded past the vocabulary is fine).
+  for field, m in roles:
+    if not m.checkpoint and not m.arch:
+      raise ValueError(f'{field}.checkpoint is empty, and {field}.arch names '
+                       'no architecture to pretrain; set '
+                       f'{field}.checkpoint to a model directory.')
+  tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  for field, path in model_checkpoints(config):
+    check_model_tokenizer(tok, path, field)
   for field, m in roles:
     check_model_name(m.model, f'{field}.model')
     arch = decoder_config(m, field)
-    vocab[field] = arch.vocab_size
-    if arch.vocab_size < tokenizer_vocab:
+    where = f'{field}.checkpoint' if m.checkpoint else f'{field}.arch'
+    if arch.vocab_size < tok.vocab_size:
       raise ValueError(
-          f'{field}.arch.vocab_size={arch.vocab_size} is smaller than the '
-          f'{config.data.tokenizer!r} tokenizer ({tokenizer_vocab} ids); '
-          f'set it to at least {tokenizer_vocab}.')
+          f'{where}: the embedding table has {arch.vocab_size} rows, fewer '
+          f'than the ids of data.tokenizer={tok.spec!r} ({tok.vocab_size}); '
+          + (f'set {field}.arch.vocab_size to at least {tok.vocab_size}.'
+             if not m.checkpoint else
+             'use a checkpoint trained with this tokenizer.'))
     if arch.max_len < config.data.seq_len:
       raise ValueError(
-          f'{field}.arch.max_len={arch.max_len} is shorter than '
-          f'data.seq_len={config.data.seq_len}; raise max_len or lower '
-          'seq_len.')
+          f'{where}: max_len={arch.max_len} is shorter than '
+          f'data.seq_len={config.data.seq_len}; lower data.seq_len'
+          + (' or raise max_len.' if not m.checkpoint else '.'))
     if not m.checkpoint:
       check_train(m.pretrain, f'{field}.pretrain')
-  if len(set(vocab.values())) > 1:
-    raise ValueError(
-        'Models with different vocabularies cannot be composed: '
-        + ', '.join(f'{f}.vocab_size={v}' for f, v in vocab.items())
-        + '. Use models that share one tokenizer.')
   augmenting_models(config)  # Layer pairs.
   from calm_jax import rows as rows_lib
   if not config.rows:
@@ -289,9 +489,24 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     raise ValueError('seeds is empty; give at least one, e.g. (0,).')
   if 'calm_vanilla_aug' in config.rows:
     for name, m in config.models.augmenting.items():
+      field = f'models.augmenting.{name}'
+      if m.checkpoint and not m.vanilla_checkpoint:
+        raise ValueError(
+            f"rows has 'calm_vanilla_aug', which composes an m_A of "
+            f'{field}.checkpoint\'s architecture trained without its '
+            f'skill; a checkpoint\'s m_A is not pretrained here, so set '
+            f'{field}.vanilla_checkpoint to such a model, or drop the row.')
       if not m.vanilla_checkpoint:
-        check_split(m.vanilla_split,
-                    f'models.augmenting.{name}.vanilla_split')
+        check_split(m.vanilla_split, f'{field}.vanilla_split')
+      else:
+        vanilla = read_model_file(m.vanilla_checkpoint,
+                                  f'{field}.vanilla_checkpoint')
+        composition_lib.validate_pairs(
+            augmenting_models(config)[list(config.models.augmenting).index(
+                name)].pairs, vanilla.num_layers, decoder_config(
+                    config.models.anchor, 'models.anchor').num_layers,
+            f'{field}.vanilla_checkpoint (its layers, with the pairs of '
+            f'{field})')
   check_train(config.train, 'train')
   slope = config.composition.get('recency_max_slope', 1.0)
   if not isinstance(slope, (int, float)) or not slope > 0:
@@ -311,6 +526,10 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
     raise ValueError('composition.anchor_queries=False needs '
                      'composition.recency_bias=True (without either, every '
                      'head averages all earlier positions); set it.')
+  if config.composition.cache_augmenting and config.data.get('pack', False):
+    raise ValueError('composition.cache_augmenting=True stores m_A\'s states '
+                     'per example, which packed rows do not keep; set '
+                     'data.pack=False or composition.cache_augmenting=False.')
   for i, split in enumerate(config.eval.splits):
     check_split(split, f'eval.splits[{i}]')
   if config.eval.during_training_split:
@@ -324,6 +543,7 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
           f'eval.metrics.{split}: {split!r} is not one of eval.splits='
           f'{tuple(config.eval.splits)}; add it there or remove the entry.')
     evaluation.check_metric(metric, f'eval.metrics.{split}')
+  evaluation.check_sampling(config.eval.get('sampling', None))
   full_ft_split = config.baselines.get('full_ft_split', '')
   if full_ft_split and 'full_ft' in config.rows:
     check_split(full_ft_split, 'baselines.full_ft_split')

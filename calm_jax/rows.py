@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from calm_jax import compositions
 from calm_jax import evaluation
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import lora as lora_lib
@@ -51,6 +52,11 @@ class Context:
                         tuple[transformer.DecoderConfig, Params]]
   # arch -> shardings of a plain LM's params on the mesh.
   place: Callable[[transformer.DecoderConfig, Params], Params]
+  # Where each frozen model of `frozen` comes from ('anchor', 'aug_<name>').
+  refs: dict[str, compositions.ModelRef] = dataclasses.field(
+      default_factory=dict)
+  # (role, model config) -> the directory `extra_model` reads it from.
+  model_path: Callable[[str, ml_collections.ConfigDict], str] | None = None
 
 
 @dataclasses.dataclass
@@ -63,17 +69,21 @@ class Built:
   split: str = ''
   # Its number of steps; 0 = config.train.steps.
   steps: int = 0
+  # A composition's frozen models ('anchor', 'aug_<name>'), recorded in its
+  # run's composition.json; None for rows that are not compositions.
+  refs: dict[str, compositions.ModelRef] | None = None
 
 
 def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
-          prompt_only: bool | None = None) -> Built:
+          prompt_only: bool | None = None, refs=None) -> Built:
   from calm_jax import train  # Deferred: train imports this module.
   augmenting = augmenting or ctx.augmenting
   frozen = frozen or ctx.frozen
   task = train.composition_task(ctx.config, frozen, ctx.anchor, augmenting,
                                 prompt_only=prompt_only, name=name)
   return Built(task, lambda trained: [evaluation.Row(
-      name, task.model, {**frozen, **trained}, composed=True)])
+      name, task.model, {**frozen, **trained}, composed=True)],
+               refs={**ctx.refs, **(refs or {})} if ctx.refs else None)
 
 
 def _with_pairs(ctx: Context, every_k: Callable[[int], int]
@@ -124,25 +134,31 @@ def calm_every_layer(ctx: Context) -> Built:
 
 
 def calm_vanilla_aug(ctx: Context) -> Built:
-  frozen = dict(ctx.frozen)
+  frozen, refs = dict(ctx.frozen), {}
   for name, m in ctx.config.models.augmenting.items():
     vanilla = ml_collections.ConfigDict(m.to_dict())
     vanilla.checkpoint = m.vanilla_checkpoint
     vanilla.pretrain.split = m.vanilla_split
     _, frozen[f'aug_{name}'] = ctx.extra_model(
         f'vanilla_{name}', f'models.augmenting.{name}', vanilla)
-  return _calm(ctx, 'calm_vanilla_aug', frozen=frozen)
+    if ctx.model_path:
+      refs[f'aug_{name}'] = compositions.ModelRef(
+          ctx.model_path(f'vanilla_{name}', vanilla))
+  return _calm(ctx, 'calm_vanilla_aug', frozen=frozen, refs=refs)
 
 
 def calm_random_aug(ctx: Context) -> Built:
   from calm_jax import train
-  frozen = dict(ctx.frozen)
+  frozen, refs = dict(ctx.frozen), {}
   for i, a in enumerate(ctx.augmenting):
     task = train.decoder_task('random', a.config)
     params = nn.meta.unbox(jax.jit(task.init_trainable)(
         jax.random.key(1000 + ctx.seed + i)))
     frozen[f'aug_{a.name}'] = ctx.place(a.config, params)
-  return _calm(ctx, 'calm_random_aug', frozen=frozen)
+    refs[f'aug_{a.name}'] = compositions.ModelRef(
+        random_seed=1000 + ctx.seed + i,
+        arch=dataclasses.replace(a.config, remat=False).to_dict())
+  return _calm(ctx, 'calm_random_aug', frozen=frozen, refs=refs)
 
 
 def composition_size(ctx: Context) -> int:
@@ -166,8 +182,8 @@ def lora(ctx: Context) -> Built:
       name='lora', model=model, frozen={'anchor': anchor},
       init_trainable=lambda r: {'lora': lora_lib.init(r, anchor, rank,
                                                       targets)},
-      apply=lambda p, b: model.apply(
-          {'params': lora_lib.merge(p['anchor'], p['lora'])}, b['inputs']))
+      apply=lambda p, b: train.decoder_apply(
+          model, lora_lib.merge(p['anchor'], p['lora']), b))
   return Built(task, lambda trained: [evaluation.Row(
       'lora', model, jax.jit(lora_lib.merge)(anchor, trained['lora']))])
 
@@ -186,7 +202,7 @@ def full_ft(ctx: Context) -> Built:
 
   task = train.Task(
       name='full_ft', model=model, frozen={}, init_trainable=init_trainable,
-      apply=lambda p, b: model.apply({'params': p}, b['inputs']))
+      apply=lambda p, b: train.decoder_apply(model, p, b))
   return Built(task, lambda trained: [evaluation.Row('full_ft', model,
                                                      trained)],
                split=ctx.config.baselines.get('full_ft_split', ''),

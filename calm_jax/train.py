@@ -33,6 +33,7 @@ import optax
 
 from calm_jax import aug_cache
 from calm_jax import checkpoints
+from calm_jax import compositions
 from calm_jax import config_lib
 from calm_jax import data as data_lib
 from calm_jax import evaluation
@@ -228,9 +229,8 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   tokens_per_step = cfg.batch_size * data.seq_len
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   for step in range(start, end):
-    batch = sharding.global_batch(
-        {k: v for k, v in next(data_iter).items()
-         if k in data_lib.MODEL_KEYS or k.startswith(data_lib.CACHED)}, mesh)
+    batch = sharding.global_batch(data_lib.model_inputs(next(data_iter)),
+                                  mesh)
     state, metrics = train_step(state, task.frozen, batch)
     pending.append(metrics)
     done = step + 1
@@ -270,7 +270,7 @@ def evaluate_loss(eval_step, params: Params, batches, mesh
   totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight': 0.0}
   for b in batches:
     out = jax.device_get(eval_step(params, sharding.global_batch(
-        {k: b[k] for k in data_lib.MODEL_KEYS}, mesh, whole=True)))
+        data_lib.model_inputs(b), mesh, whole=True)))
     for k in totals:
       totals[k] += float(out[k])
   w = max(totals['weight'], 1.0)
@@ -286,12 +286,20 @@ def _fmt_time(seconds: float) -> str:
 # ================================================================ models
 
 
+def decoder_apply(model: nn.Module, params: Params,
+                  batch: dict[str, jax.Array]) -> jax.Array:
+  """A plain LM's logits on a batch (padded or packed rows)."""
+  return model.apply({'params': params}, batch['inputs'],
+                     positions=batch.get('positions'),
+                     segment_ids=batch.get('segment_ids'))
+
+
 def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
   """A plain LM trained from scratch: everything trainable."""
   model = transformer.Decoder(config)
   return Task(
       name=name, model=model, frozen={},
-      apply=lambda p, b: model.apply({'params': p}, b['inputs']),
+      apply=lambda p, b: decoder_apply(model, p, b),
       init_trainable=lambda r: model.init(
           r, jnp.zeros((1, 8), jnp.int32))['params'])
 
@@ -320,7 +328,11 @@ def composition_task(config: ConfigDict, frozen: Params,
     return {'composition': params['params']['composition']}
 
   def apply(p, b, mutable=False):
-    return model.apply({'params': p}, b['inputs'], prompt_len=b['prompt_len'],
+    return model.apply({'params': p}, b['inputs'],
+                       prompt_len=b.get('prompt_len'),
+                       prompt_mask=b.get('prompt_mask'),
+                       positions=b.get('positions'),
+                       segment_ids=b.get('segment_ids'),
                        aug_states=aug_cache.states_from_batch(b),
                        mutable=mutable)
 
@@ -342,16 +354,24 @@ def composition_task(config: ConfigDict, frozen: Params,
       apply=apply, apply_with_penalty=apply_with_penalty if weight else None)
 
 
+def model_path(role: str, model_cfg: ConfigDict, workdir: str) -> str:
+  """Where a frozen model is read from: its checkpoint, or its cache."""
+  return model_cfg.checkpoint or os.path.join(workdir, 'models', role)
+
+
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                  workdir: str, data: data_lib.Data, mesh, rules, seed: int,
-                 dtype: str = 'float32', remat: bool = False
+                 dtype: str = 'float32', remat: bool = False,
+                 context_len: int | None = None
                  ) -> tuple[transformer.DecoderConfig, Params]:
   """Loads a model, pretraining it first (once, cached) if it has no path.
 
   `dtype` is what the frozen copy is held and computed in (bfloat16 halves
   its memory and speeds its matmuls; the composition stays float32).
+  `context_len` caps a Hugging Face checkpoint's max_len (the length of its
+  decode caches) to what the experiment reads and generates.
   """
-  path = model_cfg.checkpoint or os.path.join(workdir, 'models', role)
+  path = model_path(role, model_cfg, workdir)
   if not model_cfg.checkpoint and not checkpoints.model_exists(path):
     arch = config_lib.decoder_config(model_cfg, field)
     task = decoder_task(f'pretrain:{role}',
@@ -365,25 +385,23 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
         mesh=mesh, rules=rules, seed=seed)
     checkpoints.save_model(path, arch, params, role=role,
                            trained_on=model_cfg.pretrain.split,
-                           steps=model_cfg.pretrain.steps)
+                           steps=model_cfg.pretrain.steps,
+                           tokenizer=data_lib.tokenizer_record(data.tokenizer))
     logging.info('[%s] pretrained model saved to %s', role, path)
   arch = config_lib.read_model_file(path, f'{field}.checkpoint')
+  max_len = None
+  if config_lib.is_hf_checkpoint(path) and context_len:
+    max_len = min(arch.max_len, context_len)
+    arch = dataclasses.replace(arch, max_len=max_len)
   arch, params = checkpoints.load_model(
       path, f'{field}.checkpoint',
-      shardings=decoder_shardings(arch, mesh, rules))
+      shardings=decoder_shardings(arch, mesh, rules), max_len=max_len)
   arch, params = cast_frozen(arch, params, dtype)
   return dataclasses.replace(arch, remat=remat), params
 
 
-def cast_frozen(arch: transformer.DecoderConfig, params: Params, dtype: str
-                ) -> tuple[transformer.DecoderConfig, Params]:
-  """A frozen model held and computed in `dtype`."""
-  if dtype == arch.param_dtype and dtype == arch.dtype:
-    return arch, params
-  arch = dataclasses.replace(arch, dtype=dtype, param_dtype=dtype)
-  target = transformer.DTYPES[dtype]
-  return arch, jax.jit(lambda p: jax.tree_util.tree_map(
-      lambda x: x.astype(target), p))(params)
+# A frozen model held and computed in a dtype.
+cast_frozen = transformer.cast
 
 
 def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
@@ -399,8 +417,10 @@ def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs a whole experiment in `workdir`; returns the results dict."""
   # ---- 1. validation, before any compute.
+  config = config_lib.resolve(config)
   config_lib.validate(config)
   workdir = paths.absolute(workdir)
+  config_lib.check_workdir(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = config_lib.make_mesh(config)
   rules = sharding.logical_rules(config.mesh.rules)
@@ -408,33 +428,42 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     paths.atomic_write_text(os.path.join(workdir, 'config.json'),
                             config.to_json_best_effort(indent=2))
 
-  # ---- 2. data.
+  # ---- 2. data (the eval sets first: a split that cannot be scored fails
+  # before any model is trained).
   data = data_lib.Data(config.data, workdir)
+  metrics = dict(config.eval.get('metrics', None) or {})
+  sandbox = dict(config.eval.get('sandbox', None) or {})
+  splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples,
+                         metric=metrics.get(s, 'exact_match'))
+            for s in config.eval.splits}
+  eval_split = config.eval.during_training_split
 
   # ---- 3. frozen models.
   kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
-            seed=config.seed, dtype=config.frozen_dtype, remat=config.remat)
+            seed=config.seed, dtype=config.frozen_dtype, remat=config.remat,
+            context_len=config.data.seq_len + config.eval.max_new_tokens)
   anchor_cfg, anchor_params = frozen_model(
       'anchor', 'models.anchor', config.models.anchor, **kw)
   frozen = {'anchor': anchor_params}
+  refs = {'anchor': compositions.ModelRef(
+      model_path('anchor', config.models.anchor, workdir))}
+  archs = {}
   for name, m in config.models.augmenting.items():
-    _, frozen[f'aug_{name}'] = frozen_model(
+    archs[name], frozen[f'aug_{name}'] = frozen_model(
         f'aug_{name}', f'models.augmenting.{name}', m, **kw)
-  augmenting = tuple(
-      dataclasses.replace(a, config=dataclasses.replace(
-          cast_frozen(a.config, {}, config.frozen_dtype)[0],
-          remat=config.remat))
-      for a in config_lib.augmenting_models(config))
+    refs[f'aug_{name}'] = compositions.ModelRef(
+        model_path(f'aug_{name}', m, workdir))
+  augmenting = tuple(dataclasses.replace(a, config=archs[a.name])
+                     for a in config_lib.augmenting_models(config))
 
   # ---- 4. every row of the table: train (per seed), then score.
   ctx = rows_lib.Context(
       config, anchor_cfg, augmenting, frozen, seed=config.seed,
       extra_model=lambda role, field, m: frozen_model(role, field, m, **kw),
       place=lambda arch, p: jax.device_put(
-          p, decoder_shardings(arch, mesh, rules)))
-  eval_split = config.eval.during_training_split
-  splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples)
-            for s in config.eval.splits}
+          p, decoder_shardings(arch, mesh, rules)),
+      refs=refs,
+      model_path=lambda role, m: model_path(role, m, workdir))
 
   def train_data(task: Task, row_name: str, split: str
                  ) -> data_lib.TrainData:
@@ -454,8 +483,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     return dataclasses.replace(
         train, source=aug_cache.CachedSource(train.source, directory))
 
-  metrics = dict(config.eval.get('metrics', None) or {})
-  sandbox = dict(config.eval.get('sandbox', None) or {})
   per_seed: dict[str, list[dict[str, Any]]] = {}
   sizes = {}
   for row_name in config.rows:
@@ -467,9 +494,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         if built.steps:
           train_cfg = ml_collections.ConfigDict(config.train.to_dict())
           train_cfg.steps = built.steps
+        run_dir = os.path.join(workdir, 'runs', row_name, f'seed_{seed}')
+        if built.refs and jax.process_index() == 0:
+          # What the run trains, for generate and load_composition.
+          compositions.write(run_dir, row=row_name, seed=seed,
+                             model=built.task.model, refs=built.refs,
+                             tokenizer=data.tokenizer,
+                             frozen_dtype=config.frozen_dtype)
         trained, _ = run_training(
-            built.task, train_cfg,
-            run_dir=os.path.join(workdir, 'runs', row_name, f'seed_{seed}'),
+            built.task, train_cfg, run_dir=run_dir,
             data=train_data(built.task, row_name, built.split), mesh=mesh,
             rules=rules,
             seed=seed, eval_batches=data.eval(
@@ -479,7 +512,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       scored = evaluation.evaluate(
           built.to_eval(trained), splits, tokenizer=data.tokenizer,
           mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
-          metrics=metrics, sandbox=sandbox)
+          metrics=metrics, sandbox=sandbox,
+          sampling=config.eval.get('sampling', None), seed=seed)
       for name, scores in scored['rows'].items():
         per_seed.setdefault(name, []).append(scores)
         logging.info('[%s] seed %d: %s', name, seed, ', '.join(

@@ -22,8 +22,15 @@ held-out function whose true body passes its doctests).
   python -m calm_jax.main --config=experiments/code.py --workdir=DIR
   python -m calm_jax.main --config=experiments/code.py:smoke --workdir=DIR
 
-On a TPU pod, point `models.*.checkpoint` at real checkpoints and the data
-fields at larger corpora; the rows and metrics stay the same.
+With real checkpoints (a calm_jax model directory or a Hugging Face one),
+the data is tokenized with the anchor's tokenizer, which every model must
+share (checked before anything runs), and the rows that pretrain nothing
+are the ones to keep:
+
+  python -m calm_jax.main --config=experiments/code.py --workdir=DIR \
+    --config.models.anchor.checkpoint=ANCHOR_DIR \
+    --config.models.augmenting.code.checkpoint=CODE_LM_DIR \
+    --config.data.seq_len=1024 --config.frozen_dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -43,12 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = False
 
   # ---------------------------------------------------------------- data
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'code_corpus'
-  config.data.tokenizer = 'byte'
-  # Bytes per example, BOS/EOS included: data.code.max_chars + 1.
-  config.data.seq_len = 128 if smoke else 384
-  config.data.data_dir = ''
+  # Fields shared by every experiment (calm_jax/config_lib.py:data_config):
+  # the tokenizer is bytes, or the anchor checkpoint's when it has one.
+  config.data = config_lib.data_config(
+      'code_corpus',
+      # Bytes per example, BOS/EOS included: data.code.max_chars + 1.
+      seq_len=128 if smoke else 384)
   config.data.code = ml_collections.ConfigDict(dict(
       seed=0,
       # '' = this interpreter's standard library.
@@ -111,11 +118,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- eval
   config.eval = ml_collections.ConfigDict()
+  # HumanEval (the paper's metric): the problems that fit data.seq_len with
+  # the tokenizer (34 of 164 at 384 bytes; most of them with a real
+  # checkpoint's BPE at 1024+), pass@1 of greedy completions.
   config.eval.splits = (('code_eval', 'doc2code_eval', 'code2doc_eval') +
-                        (() if smoke else ('doctest_eval',)))
+                        (() if smoke else ('doctest_eval', 'humaneval')))
   config.eval.metrics = ml_collections.ConfigDict(dict(
       code_eval='loss', doc2code_eval='loss', code2doc_eval='chrf',
-      **({} if smoke else {'doctest_eval': 'pass_rate'})))
+      **({} if smoke else {'doctest_eval': 'pass_rate',
+                           'humaneval': 'pass_at_k'})))
+  # pass@k of `n` sampled completions per HumanEval problem besides the
+  # greedy one (0: greedy pass@1 only); e.g. n=20, k=(1, 10) on a pod.
+  config.eval.sampling = ml_collections.ConfigDict(dict(
+      n=0, k=(1,), temperature=0.8, top_k=0, top_p=0.95))
   config.eval.num_examples = 16 if smoke else 128
   config.eval.batch_size = 8 if smoke else 32
   config.eval.max_new_tokens = 32 if smoke else 192

@@ -38,15 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = False
 
   # ---------------------------------------------------------------- data
-  config.data = ml_collections.ConfigDict()
-  # A dataset in calm_jax.data; each split below names one of its splits.
-  config.data.dataset = 'kv_arithmetic'
-  # Tokenizer shared by every model (vocabularies must agree to compose).
-  config.data.tokenizer = 'byte'
-  # Tokens per training example, BOS..EOS included; longer examples fail.
-  config.data.seq_len = 64 if smoke else 56
-  # Where TFDS writes array_record files; '' means WORKDIR/tfds.
-  config.data.data_dir = ''
+  # Fields shared by every experiment (calm_jax/config_lib.py:data_config):
+  # the tokenizer is bytes, or the anchor checkpoint's when it has one.
+  config.data = config_lib.data_config(
+      'kv_arithmetic',
+      # Tokens per training example, BOS..EOS included; longer ones fail.
+      seq_len=64 if smoke else 56)
   # The task generator (see calm_jax/data/kv_arithmetic.py). The paper's
   # keys (2-6 letters), operand counts (3-6) and 20% compose keys; scaled
   # down for 2 CPU cores: 500 keys whose values are digits 1-9 shared

@@ -21,8 +21,9 @@ low-resource text (`mono_eval`).
   python -m calm_jax.main --config=experiments/ntl.py:smoke --workdir=DIR
 
 On a TPU pod, point `models.*.checkpoint` at real checkpoints (a calm_jax
-model directory or a Hugging Face one) and `data.tokenizer` at their
-tokenizer.
+model directory or a Hugging Face one): the data is then tokenized with the
+anchor's tokenizer (`data.tokenizer` '' = 'anchor'), which every model must
+share (checked before anything runs).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = False
 
   # ---------------------------------------------------------------- data
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'ntl_catalogs'
-  config.data.tokenizer = 'byte'
-  # Bytes per example, BOS/EOS included: data.ntl.max_chars + 1.
-  config.data.seq_len = 64 if smoke else 128
-  config.data.data_dir = ''
+  # Fields shared by every experiment (calm_jax/config_lib.py:data_config):
+  # the tokenizer is bytes, or the anchor checkpoint's when it has one.
+  config.data = config_lib.data_config(
+      'ntl_catalogs',
+      # Bytes per example, BOS/EOS included: data.ntl.max_chars + 1.
+      seq_len=64 if smoke else 128)
   config.data.ntl = ml_collections.ConfigDict(dict(
       seed=0,
       # '' = the catalogs of the installed (pinned) Django.

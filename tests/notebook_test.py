@@ -20,17 +20,14 @@ class NotebookTest(absltest.TestCase):
     path = os.path.join(ROOT, 'notebooks', 'calm_demo.ipynb')
     nb = nbformat.read(path, as_version=4)
     workdir = self.create_tempdir().full_path
-    env = dict(os.environ, SMOKE='1', XLA_FLAGS='')
+    env = dict(os.environ, SMOKE='1', XLA_FLAGS='',
+               CALM_NOTEBOOK_WORKDIR=workdir)
     old = dict(os.environ)
     os.environ.update(env)
     try:
       client = nbclient.NotebookClient(
           nb, timeout=600, kernel_name='python3',
           resources={'metadata': {'path': ROOT}})
-      # The notebook writes its workdir next to where it runs; run it in a
-      # temporary copy of the cwd so the repository stays clean.
-      nb.cells[2].source = nb.cells[2].source.replace(
-          "os.path.abspath('notebook_workdir')", repr(workdir))
       client.execute()
     finally:
       os.environ.clear()
@@ -38,6 +35,8 @@ class NotebookTest(absltest.TestCase):
     outputs = ''.join(o.get('text', '') for c in nb.cells
                       for o in c.get('outputs', []))
     self.assertIn('| calm |', outputs)
+    # compose() starts as the anchor.
+    self.assertRegex(outputs, r'max \|logit difference\| = 0\.0\b')
     images = [o for c in nb.cells for o in c.get('outputs', [])
               if 'image/png' in o.get('data', {})]
     self.assertLen(images, 2)  # The loss curve and the attention map.

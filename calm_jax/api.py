@@ -1,0 +1,137 @@
+"""The small public API for notebooks and scripts.
+
+    import calm_jax
+    model, params = calm_jax.compose(
+        '/ckpts/llama', {'code': ('/ckpts/code_lm', [(3, 7), (7, 15)])})
+    logits = model.apply({'params': params}, tokens)   # Starts as the anchor.
+
+    model, params = calm_jax.load_composition('W/runs/calm/seed_0')
+    tokenizer = calm_jax.load_tokenizer('W/runs/calm/seed_0')
+    out = calm_jax.decoding.generate(model, params, prompts, prompt_len,
+                                     max_new_tokens=32,
+                                     model_kwargs={'prompt_len': prompt_len})
+
+Both return `(model, params)`: a `ComposedLM` and its whole parameter tree
+({'anchor', 'aug_<name>', 'composition'}), for `model.apply` and for
+`calm_jax.decoding`. Only `params['composition']` is meant to train (see
+`calm_jax.train.composition_task` for the training loop's use).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax import checkpoints
+from calm_jax import compositions
+from calm_jax.data import tokenizers
+from calm_jax.models import composition as composition_lib
+from calm_jax.models import transformer
+
+# A model: a directory (calm_jax's or Hugging Face's), or (model, params).
+ModelLike = Union[str, os.PathLike, tuple[transformer.Decoder, Any]]
+# Where an augmenting model joins: explicit (aug_layer, anchor_layer)
+# pairs, or k of the paper's rule (every k-th layer); None is k = 4.
+Pairs = Union[Sequence[Sequence[int]], int, None]
+
+
+def _load(model: ModelLike, what: str, dtype: str, max_len: int | None
+          ) -> tuple[transformer.DecoderConfig, Any]:
+  if isinstance(model, (str, os.PathLike)):
+    cfg, params = checkpoints.load_model(os.fspath(model), what,
+                                         max_len=max_len)
+  else:
+    decoder, params = model
+    if not isinstance(decoder, transformer.Decoder):
+      raise TypeError(f'{what}: expected a directory or (Decoder, params), '
+                      f'got a {type(decoder).__name__}.')
+    cfg = decoder.config
+  return transformer.cast(cfg, params, dtype)
+
+
+def compose(anchor: ModelLike,
+            augmenting: Mapping[str, tuple[ModelLike, Pairs]], *,
+            seed: int = 0, cross_heads: int | None = None,
+            prompt_only: bool = False, dtype: str = 'float32',
+            max_len: int | None = None, **bridge: Any
+            ) -> tuple[composition_lib.ComposedLM, dict[str, Any]]:
+  """A new composition of `anchor` with `augmenting` ({name: (model,
+  pairs)}), its bridges initialised with `seed` (it computes exactly the
+  anchor's logits until they train).
+
+  `bridge` takes the bridge options of `ComposedLM` (`recency_bias`,
+  `recency_max_slope`, `anchor_queries`, `proj_hidden`); `dtype` is what the
+  frozen models are held in; `max_len` caps Hugging Face checkpoints'
+  context. The models must share a tokenizer (same vocabulary size is
+  checked here; `calm_jax.main` also compares the tokenizers themselves).
+  """
+  if not augmenting:
+    raise ValueError('augmenting is empty; give {name: (model, pairs)}.')
+  anchor_cfg, anchor_params = _load(anchor, 'anchor', dtype, max_len)
+  params = {'anchor': anchor_params}
+  augs = []
+  for name, spec in augmenting.items():
+    if not isinstance(spec, tuple) or len(spec) != 2:
+      raise ValueError(f'augmenting[{name!r}] must be (model, pairs), got '
+                       f'{spec!r}.')
+    model, pairs = spec
+    cfg, params[f'aug_{name}'] = _load(model, f'augmenting[{name!r}]', dtype,
+                                       max_len)
+    if cfg.vocab_size != anchor_cfg.vocab_size:
+      raise ValueError(
+          f'augmenting[{name!r}] has {cfg.vocab_size} token ids, the anchor '
+          f'{anchor_cfg.vocab_size}: composed models must share a '
+          'tokenizer.')
+    field = f'augmenting[{name!r}]'
+    if pairs is None or isinstance(pairs, int):
+      pairs = composition_lib.select_pairs(
+          cfg.num_layers, anchor_cfg.num_layers,
+          4 if pairs is None else pairs, field)
+    else:
+      pairs = composition_lib.validate_pairs(
+          pairs, cfg.num_layers, anchor_cfg.num_layers, field)
+    augs.append(composition_lib.Augmenting(name, cfg, pairs))
+  model = composition_lib.ComposedLM(anchor_cfg, tuple(augs),
+                                     cross_heads=cross_heads,
+                                     prompt_only=prompt_only, **bridge)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, 8), jnp.int32),
+                           prompt_len=jnp.ones((1,), jnp.int32))
+    return nn.meta.unbox(variables['params']['composition'])
+
+  params['composition'] = jax.jit(init)(jax.random.key(seed))
+  return model, params
+
+
+def load_composition(run_dir: str, *, step: int | None = None,
+                     dtype: str | None = None, **models: Any
+                     ) -> tuple[composition_lib.ComposedLM, dict[str, Any]]:
+  """A trained composition from its run directory (its composition.json).
+
+  `step` defaults to the latest checkpoint, `dtype` to the one it was
+  trained with; `anchor=` and `augmenting={name: dir}` may point at the
+  same models elsewhere (their fingerprints must match the recorded ones).
+  """
+  model, params, _, _ = compositions.load(run_dir, step=step, dtype=dtype,
+                                          **models)
+  return model, params
+
+
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """The tokenizer of a composition run directory, of a checkpoint
+  directory, or named by a `data.tokenizer` value ('byte', 'char:N')."""
+  if compositions.find(path) is not None:
+    return tokenizers.get_tokenizer(compositions.read(path)['tokenizer']['spec'])
+  if os.path.isdir(path) and tokenizers.has_tokenizer(path):
+    return tokenizers.checkpoint_tokenizer(path, 'path')
+  from calm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  record = config_lib.read_model_json(path).get('tokenizer') if os.path.isdir(
+      path) else None
+  if record:
+    return tokenizers.get_tokenizer(record['spec'])
+  return tokenizers.get_tokenizer(path)
