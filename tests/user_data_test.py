@@ -232,6 +232,7 @@ class TfdsByNameTest(absltest.TestCase):
                     train='train', prompt_key='question',
                     completion_key='answer')
     data_lib.validate_config(cfg)
+    self.assertFalse(files.documents_only(cfg))  # Prompt/completion pairs.
     train = files.source('train', cfg, '')
     evals = files.source('eval', cfg, '')
     self.assertEqual((len(train), len(evals)), (19, 1))  # 95% / 5% of 20.
@@ -242,6 +243,7 @@ class TfdsByNameTest(absltest.TestCase):
     self.assertLen(files.source('train', cfg, ''), 20)
     self.assertLen(files.source('eval', cfg, ''), 4)
     cfg.prompt_key = 'nope'
+    self.assertTrue(files.documents_only(cfg))
     cfg.text_key = 'nope'
     with self.assertRaisesRegex(ValueError, r"has neither 'nope' nor 'nope' "
                                 r"and 'answer' \(its fields: \['answer', "

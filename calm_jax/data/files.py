@@ -252,16 +252,16 @@ class _Mapped(Sequence):
   """A random-access source whose records are turned into examples."""
 
   def __init__(self, source: Sequence[Any], config: UserFilesConfig,
-               name: str, split: str):
+               name: str, split: str, field: str):
     self._source, self._config = source, config
-    self._name, self._split = name, split
+    self._name, self._split, self._field = name, split, field
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, str]:
     return _example(self._source[index], self._config,
-                    f'{self._name}/{self._split}[{index}]', 'data.train')
+                    f'{self._name}/{self._split}[{index}]', self._field)
 
 
 def _tfds_source(split: str, data_cfg: ml_collections.ConfigDict,
@@ -301,7 +301,7 @@ def _tfds_source(split: str, data_cfg: ml_collections.ConfigDict,
                            completion_key=data_cfg.completion_key)
   if len(source):  # Fail on the keys now, not in a reader thread.
     _example(source[0], config, f'{name}/{spec}[0]', split_field)
-  return _Mapped(source, config, name, spec)
+  return _Mapped(source, config, name, spec, f'data.{split}')
 
 
 def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
@@ -322,7 +322,15 @@ def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
 
 def documents_only(data_cfg: ml_collections.ConfigDict) -> bool:
   """Whether every example is a document (no prompt): then none is too
-  long, since the pipeline cuts documents into rows."""
+  long, since the pipeline cuts documents into rows, and the check that
+  reads every example before training can be skipped (a TFDS corpus may
+  hold millions)."""
   if data_cfg.dataset == 'text':
     return True
+  if data_cfg.dataset == 'tfds':
+    features = tfds.builder(data_cfg.tfds_name,
+                            data_dir=data_cfg.get('tfds_data_dir', '') or None
+                            ).info.features
+    return not (data_cfg.prompt_key in features and
+                data_cfg.completion_key in features)
   return False

@@ -154,6 +154,14 @@ class Data:
             f'prompts, but split {split!r} holds documents without a '
             f'prompt (e.g. {_origin(source, n)}); set eval.metrics.{split}='
             "'loss', or give prompt/completion examples.")
+      needed = {'pass_at_k': ('tests', 'entry_point'),
+                'pass_rate': ('tests', 'module', 'name')}.get(metric, ())
+      missing = [f for f in needed if n and f not in source[0]]
+      if missing:
+        raise ValueError(
+            f'eval.metrics.{split}={metric!r} runs each example\'s tests, '
+            f'but split {split!r} has no {missing} fields (its fields: '
+            f'{sorted(source[0])}); choose another metric for it.')
       batches = pipeline.eval_batches(
           source, tokenizer=self.tokenizer,
           seq_len=self.config.seq_len, batch_size=batch_size,
