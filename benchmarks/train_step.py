@@ -98,7 +98,7 @@ def main(argv):
   import numpy as np
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-  from calm_jax import config_lib
+  from calm_jax import tasks
   from calm_jax import train
   from calm_jax.models import composition
   from calm_jax.models import lora as lora_lib
@@ -113,14 +113,12 @@ def main(argv):
   aug = transformer.DecoderConfig(
       d_ff=4 * size['aug']['d_model'], **size['aug'], **common)
   pairs = composition.select_pairs(aug.num_layers, anchor.num_layers, 4)
-  cfg = ml_collections.ConfigDict()
-  cfg.composition = config_lib.composition_config()
   train_cfg = ml_collections.ConfigDict(dict(
       steps=1000, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1,
       weight_decay=0.01, b1=0.9, b2=0.98, grad_clip=1.0))
 
   def init(arch, seed):
-    task = train.decoder_task('x', arch)
+    task = tasks.decoder_task('x', arch)
     params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
         jax.random.key(seed))
     return train.cast_frozen(arch, params, _DTYPE.value)
@@ -135,9 +133,10 @@ def main(argv):
            'prompt_len': jnp.full((b,), t // 2, jnp.int32)}
 
   def calm_task():
-    return train.composition_task(
-        cfg, {'anchor': anchor_params, 'aug_x': aug_params}, anchor_f,
-        (composition.Augmenting('x', aug_f, pairs),))
+    return tasks.composition_task(
+        {'anchor': anchor_params, 'aug_x': aug_params}, anchor_f,
+        (composition.Augmenting('x', aug_f, pairs),),
+        bridge=composition.BridgeConfig())
 
   calm_size = transformer.count_params(jax.eval_shape(
       calm_task().init_trainable, jax.random.key(0)))
@@ -147,16 +146,9 @@ def main(argv):
     if mode == 'calm':
       return calm_task()
     if mode == 'full_ft':
-      full = train.decoder_task('full_ft', anchor)
-      return train.Task('full_ft', full.model, full.apply,
-                        lambda r: full.init_trainable(r), {})
-    model = transformer.Decoder(anchor_f)
-    return train.Task(
-        'lora', model,
-        lambda p, bt: model.apply(
-            {'params': lora_lib.merge(p['anchor'], p['lora'])}, bt['inputs']),
-        lambda r: {'lora': lora_lib.init(r, anchor_params, lora_rank)},
-        {'anchor': anchor_params})
+      return tasks.decoder_task('full_ft', anchor)
+    return tasks.lora_task(anchor_f, anchor_params, lora_rank,
+                           lora_lib.DEFAULT_TARGETS)
 
   peak = _matmul_peak(jax, jnp, statistics, time)
   for mode in _MODES.value:

@@ -14,7 +14,7 @@
 Both return `(model, params)`: a `ComposedLM` and its whole parameter tree
 ({'anchor', 'aug_<name>', 'composition'}), for `model.apply` and for
 `calm_jax.decoding`. Only `params['composition']` is meant to train (see
-`calm_jax.train.composition_task` for the training loop's use).
+`calm_jax.tasks.composition_task` for the training loop's use).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from calm_jax import checkpoints
 from calm_jax import compositions
+from calm_jax import config_lib
 from calm_jax.data import tokenizers
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
@@ -55,38 +56,46 @@ def _load(model: ModelLike, what: str, dtype: str, max_len: int | None
 
 def compose(anchor: ModelLike,
             augmenting: Mapping[str, tuple[ModelLike, Pairs]], *,
-            seed: int = 0, cross_heads: int | None = None,
+            seed: int = 0, bridge: str = 'paper', cross_heads: int = 0,
             prompt_only: bool = False, dtype: str = 'float32',
-            max_len: int | None = None, **bridge: Any
+            max_len: int | None = None, **options: Any
             ) -> tuple[composition_lib.ComposedLM, dict[str, Any]]:
   """A new composition of `anchor` with `augmenting` ({name: (model,
   pairs)}), its bridges initialised with `seed` (it computes exactly the
   anchor's logits until they train).
 
-  `bridge` takes the bridge options of `ComposedLM` (`recency_bias`,
-  `recency_max_slope`, `anchor_queries`, `proj_hidden`); `dtype` is what the
+  `bridge` names the bridge ('paper', or 'ours' with `options` such as
+  `recency_bias=True`, see `calm_jax.models.bridges`); `dtype` is what the
   frozen models are held in; `max_len` caps Hugging Face checkpoints'
-  context. The models must share a tokenizer (same vocabulary size is
-  checked here; `calm_jax.main` also compares the tokenizers themselves).
+  context. Models given as directories must hold or record the same
+  tokenizer (their token-to-id maps are compared); every embedding table
+  must be as large as the anchor's tokenizer.
   """
   if not augmenting:
     raise ValueError('augmenting is empty; give {name: (model, pairs)}.')
   anchor_cfg, anchor_params = _load(anchor, 'anchor', dtype, max_len)
   params = {'anchor': anchor_params}
+  tok = None
+  if isinstance(anchor, (str, os.PathLike)):
+    try:
+      tok = load_tokenizer(os.fspath(anchor))
+    except ValueError:  # A directory that neither holds nor records one.
+      tok = None
   augs = []
   for name, spec in augmenting.items():
     if not isinstance(spec, tuple) or len(spec) != 2:
       raise ValueError(f'augmenting[{name!r}] must be (model, pairs), got '
                        f'{spec!r}.')
     model, pairs = spec
-    cfg, params[f'aug_{name}'] = _load(model, f'augmenting[{name!r}]', dtype,
-                                       max_len)
-    if cfg.vocab_size != anchor_cfg.vocab_size:
-      raise ValueError(
-          f'augmenting[{name!r}] has {cfg.vocab_size} token ids, the anchor '
-          f'{anchor_cfg.vocab_size}: composed models must share a '
-          'tokenizer.')
     field = f'augmenting[{name!r}]'
+    cfg, params[f'aug_{name}'] = _load(model, field, dtype, max_len)
+    if tok is not None and isinstance(model, (str, os.PathLike)):
+      config_lib.check_model_tokenizer(tok, os.fspath(model), field)
+    need = tok.vocab_size if tok is not None else anchor_cfg.vocab_size
+    if cfg.vocab_size < need:
+      raise ValueError(
+          f'{field} has {cfg.vocab_size} token ids, fewer than the anchor\'s '
+          f'tokenizer ({need}): composed models must share a tokenizer.')
     if pairs is None or isinstance(pairs, int):
       pairs = composition_lib.select_pairs(
           cfg.num_layers, anchor_cfg.num_layers,
@@ -95,9 +104,10 @@ def compose(anchor: ModelLike,
       pairs = composition_lib.validate_pairs(
           pairs, cfg.num_layers, anchor_cfg.num_layers, field)
     augs.append(composition_lib.Augmenting(name, cfg, pairs))
-  model = composition_lib.ComposedLM(anchor_cfg, tuple(augs),
-                                     cross_heads=cross_heads,
-                                     prompt_only=prompt_only, **bridge)
+  model = composition_lib.ComposedLM(
+      anchor_cfg, tuple(augs), prompt_only=prompt_only,
+      bridge=composition_lib.BridgeConfig.make(bridge, cross_heads, options,
+                                               'bridge'))
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, 8), jnp.int32),
@@ -129,8 +139,7 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
     return tokenizers.get_tokenizer(compositions.read(path)['tokenizer']['spec'])
   if os.path.isdir(path) and tokenizers.has_tokenizer(path):
     return tokenizers.checkpoint_tokenizer(path, 'path')
-  from calm_jax import config_lib  # pylint: disable=g-import-not-at-top
-  record = config_lib.read_model_json(path).get('tokenizer') if os.path.isdir(
+  record = checkpoints.read_model_json(path).get('tokenizer') if os.path.isdir(
       path) else None
   if record:
     return tokenizers.get_tokenizer(record['spec'])

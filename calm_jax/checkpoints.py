@@ -27,14 +27,60 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from calm_jax import config_lib
 from calm_jax import paths
 from calm_jax.models import transformer
 
 FORMAT = 'calm_jax.decoder/v1'
+MODEL_FILE = 'model.json'
 
 
 # ------------------------------------------------------------ model dirs
+
+
+def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
+  """Reads a model directory's architecture, failing clearly if absent.
+
+  `field` names where the path came from (e.g. 'models.anchor.checkpoint').
+  """
+  path = os.fspath(path)
+  meta = os.path.join(path, MODEL_FILE)
+  if not epath.Path(path).is_dir():
+    raise FileNotFoundError(
+        f'{field}: no model directory at {path!r}. Point it at a directory '
+        'written by calm_jax or a Hugging Face checkpoint (config.json and '
+        '*.safetensors).')
+  if is_hf_checkpoint(path):
+    from calm_jax import hf_import  # Deferred: reads safetensors.
+    return hf_import.read_config(path)[1]
+  try:
+    arch = json.loads(epath.Path(meta).read_text())['arch']
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(
+        f'{field}: {meta!r} is missing or corrupted ({e}). The directory is '
+        'not a complete calm_jax model (nor a Hugging Face one: no '
+        'config.json); re-export it, or point the field at a complete '
+        'one.') from e
+  return transformer.DecoderConfig.from_dict(arch, field)
+
+
+def read_model_json(path: str) -> dict[str, Any]:
+  """A calm_jax model directory's model.json ({} when unreadable)."""
+  try:
+    return json.loads((epath.Path(path) / MODEL_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  """A Hugging Face layout (config.json) rather than calm_jax's own."""
+  p = epath.Path(path)
+  return not (p / MODEL_FILE).exists() and (p / 'config.json').exists()
+
+
+
+def model_exists(path: str) -> bool:
+  return (epath.Path(path) / MODEL_FILE).is_file()
+
 
 
 def save_model(path: str, config: transformer.DecoderConfig, params: Any,
@@ -55,7 +101,7 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
     ckptr.save(tmp / 'params', params)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    (tmp / config_lib.MODEL_FILE).write_text(json.dumps(
+    (tmp / MODEL_FILE).write_text(json.dumps(
         {'format': FORMAT, 'arch': config.to_dict(), 'uid': uuid.uuid4().hex,
          **metadata}, indent=2))
     if path.exists():  # Keep the old one until the new one is whole.
@@ -79,8 +125,8 @@ def load_model(path: str, field: str = 'checkpoint', shardings: Any = None,
   `max_len` caps a Hugging Face checkpoint's context (its decode caches),
   whose `max_position_embeddings` may be far longer than any use here.
   """
-  config = config_lib.read_model_file(path, field)
-  if config_lib.is_hf_checkpoint(path):
+  config = read_model_file(path, field)
+  if is_hf_checkpoint(path):
     from calm_jax import hf_import  # Deferred: reads safetensors.
     if max_len is not None:
       max_len = min(max_len, config.max_len)
@@ -155,10 +201,6 @@ def load_composition(directory: str, step: int | None = None
     name, i, j = key.rsplit('_', 2)
     pairs.setdefault(name, []).append((int(i), int(j)))
   return params, pairs
-
-
-def model_exists(path: str) -> bool:
-  return (epath.Path(path) / config_lib.MODEL_FILE).is_file()
 
 
 # ----------------------------------------------------------- training runs

@@ -5,8 +5,7 @@ it trains, a small JSON file that says everything needed to use what it
 trains:
 
   pairs       per augmenting model, its (augmenting layer, anchor layer)s;
-  bridge      the bridge options (heads, recency bias, f_proj MLP, ...) and
-              `prompt_only`;
+  bridge      the bridge by name, its heads and options, and `prompt_only`;
   models      each frozen model's directory (absolute, and relative to the
               run) and a fingerprint of its config and weights index, or
               the seed of a randomly initialised stand-in;
@@ -118,11 +117,8 @@ def write(run_dir: str, *, row: str, seed: int, model: Any,
   from calm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_dir = paths.absolute(run_dir)
   epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
-  bridge = dict(cross_heads=model.cross_heads or model.anchor.num_heads,
-                recency_bias=model.recency_bias,
-                recency_max_slope=model.recency_max_slope,
-                anchor_queries=model.anchor_queries,
-                proj_hidden=model.proj_hidden)
+  bridge = model.bridge.to_dict()
+  bridge['cross_heads'] = bridge['cross_heads'] or model.anchor.num_heads
   info = {
       'format': FORMAT,
       'row': row,
@@ -273,8 +269,10 @@ def load(path: str, *, anchor: str | None = None,
   ckpt_dir = os.path.join(run_dir, info.get('checkpoints', 'checkpoints'))
   params['composition'], _ = checkpoints.load_composition(ckpt_dir,
                                                           step=step)
-  bridge = dict(info['bridge'])
+  b = info['bridge']
+  bridge = composition_lib.BridgeConfig.make(
+      b['name'], b['cross_heads'], b['options'], f'{FILE}: bridge')
   model = composition_lib.ComposedLM(
-      anchor_cfg, tuple(augs), cross_heads=bridge.pop('cross_heads'),
-      prompt_only=info.get('prompt_only', False), **bridge)
+      anchor_cfg, tuple(augs), bridge=bridge,
+      prompt_only=info.get('prompt_only', False))
   return model, params, tok, info

@@ -8,18 +8,18 @@ offending field and the fix.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from etils import epath
 import ml_collections
 
+from calm_jax import checkpoints
+from calm_jax.data import tokenizers
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
 
 ConfigDict = ml_collections.ConfigDict
-MODEL_FILE = 'model.json'
 # data.seq_len=0: the models' shortest context, at most this.
 AUTO_SEQ_LEN = 1024
 
@@ -111,8 +111,6 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
                  every_k: int = 4) -> ConfigDict:
   """One model: its architecture, where it comes from, how it composes."""
   c = ConfigDict()
-  # A module of calm_jax.models that builds the network.
-  c.model = 'transformer'
   # A calm_jax model directory (see checkpoints.save_model); '' means
   # pretrain it with `pretrain` and cache it in the workdir.
   c.checkpoint = ''
@@ -136,30 +134,18 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
 def composition_config(**overrides: Any) -> ConfigDict:
   """The trainable bridges (see calm_jax/models/composition.py)."""
   c = ConfigDict()
+  # Which bridge joins each layer pair: 'paper' (composition.PaperBridge),
+  # or 'ours' (models/bridges.py), whose options are `ours` below.
+  c.bridge = 'paper'
   # Cross-attention heads; 0 means the anchor's head count (the paper's).
   c.cross_heads = 0
   # Ablation: the augmenting model reads the prompt only.
   c.prompt_only = False
-  # Ours: a learnt per-head recency bias -slope * (t - s) in every bridge,
-  # so a head can read m_A at the anchor's own position (the paper's f_cross
-  # has none; content alone cannot find it among repeated tokens).
-  c.recency_bias = False
-  # Initial slope of the sharpest recency head (the others start flatter,
-  # down to 1/64 of it); larger reads m_A's own position more exclusively
-  # from the first step.
-  c.recency_max_slope = 1.0
-  # Ours: False drops the content term of the bridges' attention (no query
-  # or key projections), leaving the recency bias alone to choose which m_A
-  # positions to read (needs recency_bias). The paper's f_cross takes its
-  # queries from the anchor.
-  c.anchor_queries = True
-  # Ours (0: the paper's linear f_proj): > 0 follows the projection with a
-  # residual GELU MLP of this width, so a bridge can map m_A's state to
-  # what the anchor needs non-linearly.
-  c.proj_hidden = 0
+  # Options of bridge 'ours' (read only when bridge='ours'): recency_bias,
+  # recency_max_slope, anchor_queries, proj_hidden, gate.
+  c.ours = ConfigDict(composition_lib.bridge_defaults('ours'))
   # Ours (0: the paper): adds weight x the mean over tokens of the squared
-  # norm of what the bridges write into the anchor's stream to the training
-  # loss, so they leave alone what D_C does not need them to change.
+  # norm of what the bridges write into the anchor's stream to the loss.
   c.write_penalty = 0.0
   # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
   # read them every step instead of running m_A.
@@ -201,43 +187,52 @@ def decoder_config(model_cfg: ConfigDict, field: str
                    ) -> transformer.DecoderConfig:
   """The architecture of a config'd model, from its checkpoint if it has one."""
   if model_cfg.checkpoint:
-    return read_model_file(model_cfg.checkpoint, f'{field}.checkpoint')
+    return checkpoints.read_model_file(model_cfg.checkpoint,
+                                       f'{field}.checkpoint')
   return transformer.DecoderConfig.from_dict(model_cfg.arch.to_dict(),
                                              f'{field}.arch')
 
 
-def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
-  """Reads a model directory's architecture, failing clearly if absent.
+def augmenting_models(config: ConfigDict
+                      ) -> tuple[composition_lib.Augmenting, ...]:
+  """The augmenting models with their layer pairs (validated)."""
+  anchor = decoder_config(config.models.anchor, 'models.anchor')
+  out = []
+  for name, m in config.models.augmenting.items():
+    field = f'models.augmenting.{name}'
+    arch = decoder_config(m, field)
+    if m.pairs:
+      if not all(isinstance(p, (tuple, list)) for p in m.pairs):
+        raise ValueError(
+            f'{field}.pairs={tuple(m.pairs)!r} must be a tuple of '
+            '(aug_layer, anchor_layer) pairs, e.g. ((1, 1), (3, 3)).')
+      pairs = composition_lib.validate_pairs(
+          m.pairs, arch.num_layers, anchor.num_layers, f'{field}.pairs')
+    else:
+      pairs = composition_lib.select_pairs(
+          arch.num_layers, anchor.num_layers, m.every_k, field)
+    out.append(composition_lib.Augmenting(name, arch, pairs))
+  return tuple(out)
 
-  `field` names where the path came from (e.g. 'models.anchor.checkpoint').
+
+def bridge_config(c: ConfigDict) -> composition_lib.BridgeConfig:
+  """The validated bridge of `config.composition`.
+
+  A bridge's options are read from `composition.<bridge>` (e.g.
+  `composition.ours`); options of another bridge must keep their defaults.
   """
-  path = os.fspath(path)
-  meta = os.path.join(path, MODEL_FILE)
-  if not epath.Path(path).is_dir():
-    raise FileNotFoundError(
-        f'{field}: no model directory at {path!r}. Point it at a directory '
-        'written by calm_jax or a Hugging Face checkpoint (config.json and '
-        '*.safetensors).')
-  if is_hf_checkpoint(path):
-    from calm_jax import hf_import  # Deferred: reads safetensors.
-    return hf_import.read_config(path)[1]
-  try:
-    arch = json.loads(epath.Path(meta).read_text())['arch']
-  except (OSError, ValueError, KeyError) as e:
-    raise ValueError(
-        f'{field}: {meta!r} is missing or corrupted ({e}). The directory is '
-        'not a complete calm_jax model (nor a Hugging Face one: no '
-        'config.json); re-export it, or point the field at a complete '
-        'one.') from e
-  return transformer.DecoderConfig.from_dict(arch, field)
-
-
-def read_model_json(path: str) -> dict[str, Any]:
-  """A calm_jax model directory's model.json ({} when unreadable)."""
-  try:
-    return json.loads((epath.Path(path) / MODEL_FILE).read_text())
-  except (OSError, ValueError):
-    return {}
+  for name in composition_lib.BRIDGES:
+    if name != c.bridge and name in c:
+      defaults = composition_lib.bridge_defaults(name)
+      changed = sorted(k for k, v in c[name].items() if defaults.get(k) != v)
+      if changed:
+        raise ValueError(
+            f'composition.{name}.{changed[0]}={c[name][changed[0]]!r} is read '
+            f"only by composition.bridge={name!r}, not by {c.bridge!r}; set "
+            f"composition.bridge={name!r}, or leave it at its default.")
+  options = c[c.bridge].to_dict() if c.bridge in c else {}
+  return composition_lib.BridgeConfig.make(
+      c.bridge, c.cross_heads, options, f'composition.{c.bridge}')
 
 
 def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
@@ -248,19 +243,14 @@ def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
   sizes are not enough. A checkpoint without a tokenizer is refused, since
   nothing says which ids it reads.
   """
-  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
   path = os.fspath(path)
-  if is_hf_checkpoint(path):
-    if not tokenizers.has_tokenizer(path):
-      raise ValueError(
-          f'{field}={path!r} holds no tokenizer (tokenizer.json or '
-          'tokenizer.model), so nothing says which token ids it was trained '
-          "on; copy its tokenizer's files into that directory.")
+  if checkpoints.is_hf_checkpoint(path):
+    check_has_tokenizer(path, field)
     own = tokenizers.checkpoint_tokenizer(path, field)
     diff = tokenizers.difference(tok, own)
     theirs = own.spec
   else:
-    record = read_model_json(path).get('tokenizer')
+    record = checkpoints.read_model_json(path).get('tokenizer')
     if record is None:
       # Written before models recorded their tokenizer; such models were
       # all trained on 'byte' or 'char' ids.
@@ -278,58 +268,19 @@ def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
     raise ValueError(
         f'{field}={path!r} reads the ids of another tokenizer than '
         f'data.tokenizer={tok.spec!r} ({diff}). A model must be fed its '
-        'own tokenizer\'s ids, and composed models must share one: set '
-        f'data.tokenizer={theirs!r} (or \'anchor\'), and compose models '
+        "own tokenizer's ids, and composed models must share one: set "
+        f"data.tokenizer={theirs!r} (or 'anchor'), and compose models "
         'trained with the same tokenizer.')
 
 
-def is_hf_checkpoint(path: str) -> bool:
-  """A Hugging Face layout (config.json) rather than calm_jax's own."""
-  p = epath.Path(path)
-  return not (p / MODEL_FILE).exists() and (p / 'config.json').exists()
-
-
-def augmenting_models(config: ConfigDict
-                      ) -> tuple[composition_lib.Augmenting, ...]:
-  """The augmenting models with their layer pairs (validated)."""
-  anchor = decoder_config(config.models.anchor, 'models.anchor')
-  out = []
-  for name, m in config.models.augmenting.items():
-    field = f'models.augmenting.{name}'
-    arch = decoder_config(m, field)
-    if m.pairs:
-      pairs = composition_lib.validate_pairs(
-          m.pairs, arch.num_layers, anchor.num_layers, f'{field}.pairs')
-    else:
-      pairs = composition_lib.select_pairs(
-          arch.num_layers, anchor.num_layers, m.every_k, field)
-    out.append(composition_lib.Augmenting(name, arch, pairs))
-  return tuple(out)
-
-
-# -------------------------------------------------------------- validation
-
-
-def resolve(config: ConfigDict) -> ConfigDict:
-  """A copy of `config` with its derived fields made explicit.
-
-  `data.tokenizer` becomes a name or an absolute path ('' and 'anchor'
-  name the anchor checkpoint's tokenizer, or bytes when the anchor is
-  pretrained here). Resolving a resolved config changes nothing.
-  """
-  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
-  out = ConfigDict(config.to_dict())
-  out.data.tokenizer = tokenizers.resolve_spec(
-      out.data.get('tokenizer', ''), out.models.anchor.checkpoint)
-  if out.data.get('seq_len', None) == 0:
-    # The shortest context of the models, at most AUTO_SEQ_LEN.
-    roles = [('models.anchor', out.models.anchor)] + [
-        (f'models.augmenting.{n}', m)
-        for n, m in out.models.augmenting.items()]
-    contexts = [decoder_config(m, field).max_len for field, m in roles
-                if m.checkpoint or m.arch]
-    out.data.seq_len = min(contexts + [AUTO_SEQ_LEN])
-  return out
+def check_has_tokenizer(path: str, field: str) -> None:
+  """A Hugging Face checkpoint must hold the tokenizer it was trained on."""
+  if checkpoints.is_hf_checkpoint(path) and not tokenizers.has_tokenizer(
+      path):
+    raise ValueError(
+        f'{field}={path!r} holds no tokenizer (tokenizer.json or '
+        'tokenizer.model), so nothing says which token ids it was trained '
+        "on; copy its tokenizer's files into that directory.")
 
 
 def model_checkpoints(config: ConfigDict) -> list[tuple[str, str]]:
@@ -372,12 +323,12 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
   and tokenizer are this config's; otherwise reusing it would silently
   train on another model than the config describes.
   """
-  from calm_jax.data import tokenizers  # Deferred: data pulls in TFDS.
   tok = tokenizers.get_tokenizer(config.data.tokenizer)
   for field, path, m in cached_models(config, workdir):
-    if not (epath.Path(path) / MODEL_FILE).is_file():
+    if not checkpoints.model_exists(path):
       continue
-    cached = read_model_file(path, f'{field} (cached in the workdir)')
+    cached = checkpoints.read_model_file(path,
+                                         f'{field} (cached in the workdir)')
     wanted = transformer.DecoderConfig.from_dict(m.arch.to_dict(),
                                                  f'{field}.arch')
     if cached != wanted:
@@ -394,59 +345,88 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
                        ) from None
 
 
-def validate(config: ConfigDict, devices: Sequence[Any] | None = None
-             ) -> None:
-  """Checks a whole experiment config before any compute.
+# -------------------------------------------------------------- validation
+#
+# Each section of a config is checked by its own function; `train.validate`
+# calls them in turn, before any compute.
 
-  `devices` (default: all) are what the mesh and batch sizes are checked
-  against.
+
+def resolve(config: ConfigDict) -> ConfigDict:
+  """A copy of `config` with its derived fields made explicit.
+
+  `data.tokenizer` becomes a name or an absolute path ('' and 'anchor'
+  name the anchor checkpoint's tokenizer, or bytes when the anchor is
+  pretrained here); `data.seq_len` 0 becomes the models' shortest context,
+  at most AUTO_SEQ_LEN. Resolving a resolved config changes nothing.
   """
-  from calm_jax import data as data_lib  # Deferred: pulls in TFDS.
-  from calm_jax import sharding  # Deferred: touches the backend.
-  from calm_jax.data import tokenizers
+  out = ConfigDict(config.to_dict())
+  out.data.tokenizer = tokenizers.resolve_spec(
+      out.data.get('tokenizer', ''), out.models.anchor.checkpoint)
+  if out.data.get('seq_len', None) == 0:
+    roles = [('models.anchor', out.models.anchor)] + [
+        (f'models.augmenting.{n}', m)
+        for n, m in out.models.augmenting.items()]
+    contexts = [decoder_config(m, field).max_len for field, m in roles
+                if m.checkpoint or m.arch]
+    out.data.seq_len = min(contexts + [AUTO_SEQ_LEN])
+  return out
 
-  config = resolve(config)
-  mesh = make_mesh(config, devices)
-  # The model directories first: the default tokenizer is the anchor's.
-  for field, path in model_checkpoints(config):
-    read_model_file(path, field)
-    if is_hf_checkpoint(path) and not tokenizers.has_tokenizer(path):
-      raise ValueError(
-          f'{field}={path!r} holds no tokenizer (tokenizer.json or '
-          'tokenizer.model), so nothing says which token ids it was trained '
-          "on; copy its tokenizer's files into that directory.")
 
-  data_lib.validate_config(config.data)
-  splits = data_lib.split_names(config.data.dataset)
+SplitCheck = Callable[[str, str], None]
 
-  def check_split(split, field):
+
+def split_check(splits: Sequence[str], dataset: str) -> SplitCheck:
+  """check(split, field): refuses a split the dataset does not have."""
+  def check(split: str, field: str) -> None:
     if split not in splits:
       raise ValueError(f'{field}={split!r} is not a split of dataset '
-                       f'{config.data.dataset!r}; choose one of {splits}.')
+                       f'{dataset!r}; choose one of {list(splits)}.')
+  return check
 
-  def check_train(t, field):
-    check_split(t.split, f'{field}.split')
-    for name in ('steps', 'batch_size'):
-      if int(t[name]) <= 0:
-        raise ValueError(f'{field}.{name} must be positive, got {t[name]}.')
-    if t.learning_rate <= 0:
-      raise ValueError(f'{field}.learning_rate must be positive.')
-    seq_len = t.get('seq_len', 0)
-    if (not isinstance(seq_len, int) or seq_len == 1 or
-        not 0 <= seq_len <= config.data.seq_len):
-      raise ValueError(
-          f'{field}.seq_len={seq_len!r} must be 0 (use data.seq_len) or an '
-          f'int in [2, data.seq_len={config.data.seq_len}].')
-    sharding.check_batch_size(t.batch_size, mesh, f'{field}.batch_size')
 
+def check_model_dirs(config: ConfigDict) -> None:
+  """Every model directory exists and says which tokenizer it reads.
+
+  Checked before the data: the default tokenizer is the anchor's.
+  """
+  for field, path in model_checkpoints(config):
+    checkpoints.read_model_file(path, field)
+    check_has_tokenizer(path, field)
+
+
+def validate_train(t: ConfigDict, field: str, check_split: SplitCheck,
+                   seq_len: int, check_batch: Callable[[int, str], None]
+                   ) -> None:
+  """One training run's fields (`train`, or a model's `pretrain`)."""
+  check_split(t.split, f'{field}.split')
+  for name in ('steps', 'batch_size'):
+    if not isinstance(t[name], int) or t[name] <= 0:
+      raise ValueError(f'{field}.{name} must be a positive int, got '
+                       f'{t[name]!r}.')
+  if not t.learning_rate > 0:
+    raise ValueError(f'{field}.learning_rate must be positive.')
+  row_len = t.get('seq_len', 0)
+  if (not isinstance(row_len, int) or row_len == 1 or
+      not 0 <= row_len <= seq_len):
+    raise ValueError(
+        f'{field}.seq_len={row_len!r} must be 0 (use data.seq_len) or an '
+        f'int in [2, data.seq_len={seq_len}].')
+  check_batch(t.batch_size, f'{field}.batch_size')
+
+
+def validate_models(config: ConfigDict, check_split: SplitCheck,
+                    check_batch: Callable[[int, str], None]) -> None:
+  """`config.models` against the data's tokenizer and sequence length.
+
+  One tokenizer feeds every model: each checkpoint must have been trained
+  on it (same token-to-id map), and each embedding table must hold its ids
+  (a table padded past the vocabulary is fine).
+  """
   if not config.models.augmenting:
     raise ValueError('models.augmenting is empty; CALM needs at least one '
                      'augmenting model.')
   roles = [('models.anchor', config.models.anchor)] + [
       (f'models.augmenting.{n}', m) for n, m in config.models.augmenting.items()]
-  # One tokenizer feeds every model: each checkpoint must have been trained
-  # on it (same token-to-id map), and each embedding table must hold its
-  # ids (a table padded past the vocabulary is fine).
   for field, m in roles:
     if not m.checkpoint and not m.arch:
       raise ValueError(f'{field}.checkpoint is empty, and {field}.arch names '
@@ -455,8 +435,8 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
   tok = tokenizers.get_tokenizer(config.data.tokenizer)
   for field, path in model_checkpoints(config):
     check_model_tokenizer(tok, path, field)
+  seq_len = config.data.seq_len
   for field, m in roles:
-    check_model_name(m.model, f'{field}.model')
     arch = decoder_config(m, field)
     where = f'{field}.checkpoint' if m.checkpoint else f'{field}.arch'
     if arch.vocab_size < tok.vocab_size:
@@ -466,106 +446,64 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
           + (f'set {field}.arch.vocab_size to at least {tok.vocab_size}.'
              if not m.checkpoint else
              'use a checkpoint trained with this tokenizer.'))
-    if arch.max_len < config.data.seq_len:
+    if arch.max_len < seq_len:
       raise ValueError(
           f'{where}: max_len={arch.max_len} is shorter than '
-          f'data.seq_len={config.data.seq_len}; lower data.seq_len'
+          f'data.seq_len={seq_len}; lower data.seq_len'
           + (' or raise max_len.' if not m.checkpoint else '.'))
     if not m.checkpoint:
-      check_train(m.pretrain, f'{field}.pretrain')
-  augmenting_models(config)  # Layer pairs.
-  from calm_jax import rows as rows_lib
-  if not config.rows:
-    raise ValueError("rows is empty; list the table's rows, e.g. "
-                     "('m_B', 'm_A', 'calm').")
-  for i, row in enumerate(config.rows):
-    if row not in rows_lib.BUILDERS:
-      raise ValueError(f'rows[{i}]={row!r} is not a known row; choose from '
-                       f'{sorted(rows_lib.BUILDERS)}.')
+      validate_train(m.pretrain, f'{field}.pretrain', check_split, seq_len,
+                     check_batch)
+  augmenting = augmenting_models(config)  # Layer pairs.
+  if 'calm_vanilla_aug' in config.rows:
+    anchor_layers = decoder_config(config.models.anchor,
+                                   'models.anchor').num_layers
+    for a, (name, m) in zip(augmenting, config.models.augmenting.items()):
+      field = f'models.augmenting.{name}'
+      if m.vanilla_checkpoint:
+        vanilla = checkpoints.read_model_file(m.vanilla_checkpoint,
+                                              f'{field}.vanilla_checkpoint')
+        composition_lib.validate_pairs(
+            a.pairs, vanilla.num_layers, anchor_layers,
+            f'{field}.vanilla_checkpoint (its layers, with the pairs of '
+            f'{field})')
+      elif not m.checkpoint:
+        check_split(m.vanilla_split, f'{field}.vanilla_split')
   if config.frozen_dtype not in transformer.DTYPES:
     raise ValueError(f'frozen_dtype={config.frozen_dtype!r} is not one of '
                      f'{sorted(transformer.DTYPES)}.')
-  if not config.seeds:
-    raise ValueError('seeds is empty; give at least one, e.g. (0,).')
-  if 'calm_vanilla_aug' in config.rows:
-    for name, m in config.models.augmenting.items():
-      field = f'models.augmenting.{name}'
-      if m.checkpoint and not m.vanilla_checkpoint:
-        raise ValueError(
-            f"rows has 'calm_vanilla_aug', which composes an m_A of "
-            f'{field}.checkpoint\'s architecture trained without its '
-            f'skill; a checkpoint\'s m_A is not pretrained here, so set '
-            f'{field}.vanilla_checkpoint to such a model, or drop the row.')
-      if not m.vanilla_checkpoint:
-        check_split(m.vanilla_split, f'{field}.vanilla_split')
-      else:
-        vanilla = read_model_file(m.vanilla_checkpoint,
-                                  f'{field}.vanilla_checkpoint')
-        composition_lib.validate_pairs(
-            augmenting_models(config)[list(config.models.augmenting).index(
-                name)].pairs, vanilla.num_layers, decoder_config(
-                    config.models.anchor, 'models.anchor').num_layers,
-            f'{field}.vanilla_checkpoint (its layers, with the pairs of '
-            f'{field})')
-  check_train(config.train, 'train')
-  slope = config.composition.get('recency_max_slope', 1.0)
-  if not isinstance(slope, (int, float)) or not slope > 0:
-    raise ValueError(f'composition.recency_max_slope={slope!r} must be a '
-                     'positive number (1.0: the sharpest head starts at '
-                     'slope 1).')
-  hidden = config.composition.get('proj_hidden', 0)
-  if not isinstance(hidden, int) or hidden < 0:
-    raise ValueError(f'composition.proj_hidden={hidden!r} must be an integer '
-                     '>= 0 (0: the paper\'s linear f_proj).')
-  penalty = config.composition.get('write_penalty', 0.0)
+
+
+def validate_composition(config: ConfigDict) -> None:
+  """`config.composition`: the bridge and its training options."""
+  c = config.composition
+  bridge_config(c)
+  penalty = c.write_penalty
   if not isinstance(penalty, (int, float)) or not penalty >= 0:
     raise ValueError(f'composition.write_penalty={penalty!r} must be a '
                      'number >= 0 (0: no penalty, the paper).')
-  if (not config.composition.get('anchor_queries', True)
-      and not config.composition.recency_bias):
-    raise ValueError('composition.anchor_queries=False needs '
-                     'composition.recency_bias=True (without either, every '
-                     'head averages all earlier positions); set it.')
-  if config.composition.cache_augmenting and config.data.get('pack', False):
-    raise ValueError('composition.cache_augmenting=True stores m_A\'s states '
+  if c.cache_augmenting and config.data.get('pack', False):
+    raise ValueError("composition.cache_augmenting=True stores m_A's states "
                      'per example, which packed rows do not keep; set '
                      'data.pack=False or composition.cache_augmenting=False.')
-  for i, split in enumerate(config.eval.splits):
-    check_split(split, f'eval.splits[{i}]')
-  if config.eval.during_training_split:
-    check_split(config.eval.during_training_split,
-                'eval.during_training_split')
-  sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
-  from calm_jax import evaluation
-  for split, metric in (config.eval.get('metrics', None) or {}).items():
-    if split not in config.eval.splits:
-      raise ValueError(
-          f'eval.metrics.{split}: {split!r} is not one of eval.splits='
-          f'{tuple(config.eval.splits)}; add it there or remove the entry.')
-    evaluation.check_metric(metric, f'eval.metrics.{split}')
-  evaluation.check_sampling(config.eval.get('sampling', None))
-  full_ft_split = config.baselines.get('full_ft_split', '')
-  if full_ft_split and 'full_ft' in config.rows:
-    check_split(full_ft_split, 'baselines.full_ft_split')
-  full_ft_steps = config.baselines.get('full_ft_steps', 0)
-  if (not isinstance(full_ft_steps, int) or isinstance(full_ft_steps, bool)
-      or full_ft_steps < 0):
+
+
+def validate_baselines(config: ConfigDict, check_split: SplitCheck) -> None:
+  b = config.baselines
+  if b.full_ft_split and 'full_ft' in config.rows:
+    check_split(b.full_ft_split, 'baselines.full_ft_split')
+  if (not isinstance(b.full_ft_steps, int) or isinstance(b.full_ft_steps, bool)
+      or b.full_ft_steps < 0):
     raise ValueError(
-        f'baselines.full_ft_steps={full_ft_steps!r} must be an integer >= 0 '
-        '(0 = train.steps). Set it to the full_ft row\'s number of steps.')
-
-
-def check_model_name(name: str, field: str) -> None:
-  """Models are chosen by module name in calm_jax.models, big_vision style."""
-  from calm_jax import models
-  if name not in models.LM_MODULES:
-    raise ValueError(f'{field}={name!r} is not a model in calm_jax.models; '
-                     f'choose one of {list(models.LM_MODULES)}.')
+        f'baselines.full_ft_steps={b.full_ft_steps!r} must be an integer >= 0 '
+        "(0 = train.steps). Set it to the full_ft row's number of steps.")
+  if not config.seeds:
+    raise ValueError('seeds is empty; give at least one, e.g. (0,).')
 
 
 def make_mesh(config: ConfigDict, devices: Sequence[Any] | None = None):
   """The experiment's device mesh (`config.mesh`)."""
-  from calm_jax import sharding
+  from calm_jax import sharding  # Deferred: touches the backend.
   return sharding.make_mesh(
       {'data': config.mesh.data, 'fsdp': config.mesh.fsdp,
        'tensor': config.mesh.tensor}, devices)

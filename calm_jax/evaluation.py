@@ -26,19 +26,19 @@ import functools
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
 from calm_jax import decoding
 from calm_jax import paths
 from calm_jax import sharding
+from calm_jax import tasks
 
 from calm_jax.data import model_inputs
 
@@ -53,6 +53,26 @@ def check_metric(metric: str, field: str) -> None:
   if metric not in METRICS:
     raise ValueError(f'{field}={metric!r} is not a metric; choose one of '
                      f'{sorted(METRICS)}.')
+
+
+def validate(eval_cfg: Any, check_split: Callable[[str, str], None],
+             check_batch: Callable[[int, str], None]) -> None:
+  """`config.eval`: its splits, metrics, sampling and batch size."""
+  for i, split in enumerate(eval_cfg.splits):
+    check_split(split, f'eval.splits[{i}]')
+  if eval_cfg.during_training_split:
+    check_split(eval_cfg.during_training_split, 'eval.during_training_split')
+  check_batch(eval_cfg.batch_size, 'eval.batch_size')
+  for split, metric in (eval_cfg.get('metrics', None) or {}).items():
+    if split not in eval_cfg.splits:
+      raise ValueError(
+          f'eval.metrics.{split}: {split!r} is not one of eval.splits='
+          f'{tuple(eval_cfg.splits)}; add it there or remove the entry.')
+    check_metric(metric, f'eval.metrics.{split}')
+  check_sampling(eval_cfg.get('sampling', None))
+  if not isinstance(eval_cfg.max_new_tokens, int) or eval_cfg.max_new_tokens < 1:
+    raise ValueError(f'eval.max_new_tokens={eval_cfg.max_new_tokens!r} must '
+                     'be a positive int.')
 
 
 def check_sampling(sampling: Any, field: str = 'eval.sampling') -> None:
@@ -110,11 +130,9 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
 @functools.lru_cache(maxsize=None)
 def _loss_fn(model: nn.Module, composed: bool):
   def fn(params, batch):
-    kw = {'prompt_len': batch['prompt_len']} if composed else {}
-    logits = model.apply({'params': params}, batch['inputs'], **kw)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-    return (nll * batch['weights']).sum(), batch['weights'].sum()
+    apply = tasks.composed_apply if composed else tasks.decoder_apply
+    nll, _, weight = tasks.token_nll(apply(model, params, batch), batch)
+    return nll, weight
   return jax.jit(fn)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from calm_jax import checkpoints
 from calm_jax import compositions
-from calm_jax import config_lib
 from calm_jax import decoding
+from calm_jax import logs
 from calm_jax.data import tokenizers
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
@@ -88,7 +88,7 @@ def _model_tokenizer(path: str):
   """The tokenizer a model directory holds or records."""
   if tokenizers.has_tokenizer(path):
     return tokenizers.checkpoint_tokenizer(path, '--anchor')
-  record = config_lib.read_model_json(path).get('tokenizer')
+  record = checkpoints.read_model_json(path).get('tokenizer')
   if record:
     return tokenizers.get_tokenizer(record['spec'])
   return tokenizers.get_tokenizer('byte')  # Older calm_jax models.
@@ -115,7 +115,7 @@ def _legacy(augmenting: dict[str, str]):
                                           tuple(sorted(pairs[name]))))
   model = composition_lib.ComposedLM(
       anchor_cfg, tuple(aug), prompt_only=bool(_PROMPT_ONLY.value),
-      **composition_lib.bridge_options(comp))
+      bridge=composition_lib.bridge_config_of(comp))
   tok = (tokenizers.get_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
          else _model_tokenizer(_ANCHOR.value))
   return model, params, tok
@@ -124,6 +124,7 @@ def _legacy(augmenting: dict[str, str]):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logs.quiet_libraries()
   augmenting = _check_flags()
   try:
     if not _COMPOSITION.value:

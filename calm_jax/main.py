@@ -7,8 +7,6 @@ Rerunning with the same workdir resumes: pretrained models are reused and
 training continues from the last checkpoint.
 """
 
-import logging as logging_std
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -16,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from calm_jax import distributed
+from calm_jax import logs
 from calm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,23 +25,10 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _LibraryFilter(logging_std.Filter):
-  """Drops the libraries' routine INFO lines (Orbax logs every file it
-  writes) and TFDS's custom-config warning, so progress stays readable.
-  `--verbosity=1` shows everything."""
-  _NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/etils/')
-
-  def filter(self, record):
-    if flags.FLAGS.verbosity >= 1:
-      return True
-    noisy = any(n in record.pathname for n in self._NOISY)
-    return not noisy or record.levelno >= logging_std.ERROR
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_LibraryFilter())
+  logs.quiet_libraries()
   distributed.initialize_from_flags()
   logging.info('JAX %s, %s', jax.__version__, distributed.process_info())
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

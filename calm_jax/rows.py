@@ -1,8 +1,10 @@
 """The rows of a results table: CALM, each model alone, baselines, ablations.
 
-Each row name in `config.rows` maps to a builder that returns what to train
-(a `train.Task`, or None for a frozen model scored as it is) and how to turn
-the trained parameters into an `evaluation.Row`. The paper's rows:
+Each row name in `config.rows` is registered with `@row(...)`: a builder
+that returns what to train (a `tasks.Task`, or None for a frozen model
+scored as it is) and how to turn the trained parameters into
+`evaluation.Row`s, and the row's kind (`frozen`, `own_models`), which
+schedulers read before building anything. The paper's rows:
 
   m_B, m_A            each frozen model alone
   calm                the composition as configured
@@ -27,11 +29,11 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from calm_jax import compositions
 from calm_jax import evaluation
+from calm_jax import tasks
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import lora as lora_lib
 from calm_jax.models import transformer
@@ -46,6 +48,7 @@ class Context:
   anchor: transformer.DecoderConfig
   augmenting: tuple[composition_lib.Augmenting, ...]
   frozen: dict[str, Params]  # 'anchor', 'aug_<name>'.
+  bridge: composition_lib.BridgeConfig
   seed: int  # Of the frozen models' random stand-ins (calm_random_aug).
   # role -> (arch, params); loads or pretrains extra frozen models on demand.
   extra_model: Callable[[str, str, ml_collections.ConfigDict],
@@ -62,9 +65,8 @@ class Context:
 @dataclasses.dataclass
 class Built:
   """A row: what trains (None: nothing) and how to score the result."""
-  task: Any  # train.Task | None
+  task: tasks.Task | None
   to_eval: Callable[[Params | None], list[evaluation.Row]]
-  trained: bool = True
   # The split `task` trains on; '' = config.train.split (D_C).
   split: str = ''
   # Its number of steps; 0 = config.train.steps.
@@ -74,13 +76,60 @@ class Built:
   refs: dict[str, compositions.ModelRef] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """A registered row: its builder and its kind."""
+  build: Callable[[Context], Built]
+  # Trains nothing: a frozen model scored as it is, once (not per seed).
+  frozen: bool = False
+  # Pretrains a frozen model of its own on first use (`extra_model`), which
+  # must not run in two processes at once.
+  own_models: bool = False
+
+
+ROWS: dict[str, RowSpec] = {}
+
+
+def row(name: str, *, frozen: bool = False, own_models: bool = False):
+  """Registers a row builder under `name`."""
+  def register(build: Callable[[Context], Built]):
+    ROWS[name] = RowSpec(build, frozen=frozen, own_models=own_models)
+    return build
+  return register
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """`config.rows`: known names, and what each needs that the config has."""
+  if not config.rows:
+    raise ValueError("rows is empty; list the table's rows, e.g. "
+                     "('m_B', 'm_A', 'calm').")
+  if isinstance(config.rows, str):
+    raise ValueError(f'rows={config.rows!r} must be a tuple of row names, '
+                     f"e.g. ('{config.rows}',).")
+  for i, name in enumerate(config.rows):
+    if name not in ROWS:
+      raise ValueError(f'rows[{i}]={name!r} is not a known row; choose from '
+                       f'{sorted(ROWS)}.')
+  if 'calm_vanilla_aug' in config.rows:
+    for name, m in config.models.augmenting.items():
+      field = f'models.augmenting.{name}'
+      if m.checkpoint and not m.vanilla_checkpoint:
+        raise ValueError(
+            "rows has 'calm_vanilla_aug', which composes an m_A of "
+            f"{field}.checkpoint's architecture trained without its skill; "
+            "a checkpoint's m_A is not pretrained here, so set "
+            f'{field}.vanilla_checkpoint to such a model, or drop the row.')
+
+
 def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
           prompt_only: bool | None = None, refs=None) -> Built:
-  from calm_jax import train  # Deferred: train imports this module.
   augmenting = augmenting or ctx.augmenting
   frozen = frozen or ctx.frozen
-  task = train.composition_task(ctx.config, frozen, ctx.anchor, augmenting,
-                                prompt_only=prompt_only, name=name)
+  c = ctx.config.composition
+  task = tasks.composition_task(
+      frozen, ctx.anchor, augmenting, bridge=ctx.bridge,
+      prompt_only=c.prompt_only if prompt_only is None else prompt_only,
+      write_penalty=c.write_penalty, name=name)
   return Built(task, lambda trained: [evaluation.Row(
       name, task.model, {**frozen, **trained}, composed=True)],
                refs={**ctx.refs, **(refs or {})} if ctx.refs else None)
@@ -98,41 +147,48 @@ def _with_pairs(ctx: Context, every_k: Callable[[int], int]
   return tuple(out)
 
 
+@row('m_B', frozen=True)
 def m_b(ctx: Context) -> Built:
   return Built(None, lambda _: [evaluation.Row(
-      'm_B', transformer.Decoder(ctx.anchor), ctx.frozen['anchor'])],
-               trained=False)
+      'm_B', transformer.Decoder(ctx.anchor), ctx.frozen['anchor'])])
 
 
+@row('m_A', frozen=True)
 def m_a(ctx: Context) -> Built:
   names = len(ctx.augmenting) > 1
   return Built(None, lambda _: [
       evaluation.Row(f'm_A ({a.name})' if names else 'm_A',
                      transformer.Decoder(a.config), ctx.frozen[f'aug_{a.name}'])
-      for a in ctx.augmenting], trained=False)
+      for a in ctx.augmenting])
 
 
+@row('calm')
 def calm(ctx: Context) -> Built:
   return _calm(ctx, 'calm')
 
 
+@row('calm_prompt_only')
 def calm_prompt_only(ctx: Context) -> Built:
   return _calm(ctx, 'calm_prompt_only', prompt_only=True)
 
 
+@row('calm_n1')
 def calm_n1(ctx: Context) -> Built:
   return _calm(ctx, 'calm_n1', augmenting=_with_pairs(ctx, lambda n: n))
 
 
+@row('calm_n2')
 def calm_n2(ctx: Context) -> Built:
   return _calm(ctx, 'calm_n2', augmenting=_with_pairs(ctx, lambda n: n // 2))
 
 
+@row('calm_every_layer')
 def calm_every_layer(ctx: Context) -> Built:
   return _calm(ctx, 'calm_every_layer',
                augmenting=_with_pairs(ctx, lambda n: 1))
 
 
+@row('calm_vanilla_aug', own_models=True)
 def calm_vanilla_aug(ctx: Context) -> Built:
   frozen, refs = dict(ctx.frozen), {}
   for name, m in ctx.config.models.augmenting.items():
@@ -147,11 +203,11 @@ def calm_vanilla_aug(ctx: Context) -> Built:
   return _calm(ctx, 'calm_vanilla_aug', frozen=frozen, refs=refs)
 
 
+@row('calm_random_aug')
 def calm_random_aug(ctx: Context) -> Built:
-  from calm_jax import train
   frozen, refs = dict(ctx.frozen), {}
   for i, a in enumerate(ctx.augmenting):
-    task = train.decoder_task('random', a.config)
+    task = tasks.decoder_task('random', a.config)
     params = nn.meta.unbox(jax.jit(task.init_trainable)(
         jax.random.key(1000 + ctx.seed + i)))
     frozen[f'aug_{a.name}'] = ctx.place(a.config, params)
@@ -163,62 +219,26 @@ def calm_random_aug(ctx: Context) -> Built:
 
 def composition_size(ctx: Context) -> int:
   """Trainable parameters of the configured composition."""
-  from calm_jax import train
-  task = train.composition_task(ctx.config, ctx.frozen, ctx.anchor,
-                                ctx.augmenting)
-  return transformer.count_params(
-      jax.eval_shape(task.init_trainable, jax.random.key(0)))
+  return tasks.trainable_size(tasks.composition_task(
+      ctx.frozen, ctx.anchor, ctx.augmenting, bridge=ctx.bridge))
 
 
+@row('lora')
 def lora(ctx: Context) -> Built:
-  from calm_jax import train
   cfg = ctx.config.baselines
   anchor = ctx.frozen['anchor']
   targets = tuple(cfg.lora_targets) or lora_lib.DEFAULT_TARGETS
   rank = cfg.lora_rank or lora_lib.rank_for_budget(
       anchor, composition_size(ctx), targets)
-  model = transformer.Decoder(ctx.anchor)
-  task = train.Task(
-      name='lora', model=model, frozen={'anchor': anchor},
-      init_trainable=lambda r: {'lora': lora_lib.init(r, anchor, rank,
-                                                      targets)},
-      apply=lambda p, b: train.decoder_apply(
-          model, lora_lib.merge(p['anchor'], p['lora']), b))
+  task = tasks.lora_task(ctx.anchor, anchor, rank, targets)
   return Built(task, lambda trained: [evaluation.Row(
-      'lora', model, jax.jit(lora_lib.merge)(anchor, trained['lora']))])
+      'lora', task.model, jax.jit(lora_lib.merge)(anchor, trained['lora']))])
 
 
+@row('full_ft')
 def full_ft(ctx: Context) -> Built:
-  from calm_jax import train
-  model = transformer.Decoder(ctx.anchor)
-  anchor = ctx.frozen['anchor']
-
-  def init_trainable(rng):
-    # The anchor's own weights, boxed with their logical axes for sharding.
-    boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
-    return jax.tree_util.tree_map(
-        lambda box, w: box.replace_boxed(w), boxed, anchor,
-        is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-  task = train.Task(
-      name='full_ft', model=model, frozen={}, init_trainable=init_trainable,
-      apply=lambda p, b: train.decoder_apply(model, p, b))
-  return Built(task, lambda trained: [evaluation.Row('full_ft', model,
+  task = tasks.full_ft_task(ctx.anchor, ctx.frozen['anchor'])
+  return Built(task, lambda trained: [evaluation.Row('full_ft', task.model,
                                                      trained)],
-               split=ctx.config.baselines.get('full_ft_split', ''),
-               steps=ctx.config.baselines.get('full_ft_steps', 0))
-
-
-BUILDERS: dict[str, Callable[[Context], Built]] = {
-    'm_B': m_b, 'm_A': m_a, 'calm': calm, 'lora': lora, 'full_ft': full_ft,
-    'calm_vanilla_aug': calm_vanilla_aug, 'calm_random_aug': calm_random_aug,
-    'calm_prompt_only': calm_prompt_only, 'calm_n1': calm_n1,
-    'calm_n2': calm_n2, 'calm_every_layer': calm_every_layer,
-}
-# What a scheduler must know before building a row (launch/local.py): the
-# rows that train nothing (a frozen model scored as it is), and those whose
-# builder pretrains a frozen model of its own on first use (`extra_model`),
-# which must not run in two processes at once. A new row of either kind
-# belongs here too.
-FROZEN_ROWS = ('m_A', 'm_B')
-ROWS_WITH_OWN_MODELS = ('calm_vanilla_aug',)
+               split=ctx.config.baselines.full_ft_split,
+               steps=ctx.config.baselines.full_ft_steps)

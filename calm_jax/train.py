@@ -1,16 +1,17 @@
 """Training and evaluation, top to bottom.
 
 `train_and_evaluate(config, workdir)` is the whole experiment:
-  1. validate the config (before any compute),
+  1. validate the config (`validate`: each section's own check, before any
+     compute),
   2. build the data,
   3. load each frozen model, or pretrain it once and cache it in the workdir,
-  4. train the composition (only its parameters reach the optimizer and
-     the checkpoint; the frozen trees are never written),
+  4. train every row of the table (only the trainable tree reaches the
+     optimizer and the checkpoint; the frozen trees are never written),
   5. evaluate every row (each model alone, then CALM) and write
      `results.json`.
 
 `run_training` is the one training loop; pretraining a plain LM and training
-a composition are the same loop with a different trainable/frozen split.
+a composition are the same loop over a different `tasks.Task`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 from absl import logging
 from etils import epath
@@ -41,41 +42,41 @@ from calm_jax import metrics_writer
 from calm_jax import paths
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
+from calm_jax import tasks
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
 
 ConfigDict = ml_collections.ConfigDict
 Params = Any
-ApplyFn = Callable[[Params, dict[str, jax.Array]], jax.Array]
+Task = tasks.Task
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What one training run trains: a model, its frozen part, its init."""
-  name: str
-  model: nn.Module
-  apply: ApplyFn  # (all params, batch) -> logits [b, t, vocab].
-  init_trainable: Callable[[jax.Array], Params]  # rng -> boxed params.
-  frozen: Params  # Placed on the mesh; {} when everything trains.
-  # (all params, batch) -> (logits, penalty): a training-only term added
-  # to the loss (composition.write_penalty); None: there is none.
-  apply_with_penalty: Callable[[Params, dict[str, jax.Array]],
-                               tuple[jax.Array, jax.Array]] | None = None
+# ============================================================= validation
 
 
-# =================================================================== loss
+def validate(config: ConfigDict, devices: Sequence[Any] | None = None
+             ) -> ConfigDict:
+  """Checks a whole experiment config before any compute; returns it
+  resolved (`config_lib.resolve`).
 
-
-def weighted_xent(logits: jax.Array, batch: dict[str, jax.Array]
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token cross-entropy over weighted positions, and accuracy."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-  w = batch['weights']
-  denom = jnp.maximum(w.sum(), 1.0)
-  correct = (logits.argmax(-1) == batch['targets']).astype(jnp.float32)
-  return (nll * w).sum() / denom, {
-      'accuracy': (correct * w).sum() / denom, 'weight': w.sum()}
+  Each section has its own check, called here in turn; `devices` (default:
+  all) are what the mesh and batch sizes are checked against.
+  """
+  config = config_lib.resolve(config)
+  mesh = config_lib.make_mesh(config, devices)
+  check_batch = lambda n, field: sharding.check_batch_size(n, mesh, field)
+  config_lib.check_model_dirs(config)  # Before the data: the tokenizer.
+  data_lib.validate_config(config.data)
+  check_split = config_lib.split_check(
+      data_lib.split_names(config.data.dataset), config.data.dataset)
+  config_lib.validate_models(config, check_split, check_batch)
+  config_lib.validate_composition(config)
+  rows_lib.validate(config)
+  config_lib.validate_train(config.train, 'train', check_split,
+                            config.data.seq_len, check_batch)
+  evaluation.validate(config.eval, check_split, check_batch)
+  config_lib.validate_baselines(config, check_split)
+  return config
 
 
 # ============================================================== optimizer
@@ -104,17 +105,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
   differentiated; the frozen tree is an input like the batch."""
 
   def loss_fn(trainable, frozen, batch):
-    params = {**frozen, **trainable}
-    if task.apply_with_penalty is None:
-      logits, penalty = task.apply(params, batch), None
-    else:
-      logits, penalty = task.apply_with_penalty(params, batch)
-    loss, aux = weighted_xent(logits, batch)
-    aux['xent'] = loss
-    if penalty is not None:
-      aux['penalty'] = penalty
-      loss = loss + penalty
-    return loss, aux
+    return task.loss_fn({**frozen, **trainable}, batch)
 
   def train_step(state, frozen, batch):
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -123,12 +114,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
     new_state = {'params': optax.apply_updates(state['params'], updates),
                  'opt': opt, 'step': state['step'] + 1}
     # `loss` stays the cross-entropy, comparable with the eval loss and
-    # with runs without a penalty; `penalty` is logged beside it.
-    metrics = {'loss': aux['xent'], 'accuracy': aux['accuracy'],
-               'grad_norm': optax.global_norm(grads),
-               'learning_rate': schedule(state['step'])}
-    if 'penalty' in aux:
-      metrics['penalty'] = aux['penalty']
+    # with runs without extra terms, which are logged beside it.
+    metrics = {'loss': aux['xent'], 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state['step']),
+               **{k: v for k, v in aux.items() if k != 'xent'}}
     return new_state, metrics
 
   return train_step
@@ -136,11 +125,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
 
 def make_eval_step(task: Task):
   def eval_step(params, batch):
-    logits = task.apply(params, batch)
-    loss, aux = weighted_xent(logits, batch)
-    return {'loss_sum': loss * aux['weight'],
-            'correct_sum': aux['accuracy'] * aux['weight'],
-            'weight': aux['weight']}
+    nll, correct, weight = tasks.token_nll(task.apply(params, batch), batch)
+    return {'loss_sum': nll, 'correct_sum': correct, 'weight': weight}
   return jax.jit(eval_step)
 
 
@@ -170,8 +156,6 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   rng = jax.random.key(seed)
   boxed = jax.eval_shape(task.init_trainable, rng)
   param_sh = sharding.param_shardings(boxed, mesh, rules)
-  init_params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)),
-                        out_shardings=param_sh)
   abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(
       task.init_trainable(r)), rng)
   opt_sh = sharding.opt_state_shardings(tx, abstract_params, param_sh, mesh)
@@ -200,7 +184,6 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   else:
     start = 0
     state = jax.jit(init_state, out_shardings=state_sh)(rng)
-  del init_params
 
   n_trainable = transformer.count_params(state['params'])
   n_frozen = transformer.count_params(task.frozen)
@@ -286,74 +269,6 @@ def _fmt_time(seconds: float) -> str:
 # ================================================================ models
 
 
-def decoder_apply(model: nn.Module, params: Params,
-                  batch: dict[str, jax.Array]) -> jax.Array:
-  """A plain LM's logits on a batch (padded or packed rows)."""
-  return model.apply({'params': params}, batch['inputs'],
-                     positions=batch.get('positions'),
-                     segment_ids=batch.get('segment_ids'))
-
-
-def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
-  """A plain LM trained from scratch: everything trainable."""
-  model = transformer.Decoder(config)
-  return Task(
-      name=name, model=model, frozen={},
-      apply=lambda p, b: decoder_apply(model, p, b),
-      init_trainable=lambda r: model.init(
-          r, jnp.zeros((1, 8), jnp.int32))['params'])
-
-
-def composition_task(config: ConfigDict, frozen: Params,
-                     anchor: transformer.DecoderConfig,
-                     augmenting: tuple[composition_lib.Augmenting, ...], *,
-                     prompt_only: bool | None = None, name: str = 'calm'
-                     ) -> Task:
-  """CALM: anchor and augmenting trees frozen, the bridges trainable."""
-  model = composition_lib.ComposedLM(
-      anchor, augmenting, cross_heads=config.composition.cross_heads or None,
-      prompt_only=(config.composition.prompt_only if prompt_only is None
-                   else prompt_only),
-      # .get: configs written before the field existed keep the paper's.
-      recency_bias=config.composition.get('recency_bias', False),
-      recency_max_slope=config.composition.get('recency_max_slope', 1.0),
-      anchor_queries=config.composition.get('anchor_queries', True),
-      proj_hidden=config.composition.get('proj_hidden', 0))
-
-  def init_trainable(rng):
-    # Only the composition subtree leaves this function, so under jit XLA
-    # drops the work of initialising the (discarded) frozen models.
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32))
-    return {'composition': params['params']['composition']}
-
-  def apply(p, b, mutable=False):
-    return model.apply({'params': p}, b['inputs'],
-                       prompt_len=b.get('prompt_len'),
-                       prompt_mask=b.get('prompt_mask'),
-                       positions=b.get('positions'),
-                       segment_ids=b.get('segment_ids'),
-                       aug_states=aug_cache.states_from_batch(b),
-                       mutable=mutable)
-
-  weight = config.composition.get('write_penalty', 0.0)
-
-  def apply_with_penalty(p, b):
-    # Ours: weight x the mean over real tokens of the squared norm of all
-    # the bridges write there (summed over anchor layers).
-    logits, cols = apply(p, b, mutable=['bridge_writes'])
-    sq = sum(v for vs in cols['bridge_writes'].values() for v in vs)
-    # Real input positions: BOS, prompt and target, up to the last one
-    # weighted (whatever the tokenizer's pad id).
-    w = b['weights']
-    real = (jnp.cumsum(w[:, ::-1], 1)[:, ::-1] > 0).astype(jnp.float32)
-    return logits, weight * (sq * real).sum() / jnp.maximum(real.sum(), 1.0)
-
-  return Task(
-      name=name, model=model, frozen=frozen, init_trainable=init_trainable,
-      apply=apply, apply_with_penalty=apply_with_penalty if weight else None)
-
-
 def model_path(role: str, model_cfg: ConfigDict, workdir: str) -> str:
   """Where a frozen model is read from: its checkpoint, or its cache."""
   return model_cfg.checkpoint or os.path.join(workdir, 'models', role)
@@ -374,8 +289,8 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
   path = model_path(role, model_cfg, workdir)
   if not model_cfg.checkpoint and not checkpoints.model_exists(path):
     arch = config_lib.decoder_config(model_cfg, field)
-    task = decoder_task(f'pretrain:{role}',
-                        dataclasses.replace(arch, remat=remat))
+    task = tasks.decoder_task(f'pretrain:{role}',
+                              dataclasses.replace(arch, remat=remat))
     params, _ = run_training(
         task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
                                                        role),
@@ -388,9 +303,9 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                            steps=model_cfg.pretrain.steps,
                            tokenizer=data_lib.tokenizer_record(data.tokenizer))
     logging.info('[%s] pretrained model saved to %s', role, path)
-  arch = config_lib.read_model_file(path, f'{field}.checkpoint')
+  arch = checkpoints.read_model_file(path, f'{field}.checkpoint')
   max_len = None
-  if config_lib.is_hf_checkpoint(path) and context_len:
+  if checkpoints.is_hf_checkpoint(path) and context_len:
     max_len = min(arch.max_len, context_len)
     arch = dataclasses.replace(arch, max_len=max_len)
   arch, params = checkpoints.load_model(
@@ -406,7 +321,7 @@ cast_frozen = transformer.cast
 
 def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
   """Where each parameter of a plain LM lives on the mesh."""
-  boxed = jax.eval_shape(decoder_task('shapes', arch).init_trainable,
+  boxed = jax.eval_shape(tasks.decoder_task('shapes', arch).init_trainable,
                          jax.random.key(0))
   return sharding.param_shardings(boxed, mesh, rules)
 
@@ -414,22 +329,54 @@ def decoder_shardings(arch: transformer.DecoderConfig, mesh, rules) -> Any:
 # ============================================================= experiment
 
 
+def _plan(config: ConfigDict) -> list[tuple[str, int]]:
+  """The (row, seed) runs of the table, in order."""
+  return [(name, seed) for name in config.rows
+          for seed in ((config.seed,) if rows_lib.ROWS[name].frozen
+                       else config.seeds)]
+
+
+class _Progress:
+  """One line per run of the table: run k of n, elapsed and overall ETA
+  (from the mean time of the trained runs so far)."""
+
+  def __init__(self, plan: list[tuple[str, int]]):
+    self.plan, self.start, self.trained = plan, time.perf_counter(), []
+
+  def begin(self, k: int) -> None:
+    self._t = time.perf_counter()
+    name, seed = self.plan[k]
+    left = sum(1 for n, _ in self.plan[k:] if not rows_lib.ROWS[n].frozen)
+    eta = (f' | eta {_fmt_time(left * np.mean(self.trained))}'
+           if self.trained else '')
+    logging.info('[table] run %d/%d: %s seed %d | elapsed %s%s', k + 1,
+                 len(self.plan), name, seed,
+                 _fmt_time(time.perf_counter() - self.start), eta)
+
+  def end(self, trained: bool) -> None:
+    if trained:
+      self.trained.append(time.perf_counter() - self._t)
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs a whole experiment in `workdir`; returns the results dict."""
   # ---- 1. validation, before any compute.
-  config = config_lib.resolve(config)
-  config_lib.validate(config)
+  config = validate(config)
   workdir = paths.absolute(workdir)
   config_lib.check_workdir(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = config_lib.make_mesh(config)
   rules = sharding.logical_rules(config.mesh.rules)
+  bridge = config_lib.bridge_config(config.composition)
   if jax.process_index() == 0:
     paths.atomic_write_text(os.path.join(workdir, 'config.json'),
                             config.to_json_best_effort(indent=2))
 
   # ---- 2. data (the eval sets first: a split that cannot be scored fails
   # before any model is trained).
+  logging.info('[data] %s, tokenizer %s, %d tokens per row%s',
+               config.data.dataset, config.data.tokenizer, config.data.seq_len,
+               ', packed' if config.data.get('pack', False) else '')
   data = data_lib.Data(config.data, workdir)
   metrics = dict(config.eval.get('metrics', None) or {})
   sandbox = dict(config.eval.get('sandbox', None) or {})
@@ -439,6 +386,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   eval_split = config.eval.during_training_split
 
   # ---- 3. frozen models.
+  logging.info('[models] anchor %s; augmenting %s',
+               config.models.anchor.checkpoint or 'pretrained here',
+               ', '.join(f'{n} {m.checkpoint or "pretrained here"}'
+                         for n, m in config.models.augmenting.items()))
   kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
             seed=config.seed, dtype=config.frozen_dtype, remat=config.remat,
             context_len=config.data.seq_len + config.eval.max_new_tokens)
@@ -458,7 +409,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ---- 4. every row of the table: train (per seed), then score.
   ctx = rows_lib.Context(
-      config, anchor_cfg, augmenting, frozen, seed=config.seed,
+      config, anchor_cfg, augmenting, frozen, bridge=bridge, seed=config.seed,
       extra_model=lambda role, field, m: frozen_model(role, field, m, **kw),
       place=lambda arch, p: jax.device_put(
           p, decoder_shardings(arch, mesh, rules)),
@@ -485,41 +436,46 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   per_seed: dict[str, list[dict[str, Any]]] = {}
   sizes = {}
-  for row_name in config.rows:
-    built = rows_lib.BUILDERS[row_name](ctx)
-    for seed in (config.seeds if built.trained else (config.seed,)):
-      trained = None
-      if built.task is not None:
-        train_cfg = config.train
-        if built.steps:
-          train_cfg = ml_collections.ConfigDict(config.train.to_dict())
-          train_cfg.steps = built.steps
-        run_dir = os.path.join(workdir, 'runs', row_name, f'seed_{seed}')
-        if built.refs and jax.process_index() == 0:
-          # What the run trains, for generate and load_composition.
-          compositions.write(run_dir, row=row_name, seed=seed,
-                             model=built.task.model, refs=built.refs,
-                             tokenizer=data.tokenizer,
-                             frozen_dtype=config.frozen_dtype)
-        trained, _ = run_training(
-            built.task, train_cfg, run_dir=run_dir,
-            data=train_data(built.task, row_name, built.split), mesh=mesh,
-            rules=rules,
-            seed=seed, eval_batches=data.eval(
-                eval_split, config.eval.batch_size, config.eval.num_examples)
-            if eval_split else None)
-        sizes[row_name] = transformer.count_params(trained)
-      scored = evaluation.evaluate(
-          built.to_eval(trained), splits, tokenizer=data.tokenizer,
-          mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
-          metrics=metrics, sandbox=sandbox,
-          sampling=config.eval.get('sampling', None), seed=seed)
-      for name, scores in scored['rows'].items():
-        per_seed.setdefault(name, []).append(scores)
-        logging.info('[%s] seed %d: %s', name, seed, ', '.join(
-            f'{s} {evaluation.METRICS[metrics.get(s, "exact_match")]} '
-            f'{m[evaluation.METRICS[metrics.get(s, "exact_match")]]:.3g}'
-            for s, m in scores.items()))
+  plan = _plan(config)
+  progress = _Progress(plan)
+  built = {}
+  for k, (row_name, seed) in enumerate(plan):
+    progress.begin(k)
+    if row_name not in built:
+      built[row_name] = rows_lib.ROWS[row_name].build(ctx)
+    row = built[row_name]
+    trained = None
+    if row.task is not None:
+      train_cfg = config.train
+      if row.steps:
+        train_cfg = ml_collections.ConfigDict(config.train.to_dict())
+        train_cfg.steps = row.steps
+      run_dir = os.path.join(workdir, 'runs', row_name, f'seed_{seed}')
+      if row.refs and jax.process_index() == 0:
+        # What the run trains, for generate and load_composition.
+        compositions.write(run_dir, row=row_name, seed=seed,
+                           model=row.task.model, refs=row.refs,
+                           tokenizer=data.tokenizer,
+                           frozen_dtype=config.frozen_dtype)
+      trained, _ = run_training(
+          row.task, train_cfg, run_dir=run_dir,
+          data=train_data(row.task, row_name, row.split), mesh=mesh,
+          rules=rules, seed=seed, eval_batches=data.eval(
+              eval_split, config.eval.batch_size, config.eval.num_examples)
+          if eval_split else None)
+      sizes[row_name] = transformer.count_params(trained)
+    scored = evaluation.evaluate(
+        row.to_eval(trained), splits, tokenizer=data.tokenizer,
+        mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
+        metrics=metrics, sandbox=sandbox,
+        sampling=config.eval.get('sampling', None), seed=seed)
+    for name, scores in scored['rows'].items():
+      per_seed.setdefault(name, []).append(scores)
+      logging.info('[%s] seed %d: %s', name, seed, ', '.join(
+          f'{s} {evaluation.METRICS[metrics.get(s, "exact_match")]} '
+          f'{m[evaluation.METRICS[metrics.get(s, "exact_match")]]:.3g}'
+          for s, m in scores.items()))
+    progress.end(row.task is not None)
 
   # ---- 5. the table.
   results = evaluation.aggregate(per_seed, list(config.eval.splits), metrics)

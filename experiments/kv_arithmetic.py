@@ -9,12 +9,12 @@ the keys and is evaluated on KV-MATH over the held-out keys.
 
 The `single_token` variant makes each key one token (500 single letters of
 Latin-1 and Latin Extended, with the `char` tokenizer) and bridges m_A into
-the anchor's embeddings, the input of its first block, with content-free
-bridge attention (`composition.anchor_queries=False`) and a non-linear
-f_proj (`composition.proj_hidden`). It exists because at
-this scale the anchor's first block already does arithmetic: values written
-after it, or at the last of several letters, are not used (README, Status:
-`benchmarks/kv_anchor_probe.py`).
+the anchor's embeddings, the input of its first block, with our bridge
+(`composition.bridge='ours'`): a recency bias, content-free attention and a
+non-linear f_proj. It exists because at this scale the anchor's first block
+already does arithmetic: values written after it, or at the last of several
+letters, are not used. docs/design.md names each deviation from the paper;
+docs/research/ holds the measurements behind them.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # keys (2-6 letters), operand counts (3-6) and 20% compose keys; scaled
   # down for 2 CPU cores: 500 keys whose values are digits 1-9 shared
   # between keys (the paper: 25K keys, unique values up to 25K), and `+ -`
-  # only. A 0.6M-parameter anchor learns single-digit `+ -` NUM-MATH in
-  # minutes but multi-digit operands or `*` in neither (README, Status:
-  # `benchmarks/kv_learnability.py`).
+  # only: a 0.6M-parameter anchor learns single-digit `+ -` NUM-MATH in
+  # minutes, multi-digit operands or `*` not (docs/research/).
   config.data.kv = ml_collections.ConfigDict(dict(
       num_keys=200 if smoke else 500,
       key_min_len=2,
@@ -105,9 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.models.augmenting.kv.vanilla_split = 'num_math_train'
 
   # --------------------------------------------------------- composition
-  # The paper's bridges. `composition.recency_bias=True` (ours) lets them
-  # find m_A's state at the anchor's own position: without it CALM cannot
-  # even relay m_A's KV-SUBS at this scale (README, Status).
+  # The paper's bridges (`single_token` below uses ours).
   config.composition = config_lib.composition_config()
 
   # Training of the composition on D_C.
@@ -166,21 +163,22 @@ def _single_token(config: ml_collections.ConfigDict) -> None:
   # The calm_n1 / calm_n2 / calm_every_layer rows keep the paper's rule
   # (block outputs), so they ablate where the bridges write as well as n.
   aug.pairs = tuple((i, -1) for i in range(aug.arch.num_layers))
-  # Without it a bridge cannot tell m_A's state at its own position.
-  config.composition.recency_bias = True
-  # The sharpest head starts reading (almost) only the own position.
-  config.composition.recency_max_slope = 8.0
-  # Queries from the anchor's embeddings of keys it never trained on are
-  # per-key noise, which the bridges fit on compose keys and which does not
-  # carry to held-out keys: position alone picks what each head reads
-  # (59.4% KV-MATH against 46.9% with anchor queries; README, Status).
-  config.composition.anchor_queries = False
-  # A linear f_proj (the paper's) delivers each value only approximately:
-  # misses off by one, more often for held-out keys (README, Status:
-  # benchmarks/kv_errors.py). A residual MLP after it lets the bridge map
-  # m_A's state to the vector the anchor needs; 4 x d_model wide (seed 0:
-  # 88.3% KV-MATH, against 75.0% at 2 x d_model; README, Status).
-  config.composition.proj_hidden = 4 * config.models.anchor.arch.d_model
+  # Our bridge (calm_jax/models/bridges.py), three deviations from the
+  # paper's, each measured in docs/research/:
+  config.composition.bridge = 'ours'
+  ours = config.composition.ours
+  # A recency bias: without it a bridge cannot tell m_A's state at its own
+  # position from earlier ones; the sharpest head starts reading (almost)
+  # only its own position.
+  ours.recency_bias = True
+  ours.recency_max_slope = 8.0
+  # No anchor queries: the anchor's embeddings of keys it never trained on
+  # are per-key noise that the bridges fit on compose keys only; position
+  # alone picks what each head reads.
+  ours.anchor_queries = False
+  # A residual MLP after f_proj: the linear map delivers each value only
+  # approximately (misses off by one).
+  ours.proj_hidden = 4 * config.models.anchor.arch.d_model
   # No padding beyond the longest example of each training split (the cost
   # of a step is proportional to its length): KV-MATH and NUM-MATH over 6
   # one-token operands are 17 tokens with BOS/EOS, KV-SUBS 25. Every
@@ -188,5 +186,5 @@ def _single_token(config: ml_collections.ConfigDict) -> None:
   config.train.seq_len = 16
   config.models.anchor.pretrain.seq_len = 16
   aug.pretrain.seq_len = 24
-  # The dev loss still falls at 2000 steps (README, Status).
+  # The dev loss still falls at 2000 steps (docs/research/).
   config.train.steps = 4000

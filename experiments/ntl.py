@@ -93,8 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --------------------------------------------------------- composition
   config.composition = config_lib.composition_config()
   # D_C is small (333 pairs at the defaults): 40 steps of 32 is ~4 epochs.
-  # Trained for 300 steps the bridge memorises it: the loss on `dev` fell
-  # from m_B's 2.44 to 2.24 at step 25, then rose to 2.98 by step 175.
+  # Trained for 300 steps the bridge memorises it: the loss on `dev` falls
+  # for about 25 steps, then rises (docs/research/).
   config.train = config_lib.train_config(
       split='compose', steps=20 if smoke else 40,
       batch_size=16 if smoke else 32, learning_rate=3e-3 if smoke else 1e-3,

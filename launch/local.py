@@ -45,8 +45,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from calm_jax import config_lib
 from calm_jax import rows as rows_lib
+from calm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally FILE:VARIANT '
@@ -107,9 +107,9 @@ def plan(rows: tuple[str, ...], seeds: tuple[int, ...]) -> list[Run]:
   builder pretrains a frozen model of its own keeps all its seeds in one
   run, so no two processes make that model.
   """
-  frozen = tuple(r for r in rows if r in rows_lib.FROZEN_ROWS) or ('m_B',)
-  trained = [r for r in rows if r not in rows_lib.FROZEN_ROWS]
-  own_models = rows_lib.ROWS_WITH_OWN_MODELS
+  frozen = tuple(r for r in rows if rows_lib.ROWS[r].frozen) or ('m_B',)
+  trained = [r for r in rows if not rows_lib.ROWS[r].frozen]
+  own_models = [r for r in rows if rows_lib.ROWS[r].own_models]
   runs = [Run('prepare', frozen, seeds[:1])]
   # Whole-row runs first: they are the longest.
   runs += [Run('train', (r,), seeds) for r in trained if r in own_models]
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
   config = _CONFIG.value
   # What every run would refuse, refused once, before any of them starts.
   try:
-    config_lib.validate(config)
+    train.validate(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   rows, seeds = tuple(config.rows), tuple(config.seeds)

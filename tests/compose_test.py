@@ -205,7 +205,7 @@ class ComposeTest(absltest.TestCase):
     # A table padded past the vocabulary is fine.
     config = self.config()
     config.models.augmenting.aug.checkpoint = padded
-    config_lib.validate(config)
+    train.validate(config)
 
   def test_code_and_ntl_take_the_same_checkpoint_fields(self):
     for experiment, name in ((code_experiment, 'code'),
@@ -216,7 +216,7 @@ class ComposeTest(absltest.TestCase):
       config.data.seq_len = 64
       config.rows = ('m_A', 'm_B', 'calm', 'lora', 'full_ft',
                      'calm_random_aug')
-      config_lib.validate(config)
+      train.validate(config)
       resolved = config_lib.resolve(config)
       self.assertEqual(resolved.data.tokenizer, self.anchor)
     # And code.py runs on them: its corpus is read with their tokenizer.

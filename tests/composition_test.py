@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax.models import bridges as B
 from calm_jax.models import composition as C
 from calm_jax.models import transformer as T
 
@@ -36,6 +37,11 @@ def _noisy(params, seed=1, scale=0.2):
   return jax.tree_util.tree_unflatten(tree, [
       x + scale * jax.random.normal(k, x.shape, x.dtype)
       for x, k in zip(leaves, keys)])
+
+
+# Every option of our bridge on: its parameters are a superset.
+OURS_ALL = C.BridgeConfig.make('ours', options=dict(
+    recency_bias=True, proj_hidden=8, gate=True))
 
 
 def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
@@ -68,7 +74,7 @@ class DecoderTest(parameterized.TestCase):
 
   def test_every_param_has_logical_axes(self):
     model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, ((3, 3),)),),
-                         recency_bias=True)
+                         bridge=OURS_ALL)
     boxed = jax.eval_shape(model.init, jax.random.key(0),
                            jnp.zeros((1, 4), jnp.int32))
     leaves = jax.tree_util.tree_leaves(
@@ -173,35 +179,84 @@ class CompositionTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(a - b).max()), 1e-3)
 
   def test_prompt_only_bridge_ignores_later_states(self):
-    bridge = C.CrossAttentionBridge(d_model=32, num_heads=4)
+    bridge = C.PaperBridge(d_model=32, num_heads=4)
     anchor_h = jax.random.normal(jax.random.key(0), (2, 10, 32))
     aug_h = jax.random.normal(jax.random.key(1), (2, 10, 16))
     plen = jnp.array([3, 6])
     params = _noisy(nn.meta.unbox(bridge.init(
-        jax.random.key(2), anchor_h, aug_h, plen)['params']))
-    out = bridge.apply({'params': params}, anchor_h, aug_h, plen)
+        jax.random.key(2), anchor_h, aug_h, prompt_len=plen)['params']))
+    run = lambda h: bridge.apply({'params': params}, anchor_h, h,
+                                 prompt_len=plen)
+    out = run(aug_h)
     late = aug_h.at[:, 6:].add(1.0).at[0, 3:].add(1.0)
-    np.testing.assert_allclose(
-        out, bridge.apply({'params': params}, anchor_h, late, plen),
-        atol=1e-6)
+    np.testing.assert_allclose(out, run(late), atol=1e-6)
     early = aug_h.at[:, 0].add(1.0)
-    self.assertGreater(float(jnp.abs(out - bridge.apply(
-        {'params': params}, anchor_h, early, plen)).max()), 1e-4)
+    self.assertGreater(float(jnp.abs(out - run(early)).max()), 1e-4)
+
+  def test_paper_bridge_is_the_formula(self):
+    """PaperBridge against a hand-written einsum of f_cross(f_proj(H_A), H_B).
+
+    proj = rms(H_A W_p); q = rms(H_B) W_q, k = proj W_k, v = proj W_v;
+    a = softmax(q k^T / sqrt(d) + causal mask); out = a v W_o.
+    """
+    b, t, d_a, d_b, h = 2, 7, 16, 32, 4
+    dh = d_b // h
+    bridge = C.PaperBridge(d_model=d_b, num_heads=h)
+    anchor_h = jax.random.normal(jax.random.key(0), (b, t, d_b))
+    aug_h = jax.random.normal(jax.random.key(1), (b, t, d_a))
+    p = _noisy(nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h,
+                                         aug_h)['params']))
+    got = bridge.apply({'params': p}, anchor_h, aug_h)
+
+    def rms(x, scale):
+      x = np.asarray(x, np.float64)
+      return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
+    w = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), p)
+    proj = rms(np.einsum('bsa,ad->bsd', aug_h, w['proj']['kernel']),
+               w['kv_norm']['scale'])
+    q = np.einsum('btd,dhe->bthe', rms(anchor_h, w['q_norm']['scale']),
+                  w['query']['kernel'])
+    k = np.einsum('bsd,dhe->bshe', proj, w['key']['kernel'])
+    v = np.einsum('bsd,dhe->bshe', proj, w['value']['kernel'])
+    logits = np.einsum('bthe,bshe->bhts', q, k) / np.sqrt(dh)
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    want = np.einsum('bhts,bshe,hed->btd', a, v, w['out']['kernel'])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    # And at init the output projection is zero: the bridge writes nothing.
+    fresh = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h,
+                                      aug_h)['params'])
+    self.assertEqual(float(jnp.abs(bridge.apply({'params': fresh}, anchor_h,
+                                                aug_h)).max()), 0.0)
+
+  def test_gate_starts_closed_and_opens(self):
+    bridge = B.OursBridge(d_model=32, num_heads=4, gate=True)
+    anchor_h = jax.random.normal(jax.random.key(0), (1, 5, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (1, 5, 16))
+    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h,
+                                       aug_h)['params'])
+    self.assertGreater(float(jnp.abs(params['out']['kernel']).max()), 0.0)
+    loss = lambda p: (bridge.apply({'params': p}, anchor_h, aug_h) ** 2 +
+                      bridge.apply({'params': p}, anchor_h, aug_h)).sum()
+    self.assertEqual(float(jnp.abs(bridge.apply(
+        {'params': params}, anchor_h, aug_h)).max()), 0.0)  # Closed.
+    self.assertGreater(float(jnp.abs(jax.grad(loss)(params)['gate'])[0]),
+                       0.0)  # And it trains.
 
   def test_recency_bias_is_the_closed_form_and_learnt(self):
-    bridge = C.CrossAttentionBridge(d_model=32, num_heads=4,
-                                    recency_bias=True)
+    bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True)
     t = 6
     anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
     aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
     positions = jnp.arange(t)[None]
     params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
-                                       None, positions=positions)['params'])
+                                       positions=positions)['params'])
     # Content-free logits leave only the bias: head h weighs slot s <= t by
     # exp(-slope_h * (t - s)), slopes starting at 1, 1/4, 1/16, 1/64.
     # (Geometric from 1 to 1/64 for any head count: no slope underflows.)
     params['query']['kernel'] = jnp.zeros_like(params['query']['kernel'])
-    _, state = bridge.apply({'params': params}, anchor_h, aug_h, None,
+    _, state = bridge.apply({'params': params}, anchor_h, aug_h,
                             positions=positions, mutable=['intermediates'])
     probs = state['intermediates']['attention'][0][0]  # [h, t, s]
     slopes = 4.0 ** -np.arange(4)
@@ -213,38 +268,36 @@ class CompositionTest(parameterized.TestCase):
     params['out'] = _noisy(params['out'])  # Zero-initialised otherwise.
 
     def loss(p):
-      return bridge.apply({'params': p}, anchor_h, aug_h, None,
+      return bridge.apply({'params': p}, anchor_h, aug_h,
                           positions=positions).sum()
     self.assertGreater(float(jnp.abs(jax.grad(loss)(params)['recency_slope'])
                              .sum()), 0.0)
     with self.assertRaisesRegex(ValueError, 'positions'):
-      bridge.apply({'params': params}, anchor_h, aug_h, None)
+      bridge.apply({'params': params}, anchor_h, aug_h)
     # Without anchor queries the weights are the bias alone, whatever the
     # anchor holds, and there are no query or key projections.
-    free = C.CrossAttentionBridge(d_model=32, num_heads=4, recency_bias=True,
-                                  anchor_queries=False)
+    free = B.OursBridge(d_model=32, num_heads=4, recency_bias=True,
+                        anchor_queries=False)
     free_params = nn.meta.unbox(free.init(
-        jax.random.key(2), anchor_h, aug_h, None,
+        jax.random.key(2), anchor_h, aug_h,
         positions=positions)['params'])
     self.assertEmpty({'query', 'key', 'q_norm'} & set(free_params))
     free_params['out'] = _noisy(free_params['out'])
     outs = []
     for h_b in (anchor_h, -3.0 * anchor_h + 1.0):
-      out, state = free.apply({'params': free_params}, h_b, aug_h, None,
+      out, state = free.apply({'params': free_params}, h_b, aug_h,
                               positions=positions, mutable=['intermediates'])
       np.testing.assert_allclose(state['intermediates']['attention'][0][0],
                                  want, atol=1e-6)
       outs.append(out)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
-    with self.assertRaisesRegex(ValueError, 'recency_bias=True'):
-      C.CrossAttentionBridge(d_model=32, num_heads=4,
-                             anchor_queries=False).init(
-                                 jax.random.key(2), anchor_h, aug_h, None,
-                                 positions=positions)
+    with self.assertRaisesRegex(ValueError, r'composition\.anchor_queries='
+                                r'False needs composition\.recency_bias=True'):
+      C.BridgeConfig.make('ours', options=dict(anchor_queries=False))
     # recency_max_slope scales every head's initial slope.
-    sharp = C.CrossAttentionBridge(d_model=32, num_heads=4, recency_bias=True,
-                                   recency_max_slope=8.0)
-    init = sharp.init(jax.random.key(2), anchor_h, aug_h, None,
+    sharp = B.OursBridge(d_model=32, num_heads=4, recency_bias=True,
+                         recency_max_slope=8.0)
+    init = sharp.init(jax.random.key(2), anchor_h, aug_h,
                       positions=positions)['params']['recency_slope']
     np.testing.assert_allclose(jax.nn.softplus(nn.meta.unbox(init)),
                                8.0 * slopes, rtol=1e-5)
@@ -253,19 +306,22 @@ class CompositionTest(parameterized.TestCase):
     anchor_h = jnp.ones((1, 4, 32))
     aug_h = jnp.ones((1, 4, 16))
     positions = jnp.arange(4)[None]
-    for kw in (dict(num_heads=4),
-               dict(num_heads=2, recency_bias=True),
+    params = C.PaperBridge(d_model=32, num_heads=4).init(
+        jax.random.key(0), anchor_h, aug_h)['params']
+    self.assertEqual(C.bridge_config_of({'a_0_1': nn.meta.unbox(params)}),
+                     C.BridgeConfig('paper', 4))
+    for kw in (dict(num_heads=2, recency_bias=True),
                dict(num_heads=4, recency_bias=True, anchor_queries=False),
                dict(num_heads=4, recency_bias=True, anchor_queries=False,
-                    proj_hidden=24)):
-      params = C.CrossAttentionBridge(d_model=32, **kw).init(
-          jax.random.key(0), anchor_h, aug_h, None,
-          positions=positions)['params']
-      want = dict(cross_heads=kw['num_heads'],
-                  recency_bias=kw.get('recency_bias', False),
-                  anchor_queries=kw.get('anchor_queries', True),
-                  proj_hidden=kw.get('proj_hidden', 0))
-      self.assertEqual(C.bridge_options({'a_0_1': nn.meta.unbox(params)}),
+                    proj_hidden=24),
+               dict(num_heads=4, gate=True)):
+      params = B.OursBridge(d_model=32, **kw).init(
+          jax.random.key(0), anchor_h, aug_h, positions=positions)['params']
+      heads = kw.pop('num_heads')
+      want = C.BridgeConfig.make('ours', heads, dict(
+          dict(recency_bias=False, anchor_queries=True, proj_hidden=0,
+               gate=False), **kw))
+      self.assertEqual(C.bridge_config_of({'a_0_1': nn.meta.unbox(params)}),
                        want)
 
   def test_proj_hidden_is_a_residual_mlp_after_the_projection(self):
@@ -274,15 +330,15 @@ class CompositionTest(parameterized.TestCase):
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
     kw = dict(d_model=32, num_heads=4, recency_bias=True,
               anchor_queries=False)
-    linear = C.CrossAttentionBridge(**kw)
-    mlp = C.CrossAttentionBridge(proj_hidden=24, **kw)
-    params = nn.meta.unbox(mlp.init(jax.random.key(0), anchor_h, aug_h, None,
+    linear = B.OursBridge(**kw)
+    mlp = B.OursBridge(proj_hidden=24, **kw)
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), anchor_h, aug_h,
                                     positions=positions)['params'])
     self.assertEqual(params['mlp_in']['kernel'].shape, (32, 24))
     self.assertEqual(params['mlp_out']['kernel'].shape, (24, 32))
     params['out']['kernel'] = jax.random.normal(
         jax.random.key(2), params['out']['kernel'].shape)
-    run = lambda m, p: m.apply({'params': p}, anchor_h, aug_h, None,
+    run = lambda m, p: m.apply({'params': p}, anchor_h, aug_h,
                                positions=positions)
     # With the MLP's output at zero it is the paper's linear bridge...
     off = dict(params, mlp_out={'kernel': jnp.zeros((24, 32))})
@@ -370,8 +426,8 @@ class PackingTest(parameterized.TestCase):
   """Packed rows: no logit of a document depends on another document."""
 
   @parameterized.named_parameters(
-      ('paper_bridges', {}),
-      ('recency_sliding_learned', dict(recency_bias=True)))
+      ('paper_bridges', C.BridgeConfig()),
+      ('recency_sliding_learned', OURS_ALL))
   def test_no_logit_in_document_2_depends_on_document_1(self, bridge):
     # m_A with learned positions and the anchor with a sliding window, so
     # positions and windows must restart with each document too.
@@ -380,7 +436,7 @@ class PackingTest(parameterized.TestCase):
     anchor = dataclasses.replace(ANCHOR, sliding_window=4,
                                  sliding_layers=(0, 2))
     model = C.ComposedLM(anchor, (C.Augmenting('a', aug, ((1, 1), (3, 3))),),
-                         **bridge)
+                         bridge=bridge)
     doc1 = jax.random.randint(jax.random.key(1), (7,), 3, VOCAB)
     doc2 = jax.random.randint(jax.random.key(2), (9,), 3, VOCAB)
     row = jnp.concatenate([doc1, doc2, jnp.zeros(4, jnp.int32)])[None]

@@ -54,16 +54,17 @@ def _model(kind):
     pairs = C.select_pairs(AUG.num_layers, ANCHOR.num_layers, 1)
     if kind in ('composed_embeddings', 'composed_content_free'):
       pairs += ((0, -1),)
+    ours = {}
+    if kind in ('composed_recency', 'composed_embeddings'):
+      ours = dict(recency_bias=True)
+    elif kind == 'composed_content_free':
+      ours = dict(recency_bias=True, recency_max_slope=8.0,
+                  anchor_queries=False, proj_hidden=16, gate=True)
+    bridge = (C.BridgeConfig.make('ours', options=ours) if ours
+              else C.BridgeConfig())
     model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, pairs),),
                          prompt_only=kind == 'composed_prompt_only',
-                         recency_bias=kind in ('composed_recency',
-                                               'composed_embeddings',
-                                               'composed_content_free'),
-                         recency_max_slope=(
-                             8.0 if kind == 'composed_content_free' else 1.0),
-                         anchor_queries=kind != 'composed_content_free',
-                         proj_hidden=(
-                             16 if kind == 'composed_content_free' else 0))
+                         bridge=bridge)
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32),
       **_kw(model, jnp.ones((1,), jnp.int32)))['params']))

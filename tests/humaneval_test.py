@@ -7,6 +7,7 @@ import jax
 
 from calm_jax import evaluation
 from calm_jax import sharding
+from calm_jax import tasks
 from calm_jax import train
 from calm_jax.data import humaneval
 from calm_jax.data import pipeline
@@ -99,7 +100,7 @@ class HumanEvalTest(absltest.TestCase):
     arch = transformer.DecoderConfig(vocab_size=259, d_model=16,
                                      num_layers=1, num_heads=2, d_ff=16,
                                      max_len=264)
-    task = train.decoder_task('m', arch)
+    task = tasks.decoder_task('m', arch)
     params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
         jax.random.key(0))
     row = evaluation.Row('m', task.model, params)

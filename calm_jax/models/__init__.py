@@ -1,4 +1,1 @@
-"""Models: the decoder LM, the CALM composition, LoRA adapters."""
-
-# Modules of this package that build a whole LM (config field `.model`).
-LM_MODULES = ('transformer',)
+"""Models: the decoder LM, the CALM composition and our bridges, LoRA."""

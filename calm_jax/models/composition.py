@@ -8,29 +8,24 @@ stream right after layer j, and the next anchor layer reads the sum:
 
     H_B[j] <- H_B[j] + f_cross(f_proj(H_A[i]), H_B[j])
 
-Anchor layer j = -1 (ours) names the anchor's embeddings, the input of its
-first block: a small anchor may already compute in block 0 (README, Status).
+`PaperBridge` below is exactly that. Choices the paper leaves open (ours):
+the cross-attention is causal (anchor position t reads augmenting positions
+s <= t, and within its own document of a packed row); queries and projected
+keys are RMS-normalised; the output projection starts at zero, so the
+composed model begins exactly as the anchor. Bridges are chosen by name
+(`BridgeConfig.name`, config field `composition.bridge`): 'paper', or our
+variants in `calm_jax/models/bridges.py`. Anchor layer j = -1 (ours) names
+the anchor's embeddings, the input of its first block.
 
 Parameters live under three kinds of top-level keys: `anchor` and
 `aug_<name>` (frozen pretrained models) and `composition` (trainable). The
 augmenting forward runs under `stop_gradient`: m_A is read, never trained.
-
-Ours (the paper is silent): the cross-attention is causal, so anchor
-position t only reads augmenting positions <= t; the queries and keys are
-RMS-normalised; the output projection starts at zero so that the composed
-model begins exactly as the anchor. Optionally (`recency_bias`) each head
-adds a learnt -slope * (t - s) to its logits: content alone cannot tell the
-anchor's own position from earlier ones holding the same token, and at
-small scale a bridge without it fails to even relay m_A's next-token
-prediction (README, Status). With it, `anchor_queries=False` drops the
-content term altogether, for anchors whose states at the bridge are
-untrained embeddings (README, The composition); `proj_hidden` makes f_proj
-a residual MLP instead of the paper's linear map.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -98,21 +93,6 @@ def validate_pairs(pairs: Sequence[Sequence[int]], num_aug_layers: int,
   return tuple(out)
 
 
-def bridge_options(params: Mapping[str, Any]) -> dict[str, Any]:
-  """ComposedLM's bridge arguments, read off trained composition params.
-
-  `params` is the `composition` subtree ({bridge name: params}). Only
-  options that change the parameters are recoverable; init-only ones
-  (`recency_max_slope`) no longer matter once trained.
-  """
-  bridge = next(iter(params.values()))
-  return dict(cross_heads=bridge['value']['kernel'].shape[1],
-              recency_bias='recency_slope' in bridge,
-              anchor_queries='query' in bridge,
-              proj_hidden=(bridge['mlp_in']['kernel'].shape[-1]
-                           if 'mlp_in' in bridge else 0))
-
-
 @dataclasses.dataclass(frozen=True)
 class Augmenting:
   """One augmenting model and the layer pairs that connect it."""
@@ -121,109 +101,159 @@ class Augmenting:
   pairs: tuple[tuple[int, int], ...]
 
 
-class CrossAttentionBridge(nn.Module):
+# ----------------------------------------------------------------- bridges
+
+
+def dense(features, axis, names, name, init=nn.initializers.lecun_normal()):
+  """A bias-free float32 projection with logical axis names."""
+  return nn.DenseGeneral(features, axis=axis, use_bias=False,
+                         dtype=jnp.float32, name=name,
+                         kernel_init=nn.with_logical_partitioning(init, names))
+
+
+HEADS = ('embed', 'heads', 'head_dim')  # Logical axes of q/k/v kernels.
+OUT = ('heads', 'head_dim', 'embed')  # And of the output projection.
+
+
+def keys_values_mask(module: nn.Module, k: Array | None, v: Array,
+                     mask: Array | None, prompt_len: Array | None,
+                     decode: bool, cache_len: int, t: int):
+  """The keys, values and mask a bridge attends with.
+
+  Training and scoring: `mask` as the composition gives it (causal, per
+  document), or s <= t. Decoding: the projected augmenting states of every
+  step so far, from the bridge's cache. Either way only s < `prompt_len`
+  when it is given (the prompt-only ablation).
+  """
+  if decode:
+    k, v, mask = transformer.update_cache(module, k, v, cache_len)
+  elif mask is None:
+    mask = transformer.causal_mask(t)
+  if prompt_len is not None:
+    mask = mask & (jnp.arange(v.shape[1])[None, None, None, :]
+                   < prompt_len[:, None, None, None])
+  return k, v, mask
+
+
+class PaperBridge(nn.Module):
   """f_cross(f_proj(H_A), H_B) for one layer pair: [b, t, D_B]."""
   d_model: int
   num_heads: int
-  cache_len: int = 512  # Decode-time slots; the anchor's max_len.
-  causal: bool = True
-  # Ours: a learnt per-head bias -slope_h * (t - s) on the attention logits
-  # (ALiBi's form), so a head can read the augmenting state at its own
-  # position t. Both models read the same tokens, so positions agree.
-  recency_bias: bool = False
-  # Initial slope of the sharpest head; the others start geometrically
-  # flatter, down to 1/64 of it.
-  recency_max_slope: float = 1.0
-  # Ours, off by default: with False the attention has no content term
-  # (no query or key projections): every head weighs m_A's positions by
-  # the recency bias alone, whatever the anchor holds there. For bridges
-  # into an anchor's embeddings of tokens it never trained on, whose
-  # queries are then per-token noise.
-  anchor_queries: bool = True
-  # Ours, 0 (the paper's linear f_proj) by default: > 0 adds a residual
-  # GELU MLP of that width after the projection, so that a bridge can turn
-  # m_A's state into the vector the anchor needs non-linearly.
-  proj_hidden: int = 0
+  cache_len: int = 512  # Decode-time slots: the anchor's max_len.
 
   @nn.compact
-  def __call__(self, anchor_h: Array, aug_h: Array,
-               prompt_len: Array | None = None, decode: bool = False,
-               positions: Array | None = None, mask: Array | None = None
+  def __call__(self, anchor_h: Array, aug_h: Array, *,
+               mask: Array | None = None, prompt_len: Array | None = None,
+               decode: bool = False, positions: Array | None = None
                ) -> Array:
-    """Which augmenting positions each anchor position reads: `mask`
-    [b or 1, 1, t, s] if given (the composition's: causal, per document),
-    else s <= t (all s when not `causal`); while decoding, the cache slots
-    up to this step. Either way only s < `prompt_len` when it is given."""
+    del positions  # The paper's f_cross has no positional term.
     h, d = self.num_heads, self.d_model // self.num_heads
-    init = lambda names, fn=nn.initializers.lecun_normal(): (
-        nn.with_logical_partitioning(fn, names))
-    dense = lambda feats, axis, names, name, **kw: nn.DenseGeneral(
-        feats, axis=axis, use_bias=False, dtype=jnp.float32, name=name,
-        kernel_init=init(names, **kw))
-    # f_proj: D_A -> D_B.
+    # f_proj: D_A -> D_B (then RMS-normalised: ours).
     proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
     proj = transformer.Norm('rmsnorm', 1e-6, name='kv_norm')(proj)
-    if self.proj_hidden:
-      hidden = nn.gelu(dense(self.proj_hidden, -1, ('embed', 'mlp'),
-                             'mlp_in')(proj))
-      proj = proj + dense(self.d_model, -1, ('mlp', 'embed'),
-                          'mlp_out')(hidden)
-    v = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'value')(proj)
-    if self.anchor_queries:
-      query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
-      q = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'query')(query_in)
-      k = dense((h, d), -1, ('embed', 'heads', 'head_dim'), 'key')(proj)
-    else:
-      if not self.recency_bias:
-        raise ValueError('anchor_queries=False needs recency_bias=True: '
-                         'without either, every head averages all earlier '
-                         'positions.')
-      # Zero logits: only the recency bias and the mask shape attention.
-      q, k = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32), None
-    if decode:
-      # The cached projected states of earlier steps are the keys/values
-      # (values only without a content term: its keys would all be zero).
-      k, v, mask = transformer.update_cache(self, k, v, self.cache_len)
-    elif mask is None:
-      t, s = anchor_h.shape[1], aug_h.shape[1]
-      mask = jnp.ones((1, 1, t, s), bool)
-      if self.causal:
-        mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
-    if k is None:
-      k = jnp.zeros_like(v)
-    if prompt_len is not None:
-      mask = mask & (jnp.arange(k.shape[1])[None, None, None, :]
-                     < prompt_len[:, None, None, None])
-    bias = None
-    if self.recency_bias:
-      if positions is None:
-        raise ValueError('recency_bias needs the anchor token positions.')
-      # Slopes start geometric from `recency_max_slope` (a sharp head) to
-      # 1/64 of it (a long view) across heads, 1, 1/4, 1/16, 1/64 for four
-      # by default, and are learnt; softplus keeps them positive.
-      def slope_init(_, shape):
-        i = jnp.arange(shape[0], dtype=jnp.float32)
-        return jnp.log(jnp.expm1(self.recency_max_slope * 2.0 ** (
-            -6.0 * i / max(shape[0] - 1, 1))))
-      slope = jax.nn.softplus(self.param(
-          'recency_slope', nn.with_logical_partitioning(
-              slope_init, ('heads',)), (h,)))
-      # Queries sit at `positions`; so do the keys of the same sequence
-      # (packed rows restart them per document), while decoding cache slot
-      # s holds position s.
-      key_pos = (jnp.arange(k.shape[1], dtype=jnp.float32)[None] if decode
-                 else positions.astype(jnp.float32))
-      dist = (positions[:, None, :, None].astype(jnp.float32)
-              - key_pos[:, None, None, :])
-      bias = -slope[:, None, None] * jnp.maximum(dist, 0.0)
+    # f_cross: queries from the anchor stream, keys and values from m_A.
+    query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
+    q = dense((h, d), -1, HEADS, 'query')(query_in)
+    k = dense((h, d), -1, HEADS, 'key')(proj)
+    v = dense((h, d), -1, HEADS, 'value')(proj)
+    k, v, mask = keys_values_mask(self, k, v, mask, prompt_len, decode,
+                                  self.cache_len, anchor_h.shape[1])
     out, probs = transformer.dot_product_attention(q, k, v, mask,
-                                                   return_probs=True,
-                                                   bias=bias)
+                                                   return_probs=True)
     # Which augmenting positions each anchor position reads, for plots:
     # apply(..., mutable=['intermediates']).
     self.sow('intermediates', 'attention', probs)
-    return dense(self.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
-                 'out', fn=nn.initializers.zeros)(out)
+    # Zero at init: the composition starts exactly as the anchor.
+    return dense(self.d_model, (-2, -1), OUT, 'out',
+                 nn.initializers.zeros)(out)
+
+
+# Bridge name -> 'module:Class' (imported when used, big_vision style). A
+# bridge's options are its module fields past d_model, num_heads and
+# cache_len, with their defaults.
+BRIDGES = {
+    'paper': 'calm_jax.models.composition:PaperBridge',
+    'ours': 'calm_jax.models.bridges:OursBridge',
+}
+_BASE_FIELDS = ('d_model', 'num_heads', 'cache_len', 'parent', 'name')
+
+
+def bridge_class(name: str, field: str = 'composition.bridge') -> type:
+  if name not in BRIDGES:
+    raise ValueError(f'{field}={name!r} is not a bridge; choose one of '
+                     f'{sorted(BRIDGES)}.')
+  module, cls = BRIDGES[name].split(':')
+  return getattr(importlib.import_module(module), cls)
+
+
+def bridge_defaults(name: str) -> dict[str, Any]:
+  """The options of bridge `name` with their defaults ({} for 'paper')."""
+  return {f.name: f.default for f in dataclasses.fields(bridge_class(name))
+          if f.name not in _BASE_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+  """Which bridge joins each layer pair, and its options (hashable)."""
+  name: str = 'paper'
+  cross_heads: int = 0  # 0: the anchor's head count (the paper's).
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def make(cls, name: str = 'paper', cross_heads: int = 0,
+           options: Mapping[str, Any] | None = None,
+           field: str = 'composition') -> 'BridgeConfig':
+    """A validated config; errors name `field`.<option>."""
+    defaults = bridge_defaults(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+      raise ValueError(f'{field}: bridge {name!r} has no options {unknown}; '
+                       f'its options are {sorted(defaults)}.')
+    for key, value in options.items():
+      want = type(defaults[key])
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            if want is float else isinstance(value, want))
+      if not ok:
+        raise ValueError(f'{field}.{key}={value!r} must be a '
+                         f'{want.__name__}, like its default '
+                         f'{defaults[key]!r}.')
+    if not isinstance(cross_heads, int) or cross_heads < 0:
+      raise ValueError(f'{field}.cross_heads={cross_heads!r} must be an int '
+                       ">= 0 (0: the anchor's head count).")
+    check = getattr(bridge_class(name), 'check_options', None)
+    if check is not None:
+      check({**defaults, **options}, field)
+    return cls(name, cross_heads, tuple(sorted(options.items())))
+
+  def build(self, d_model: int, num_heads: int, cache_len: int, name: str
+            ) -> nn.Module:
+    return bridge_class(self.name)(d_model, self.cross_heads or num_heads,
+                                   cache_len, name=name, **dict(self.options))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'name': self.name, 'cross_heads': self.cross_heads,
+            'options': dict(self.options)}
+
+
+def bridge_config_of(params: Mapping[str, Any]) -> BridgeConfig:
+  """The bridge of trained composition params that predate composition.json
+  (read off the parameter names and shapes; init-only options such as
+  `recency_max_slope` no longer matter once trained)."""
+  bridge = next(iter(params.values()))
+  heads = bridge['value']['kernel'].shape[1]
+  options = dict(recency_bias='recency_slope' in bridge,
+                 anchor_queries='query' in bridge,
+                 proj_hidden=(bridge['mlp_in']['kernel'].shape[-1]
+                              if 'mlp_in' in bridge else 0),
+                 gate='gate' in bridge)
+  if options == dict(recency_bias=False, anchor_queries=True, proj_hidden=0,
+                     gate=False):
+    return BridgeConfig('paper', heads)
+  return BridgeConfig.make('ours', heads, options)
+
+
+# ------------------------------------------------------------ composition
 
 
 class Composition(nn.Module):
@@ -231,21 +261,13 @@ class Composition(nn.Module):
   d_model: int
   num_heads: int
   augmenting: tuple[Augmenting, ...]
+  bridge: BridgeConfig = BridgeConfig()
   cache_len: int = 512
-  recency_bias: bool = False
-  recency_max_slope: float = 1.0
-  anchor_queries: bool = True
-  proj_hidden: int = 0
 
   def setup(self):
     self.bridges = {
-        (a.name, i, j): CrossAttentionBridge(
-            self.d_model, self.num_heads, self.cache_len,
-            recency_bias=self.recency_bias,
-            recency_max_slope=self.recency_max_slope,
-            anchor_queries=self.anchor_queries,
-            proj_hidden=self.proj_hidden,
-            name=f'{a.name}_{i}_{j}')
+        (a.name, i, j): self.bridge.build(self.d_model, self.num_heads,
+                                          self.cache_len, f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
   def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
@@ -257,7 +279,8 @@ class Composition(nn.Module):
     for (name, i, jj), bridge in self.bridges.items():
       if jj == j:
         y = bridge(x.astype(jnp.float32), aug[name][i].astype(jnp.float32),
-                   prompt_len, decode, positions, mask)
+                   mask=mask, prompt_len=prompt_len, decode=decode,
+                   positions=positions)
         add = y if add is None else add + y
     return add
 
@@ -266,27 +289,16 @@ class ComposedLM(nn.Module):
   """The anchor with one or more augmenting models bridged into it."""
   anchor: DecoderConfig
   augmenting: tuple[Augmenting, ...]
-  cross_heads: int | None = None  # None: the anchor's head count.
+  bridge: BridgeConfig = BridgeConfig()
   prompt_only: bool = False  # Ablation: m_A reads the prompt only.
-  # Ours: a learnt recency bias in every bridge (CrossAttentionBridge).
-  recency_bias: bool = False
-  recency_max_slope: float = 1.0
-  # Ours: content-free bridge attention (CrossAttentionBridge).
-  anchor_queries: bool = True
-  # Ours: a non-linear f_proj (CrossAttentionBridge).
-  proj_hidden: int = 0
 
   def setup(self):
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
     self.aug_lms = {a.name: transformer.Decoder(a.config, name=f'aug_{a.name}')
                     for a in self.augmenting}
     self.composition = Composition(
-        self.anchor.d_model, self.cross_heads or self.anchor.num_heads,
-        self.augmenting, self.anchor.max_len,
-        recency_bias=self.recency_bias,
-        recency_max_slope=self.recency_max_slope,
-        anchor_queries=self.anchor_queries,
-        proj_hidden=self.proj_hidden)
+        self.anchor.d_model, self.anchor.num_heads, self.augmenting,
+        self.bridge, self.anchor.max_len)
 
   def augmenting_states(self, tokens: Array, decode: bool = False,
                         positions: Array | None = None,
@@ -350,11 +362,10 @@ class ComposedLM(nn.Module):
         x = jax.lax.stop_gradient(x)
       add = self.composition(j, x, aug, mask, plen, decode, positions)
       if add is not None:
-        if self.is_mutable_collection('bridge_writes'):
-          # What the bridges write at each position, [b, t], for the
-          # training loop to penalise (composition.write_penalty):
-          # apply(..., mutable=['bridge_writes']).
-          self.sow('bridge_writes', f'sq_norm_{j}',
-                   jnp.sum(jnp.square(add.astype(jnp.float32)), -1))
+        # The squared norm of what the bridges write at each position,
+        # [b, t] (composition.write_penalty reads it): apply(...,
+        # mutable=['intermediates']).
+        self.sow('intermediates', f'write_sq_{j}',
+                 jnp.sum(jnp.square(add.astype(jnp.float32)), -1))
         x = x + add.astype(x.dtype)
     return anchor.head(x)
