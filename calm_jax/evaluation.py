@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -69,6 +70,9 @@ def validate(eval_cfg: Any, check_split: Callable[[str, str], None],
           f'eval.metrics.{split}: {split!r} is not one of eval.splits='
           f'{tuple(eval_cfg.splits)}; add it there or remove the entry.')
     check_metric(metric, f'eval.metrics.{split}')
+    if metric == 'chrf' and importlib.util.find_spec('sacrebleu') is None:
+      raise ValueError(f"eval.metrics.{split}='chrf' needs sacrebleu: pip "
+                       "install -e '.[code]' (or '.[ntl]').")
   check_sampling(eval_cfg.get('sampling', None))
   if not isinstance(eval_cfg.max_new_tokens, int) or eval_cfg.max_new_tokens < 1:
     raise ValueError(f'eval.max_new_tokens={eval_cfg.max_new_tokens!r} must '

@@ -80,7 +80,10 @@ from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
-import polib
+try:
+  import polib  # The [ntl] extra.
+except ImportError:  # Refused with the fix when the dataset is used.
+  polib = None
 import tensorflow_datasets as tfds
 
 from calm_jax.data import generated
@@ -159,8 +162,9 @@ def django_locale_root() -> str:
   """The directory of the installed Django package."""
   spec = importlib.util.find_spec('django')
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError('data.ntl.po_root=\'\' needs the Django package; install '
-                     'Django or set data.ntl.po_root to a directory.')
+    raise ValueError("data.ntl.po_root='' needs the Django package: pip "
+                     "install -e '.[ntl]' (pins Django 5.2.19), or set "
+                     'data.ntl.po_root to a directory of catalogs.')
   return list(spec.submodule_search_locations)[0]
 
 
@@ -337,6 +341,9 @@ def make_config(**fields: Any) -> NtlConfig:
 
 def check_data_config(data_cfg: ml_collections.ConfigDict) -> NtlConfig:
   """The validated config of `data.ntl`, checked against data.seq_len."""
+  if polib is None:
+    raise ValueError("data.dataset='ntl_catalogs' reads gettext catalogs with "
+                     "polib: pip install -e '.[ntl]'.")
   fields = generated.subconfig_fields(data_cfg, 'ntl')
   for field in _LANG_FIELDS:
     if isinstance(fields.get(field), list):
