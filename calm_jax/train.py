@@ -40,6 +40,7 @@ from calm_jax import data as data_lib
 from calm_jax import evaluation
 from calm_jax import metrics_writer
 from calm_jax import paths
+from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax import tasks
@@ -371,6 +372,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     paths.atomic_write_text(os.path.join(workdir, 'config.json'),
                             config.to_json_best_effort(indent=2))
+    paths.atomic_write_text(os.path.join(workdir, 'run.json'), json.dumps(
+        provenance.run_info(), indent=2))
 
   # ---- 2. data (the eval sets first: a split that cannot be scored fails
   # before any model is trained).

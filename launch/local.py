@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import queue
 import shlex
@@ -45,6 +46,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import train
 
@@ -215,7 +217,15 @@ def main(argv: list[str]) -> int:
   print(f'phase train: {(time.monotonic() - t) / 60:.1f} min with '
         f'{_WORKERS.value} workers', flush=True)
   serial(runs[-1])
-  print(f'total: {(time.monotonic() - start) / 60:.1f} min', flush=True)
+  total = (time.monotonic() - start) / 60
+  print(f'total: {total:.1f} min', flush=True)
+  # The table's provenance is this command, not its last phase's.
+  info = provenance.run_info()
+  info.update(command=shlex.join([os.path.basename(sys.executable)]
+                                 + sys.argv), total_min=round(total, 1),
+              workers=_WORKERS.value)
+  with open(os.path.join(workdir, 'run.json'), 'w') as f:
+    json.dump(info, f, indent=2)
   with open(os.path.join(workdir, 'results.md')) as f:
     print(f.read(), flush=True)
   return 0
