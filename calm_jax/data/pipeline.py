@@ -126,23 +126,32 @@ def is_document(example: Mapping[str, Any]) -> bool:
 
 def document_pieces(example: Mapping[str, Any],
                     tokenizer: tokenizers.Tokenizer, seq_len: int,
-                    seq_len_field: str = 'data.seq_len') -> list[Batch]:
+                    seq_len_field: str = 'data.seq_len',
+                    ids: tuple[list[int], list[int]] | None = None
+                    ) -> list[Batch]:
   """An example as variable-length pieces of at most `seq_len` positions.
 
   Each piece has `inputs`, `targets`, `weights` and `prompt_mask` (1 at BOS
   and prompt positions). A document longer than `seq_len` becomes several
   pieces (each later one continues the text without a BOS); any other
   example is one piece, and one that does not fit raises the
-  `encode_example` error.
+  `encode_example` error. `ids` (the prompt's and the target's token ids)
+  skips tokenizing when the caller did it for many examples at once.
   """
-  if not is_document(example):
-    row = encode_example(example, tokenizer, seq_len, seq_len_field)
-    n = int(np.max(np.nonzero(row['weights'])[0])) + 1
-    prompt_mask = (np.arange(n) < row['prompt_len']).astype(np.int32)
-    return [{'inputs': row['inputs'][:n], 'targets': row['targets'][:n],
-             'weights': row['weights'][:n], 'prompt_mask': prompt_mask}]
-  tokens = np.asarray([tokenizer.bos_id] + tokenizer.encode(
-      _text(example['target'])) + [tokenizer.eos_id], np.int32)
+  prompt, target = ids if ids is not None else (
+      tokenizer.encode(_text(example['prompt'])),
+      tokenizer.encode(_text(example['target'])))
+  tokens = np.asarray([tokenizer.bos_id] + prompt + target +
+                      [tokenizer.eos_id], np.int32)
+  if prompt:
+    if len(tokens) > seq_len + 1:
+      encode_example(example, tokenizer, seq_len, seq_len_field)  # Raises.
+    n = len(tokens) - 1
+    weights = np.zeros(n, np.float32)
+    weights[len(prompt):] = 1.0  # From the last prompt token's prediction.
+    prompt_mask = (np.arange(n) <= len(prompt)).astype(np.int32)
+    return [{'inputs': tokens[:-1], 'targets': tokens[1:],
+             'weights': weights, 'prompt_mask': prompt_mask}]
   pieces = []
   for start in range(0, len(tokens) - 1, seq_len):
     chunk = tokens[start:start + seq_len + 1]
@@ -205,30 +214,74 @@ def _check_positive(name: str, value: int) -> None:
     raise ValueError(f'{name}={value!r} must be a positive int.')
 
 
-class _Pieces(grain.experimental.FlatMapTransform):
-  """An example's pieces (`document_pieces`), for packing."""
-
-  def __init__(self, tokenizer: tokenizers.Tokenizer, seq_len: int):
-    self.tokenizer, self.seq_len = tokenizer, seq_len
-    # A document yields at most this many pieces; longer ones are cut off
-    # (only reachable with documents over 4096 rows long).
-    self.max_fan_out = 4096
-
-  def flat_map(self, example):
-    return document_pieces(example, self.tokenizer, self.seq_len)[
-        :self.max_fan_out]
-
-
 # Per-token fields of a piece; packing adds `segment_ids` and `positions`.
 PACKED_FIELDS = ('inputs', 'targets', 'weights', 'prompt_mask')
+# Examples packed together: this many per row of the batch, first-fit.
+PACK_BLOCK_PER_ROW = 8
 
 
-def _packed_row(row: Batch) -> Batch:
-  """grain's packed fields under the names the models read."""
-  out = {k: row[k] for k in PACKED_FIELDS}
-  out['segment_ids'] = row['inputs_segment_ids'].astype(np.int32)
-  out['positions'] = row['inputs_positions'].astype(np.int32)
+def pack_pieces(pieces: Sequence[Batch], seq_len: int, pad_id: int
+                ) -> list[Batch]:
+  """First-fit packing: each piece goes into the first row with room.
+
+  Rows hold PACKED_FIELDS plus `segment_ids` (1, 2, ... per piece, 0 for
+  padding) and `positions` (restarting at 0 in every piece), in the order
+  the rows were opened.
+  """
+  rows: list[list[Batch]] = []
+  space: list[int] = []
+  for piece in pieces:
+    n = len(piece['inputs'])
+    for r, free in enumerate(space):
+      if n <= free:
+        rows[r].append(piece)
+        space[r] -= n
+        break
+    else:
+      rows.append([piece])
+      space.append(seq_len - n)
+  out = []
+  for row in rows:
+    packed = {'inputs': np.full(seq_len, pad_id, np.int32),
+              'targets': np.full(seq_len, pad_id, np.int32),
+              'weights': np.zeros(seq_len, np.float32),
+              'prompt_mask': np.zeros(seq_len, np.int32),
+              'segment_ids': np.zeros(seq_len, np.int32),
+              'positions': np.zeros(seq_len, np.int32)}
+    offset = 0
+    for i, piece in enumerate(row, 1):
+      n = len(piece['inputs'])
+      cut = slice(offset, offset + n)
+      for k in PACKED_FIELDS:
+        packed[k][cut] = piece[k]
+      packed['segment_ids'][cut] = i
+      packed['positions'][cut] = np.arange(n)
+      offset += n
+    out.append(packed)
   return out
+
+
+class _Rows(grain.experimental.FlatMapTransform):
+  """A block's packed rows, one by one (packing ran in a reader thread)."""
+
+  max_fan_out = 1 << 20  # Rows per block; not a limit in practice.
+
+  def flat_map(self, rows):
+    return rows
+
+
+def _pack_block(examples: Sequence[Any], tokenizer: tokenizers.Tokenizer,
+                seq_len: int) -> list[Batch]:
+  """A block of examples, tokenized together (one batch call of the
+  tokenizer when it has one), as packed rows."""
+  texts = [_text(ex[k]) for ex in examples for k in ('prompt', 'target')]
+  batch_encode = getattr(tokenizer, 'encode_batch', None)
+  ids = (batch_encode(texts) if batch_encode is not None
+         else [tokenizer.encode(t) for t in texts])
+  pieces = [p for i, ex in enumerate(examples)
+            for p in document_pieces(ex, tokenizer, seq_len,
+                                     ids=(ids[2 * i], ids[2 * i + 1]))]
+  return pack_pieces(pieces, seq_len, tokenizer.pad_id)
 
 
 def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
@@ -244,7 +297,8 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   dicts of `inputs`, `targets`, `weights` [batch_size, seq_len] and
   `prompt_len` [batch_size]; packed (`pack=True`), of `inputs`, `targets`,
   `weights`, `prompt_mask`, `segment_ids` and `positions` [batch_size,
-  seq_len] (first-fit packing over `batch_size` rows at a time). `iter()` of
+  seq_len] (first-fit packing of PACK_BLOCK_PER_ROW x batch_size examples
+  at a time). `iter()` of
   the result is a checkpointable `grain.DatasetIterator` (see the module
   docstring).
   """
@@ -270,13 +324,15 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     return ds.batch(batch_size, drop_remainder=True)
+  # Packed: blocks of examples are tokenized, cut into pieces and packed
+  # first-fit in grain's reader threads; the rows then come out one by one.
+  ds = ds.batch(PACK_BLOCK_PER_ROW * batch_size, batch_fn=list)
+  ds = ds.map(functools.partial(_pack_block, tokenizer=tokenizer,
+                                seq_len=seq_len))
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
-  ds = grain.experimental.FlatMapIterDataset(ds, _Pieces(tokenizer, seq_len))
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={k: seq_len for k in PACKED_FIELDS},
-      num_packing_bins=batch_size, seed=seed, shuffle_bins=True)
-  ds = ds.map(_packed_row)
+      num_threads=num_threads, prefetch_buffer_size=min(
+          prefetch_buffer_size, 16)))
+  ds = grain.experimental.FlatMapIterDataset(ds, _Rows())
   return ds.batch(batch_size, drop_remainder=True)
 
 
