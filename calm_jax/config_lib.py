@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from etils import epath
 import ml_collections
 
 from calm_jax import checkpoints

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from calm_jax import checkpoints
-from calm_jax import config_lib
 from calm_jax import tasks
 from calm_jax import train
 from calm_jax.models import transformer

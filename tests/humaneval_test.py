@@ -8,7 +8,6 @@ import jax
 from calm_jax import evaluation
 from calm_jax import sharding
 from calm_jax import tasks
-from calm_jax import train
 from calm_jax.data import humaneval
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers

@@ -235,9 +235,16 @@ class SmokePipelineTest(absltest.TestCase):
       self.assertEqual(sorted(row), sorted(kv_arithmetic.get_config(
           'smoke').eval.splits))
       for metrics in row.values():
-        self.assertBetween(metrics['accuracy'], 0.0, 100.0)
+        # Exact match over the 8 examples: a whole number of them.
+        self.assertIn(round(metrics['accuracy'] * 8 / 100, 6), range(9))
         self.assertTrue(np.isfinite(metrics['loss']))
         self.assertEqual(metrics['examples'], 8)
+    # The trained rows moved away from m_B (their bridges or weights are no
+    # longer at the anchor's own function).
+    m_b = on_disk['rows']['m_B']['kv_math_eval']['loss']
+    for name in ('calm', 'lora', 'full_ft', 'calm_n1'):
+      self.assertNotAlmostEqual(on_disk['rows'][name]['kv_math_eval']['loss'],
+                                m_b, places=5)
     for role in ('anchor', 'aug_kv', 'vanilla_kv'):
       self.assertTrue(checkpoints.model_exists(
           os.path.join(workdir, 'models', role)))
