@@ -26,6 +26,14 @@ import struct
 from typing import Any, Mapping
 
 from etils import epath
+import flax.linen as nn
+import jax
+
+from calm_jax import checkpoints
+from calm_jax import paths
+from calm_jax.data import tokenizers
+from calm_jax.models import composition as composition_lib
+from calm_jax.models import transformer
 
 FILE = 'composition.json'
 FORMAT = 'calm_jax.composition/v1'
@@ -113,8 +121,6 @@ def write(run_dir: str, *, row: str, seed: int, model: Any,
   `refs` maps 'anchor' and 'aug_<name>' to where each frozen model comes
   from. Returns the file's path.
   """
-  from calm_jax import paths  # pylint: disable=g-import-not-at-top
-  from calm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_dir = paths.absolute(run_dir)
   epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
   bridge = model.bridge.to_dict()
@@ -206,12 +212,6 @@ def load(path: str, *, anchor: str | None = None,
   ones, and must have their recorded fingerprints. `step` defaults to the
   latest checkpoint; `dtype` to the one it was trained with.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from calm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from calm_jax.models import composition as composition_lib  # pylint: disable=g-import-not-at-top
-  from calm_jax.models import transformer  # pylint: disable=g-import-not-at-top
 
   info = read(path)
   run_dir = info['_dir']
