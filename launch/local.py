@@ -46,6 +46,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from calm_jax import logs
 from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import train
@@ -162,6 +163,7 @@ def _report(run: Run, rc: int, seconds: float, log: str) -> None:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logs.quiet_libraries()
   config = _CONFIG.value
   # What every run would refuse, refused once, before any of them starts.
   try:
