@@ -16,81 +16,94 @@ one JSON line with
   * `own_attention`: per head, the mean attention weight on m_A's state
     at the position itself (the rest reads other positions).
 
-  python benchmarks/kv_bridge_writes.py --workdir=/tmp/calm_kv --run=calm
+  python -m experiments.kv_probes.bridge_writes --workdir=/tmp/calm_kv \
+      --run=calm
 
-reads `WORKDIR/config.json`, `WORKDIR/models/{anchor,aug_kv}` and the last
-checkpoint of `WORKDIR/runs/RUN/seed_SEED`.
+reads `WORKDIR/config.json` and the row `WORKDIR/runs/RUN/seed_SEED` (its
+composition.json and last checkpoint).
 """
 
 import collections
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
-import kv_workdir  # benchmarks/, the script's own folder (sys.path[0]).
+import jax
+import numpy as np
 
-_ROW = kv_workdir.define_composed_row_flags()
+from calm_jax import data as data_lib
+from calm_jax.data import kv_arithmetic as kv
+from calm_jax.models import composition as composition_lib
+from calm_jax.models import transformer
+from experiments.kv_probes import workdir
+
+_ROW = workdir.define_composed_row_flags()
 _EXAMPLES = flags.DEFINE_integer('examples', 256, 'Prompts per split.')
+
+
+def captured(module, method: str) -> bool:
+  """What the forward records (`capture_intermediates`): each bridge's
+  output, each anchor block's output and the anchor's embeddings."""
+  if method == 'embed':
+    return module.name == 'anchor'
+  return method == '__call__' and (
+      isinstance(module, transformer.Block) and module.parent.name == 'anchor'
+      or isinstance(module.parent, composition_lib.Composition))
+
+
+def positions_by_kind(prompt: str, keys: set[str], key_max_len: int
+                      ) -> dict[str, list[int]]:
+  """Input positions of a prompt's characters by kind: key (every letter of
+  one), digit, operator or other. BOS shifts character c to position c + 1."""
+  where, t = collections.defaultdict(list), 0
+  while t < len(prompt):
+    for length in range(key_max_len, 0, -1):
+      if prompt[t:t + length] in keys:
+        where['key'].extend(t + 1 + k for k in range(length))
+        t += length
+        break
+    else:
+      kind = 'digit' if prompt[t].isdigit() else (
+          'operator' if prompt[t] in kv.ALLOWED_OPERATORS else 'other')
+      where[kind].append(t + 1)
+      t += 1
+  return where
 
 
 def main(argv):
   del argv
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.models import transformer
-
   task, model, params, tok = _ROW.load()
-  anchor_cfg, pairs = model.anchor, model.augmenting[0].pairs
-  anchor = params['anchor']
+  pairs = model.augmenting[0].pairs
   keys = set(kv.make_key_map(task).as_dict())
 
   @jax.jit
-  def intermediates(tokens):
-    _, state = model.apply({'params': params}, tokens,
-                           capture_intermediates=True,
+  def intermediates(batch):
+    # Causal throughout (m_A, the bridges, the anchor): the targets after
+    # each prompt do not change what is measured at its positions.
+    _, state = model.apply({'params': params}, batch['inputs'],
+                           prompt_len=batch['prompt_len'],
+                           capture_intermediates=captured,
                            mutable=['intermediates'])
     return state['intermediates']
 
   for split in ('kv_math_dev', 'num_math_eval'):
     examples = kv.generate_split(task, split)[:_EXAMPLES.value]
-    rows = [[tok.bos_id] + tok.encode(e['prompt']) for e in examples]
-    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
-    for i, r in enumerate(rows):
-      tokens[i, :len(r)] = r
-    inter = intermediates(jnp.asarray(tokens))
-    # Position kinds by the prompt's text; keys may be several characters,
-    # each of which counts as a key position.
+    inter = intermediates(data_lib.model_inputs(workdir.batch_of(examples,
+                                                                 tok)))
     where = collections.defaultdict(list)
     for i, e in enumerate(examples):
-      prompt, t = e['prompt'], 0
-      while t < len(prompt):
-        for length in range(task.key_max_len, 0, -1):
-          if prompt[t:t + length] in keys:
-            where['key'].extend((i, t + 1 + k) for k in range(length))
-            t += length
-            break
-        else:
-          kind = 'digit' if prompt[t].isdigit() else (
-              'operator' if prompt[t] in kv.ALLOWED_OPERATORS else 'other')
-          where[kind].append((i, t + 1))  # +1: BOS.
-          t += 1
-    # The anchor's own input: embeddings as its config scales them.
-    embedded = np.asarray(transformer.Decoder(anchor_cfg).apply(
-        {'params': anchor}, jnp.asarray(tokens),
-        jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
-        method=transformer.Decoder.embed))
+      for kind, ts in positions_by_kind(e['prompt'], keys,
+                                        task.key_max_len).items():
+        where[kind].extend((i, t) for t in ts)
+    # The residual each bridge adds to: the anchor's embeddings (layer -1)
+    # or the output of that block in the composed model.
+    anchor = inter['anchor']
     for i, j in pairs:
       bridge = inter['composition'][f'kv_{i}_{j}']
       write = np.asarray(bridge['__call__'][0])
       attention = np.asarray(bridge['attention'][0])  # [b, heads, t, s]
-      residual = (embedded if j < 0 else np.asarray(
-          inter['anchor'][f'layer_{j}']['__call__'][0]))
+      residual = np.asarray(anchor['embed'][0] if j < 0 else
+                            anchor[f'layer_{j}']['__call__'][0])
       for kind in ('key', 'operator', 'digit'):
         if not where[kind]:
           continue

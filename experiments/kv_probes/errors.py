@@ -17,22 +17,25 @@ decodes, greedily and with the composition of a kv_arithmetic workdir:
   * the same prompts with a compose key in place of the held-out one
     (`probe: compose_keys`), the control: D_C's own keys.
 
-  python benchmarks/kv_errors.py --workdir=/tmp/calm_kv --run=calm
+  python -m experiments.kv_probes.errors --workdir=/tmp/calm_kv --run=calm
 
-reads `WORKDIR/config.json`, `WORKDIR/models/{anchor,aug_kv}` and the last
-checkpoint of `WORKDIR/runs/RUN/seed_SEED`.
+reads `WORKDIR/config.json` and the row `WORKDIR/runs/RUN/seed_SEED` (its
+composition.json and last checkpoint).
 """
 
 import collections
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
-import kv_workdir  # benchmarks/, the script's own folder (sys.path[0]).
+import numpy as np
 
-_ROW = kv_workdir.define_composed_row_flags()
+from calm_jax import decoding
+from calm_jax.data import kv_arithmetic as kv
+from calm_jax.data import pipeline
+from experiments.kv_probes import workdir
+
+_ROW = workdir.define_composed_row_flags()
 _EXAMPLES = flags.DEFINE_integer('examples', 128, 'kv_math_eval prompts.',
                                  lower_bound=1)
 _CONTEXTS = flags.DEFINE_integer('contexts', 4, 'Compose-key contexts per '
@@ -43,35 +46,28 @@ _BATCH = flags.DEFINE_integer('batch_size', 512, 'Prompts per decode call.',
 
 def main(argv):
   del argv
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  import numpy as np
-  from calm_jax import decoding
-  from calm_jax.data import kv_arithmetic as kv
-
   task, model, params, tok = _ROW.load()
   key_map = kv.make_key_map(task)
   new_tokens = len(str(task.max_operands * task.max_value)) + 2
 
   def complete(prompts):
     """Greedy completions of `prompts`, batch by batch."""
+    # Empty targets: rows as wide as the longest prompt, nothing after it.
+    examples = [{'prompt': p, 'target': ''} for p in prompts]
+    batches = pipeline.eval_batches(
+        examples, tokenizer=tok, seq_len=workdir.seq_len_of(examples, tok),
+        batch_size=min(_BATCH.value, len(examples)))
     out = []
-    for s in range(0, len(prompts), _BATCH.value):
-      rows = [[tok.bos_id] + tok.encode(p)
-              for p in prompts[s:s + _BATCH.value]]
-      tokens = np.full((len(rows), max(map(len, rows))), tok.pad_id,
-                       np.int32)
-      for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-      plen = np.array([len(r) for r in rows], np.int32)
-      new = np.asarray(decoding.generate(
-          model, params, tokens, plen, max_new_tokens=new_tokens,
-          eos_id=tok.eos_id, pad_id=tok.pad_id,
-          model_kwargs={'prompt_len': plen})['new_tokens'])
-      for row in new.tolist():
-        if tok.eos_id in row:
-          row = row[:row.index(tok.eos_id)]
-        out.append(tok.decode([t for t in row if t != tok.pad_id]))
+    for b in batches:
+      # The prompt alone (BOS + prompt), right-padded.
+      heads = np.where(np.arange(b['inputs'].shape[1])[None]
+                       < b['prompt_len'][:, None], b['inputs'], tok.pad_id)
+      gen = decoding.generate(
+          model, params, heads.astype(np.int32), b['prompt_len'],
+          max_new_tokens=new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+          model_kwargs={'prompt_len': b['prompt_len']})
+      texts = decoding.decode_texts(gen['new_tokens'], tok, gen['num_new'])
+      out.extend(t for t, v in zip(texts, b['valid']) if v)
     return out
 
   # ---- kv_math_eval: exact match and how far off the wrong answers are.

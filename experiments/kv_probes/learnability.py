@@ -4,30 +4,43 @@ Trains one `transformer.Decoder` from scratch on one task of the key-value
 arithmetic data (NUM-MATH by default: what the anchor m_B must learn before
 any composition can work) and prints a JSON line at every eval point:
 
-  step, loss (last batch), exact_match (% of eval examples whose every target
-  token is the argmax under teacher forcing — the same as greedy-decoding
-  exact match), token_acc, elapsed_s, plus the task and model sizes.
+  step, loss (of that step's batch), exact_match (% of eval examples whose
+  every target token is the argmax under teacher forcing — the same as
+  greedy-decoding exact match), token_acc, eval_loss, elapsed_s, plus the
+  task and model sizes.
 
-  python benchmarks/kv_learnability.py --task=num_math --max_value=100 \
-      --operators=+- --steps=3000
+  python -m experiments.kv_probes.learnability --task=num_math \
+      --max_value=100 --operators=+- --steps=3000
 
 This is the measurement behind the README's account of why the CPU-scale
 Table 1 is not reached: it isolates the anchor's arithmetic from everything
 else. Data comes from `calm_jax.data.kv_arithmetic.generate_split` (no TFDS
-build), batches are sampled with numpy, the step is plain AdamW.
-`--reverse_answer` writes numeric answers least-significant digit first (a
-known aid for learning addition), to measure whether the answer order is
-what stands in the way.
+build) and trains with the library's pretraining: `tasks.decoder_task`,
+`train.run_training` (AdamW, warmup and cosine decay) over a `TrainData` of
+the generated examples, resumable in `--workdir`. `--reverse_answer` writes
+numeric answers least-significant digit first (a known aid for learning
+addition), to measure whether the answer order is what stands in the way.
 """
 
 import json
 import os
 import re
-import sys
+import shutil
+import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+from calm_jax import config_lib
+from calm_jax import tasks
+from calm_jax import train
+from calm_jax.data import inputs
+from calm_jax.data import kv_arithmetic as kv
+from calm_jax.data import pipeline
+from calm_jax.data import tokenizers
+from calm_jax.models import transformer
+from experiments.kv_probes import workdir
 
 _TASK = flags.DEFINE_enum('task', 'num_math', ['num_math', 'kv_subs',
                                                'kv_math'], 'Which task.')
@@ -53,24 +66,66 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
 _LR = flags.DEFINE_float('learning_rate', 3e-3, 'Peak AdamW learning rate.')
 _EVERY = flags.DEFINE_integer('eval_every', 500, 'Steps between evals.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', '', 'Where the run keeps its checkpoints, history.json and '
+    'TensorBoard events, and resumes from; empty: a temporary directory, '
+    'removed at the end.')
+
+# The flags that define a run: a --workdir holding a run of other values
+# is refused rather than resumed.
+_RUN_FLAGS = (_TASK, _CONFIG, _NUM_KEYS, _MAX_VALUE, _UNIQUE, _OPERATORS,
+              _MIN_OPERANDS, _MAX_OPERANDS, _REVERSE, _RUNNING, _D_MODEL,
+              _LAYERS, _STEPS, _BATCH, _LR)
+
+
+def reverse(example):
+  """The example with its numeric answer least-significant digit first."""
+  target = example['target']
+  sign = '-' if target.startswith('-') else ''
+  return dict(example, target=sign + target[len(sign):][::-1])
+
+
+def running(example):
+  """The example whose target lists the result after each operand."""
+  expr = example['prompt'][:-1]  # Drop the '='.
+  nums = [int(x) for x in re.findall(r'\d+', expr)]
+  ops = re.findall(r'[+-]', expr)
+  sums = [nums[0]]
+  for op, x in zip(ops, nums[1:]):
+    sums.append(sums[-1] + x if op == '+' else sums[-1] - x)
+  assert str(sums[-1]) == example['target'], (example, sums)
+  return dict(example, target=','.join(map(str, sums[1:])))
+
+
+def check_run_dir(run_dir: str) -> None:
+  """Records this run's flags in run_dir; refuses a run_dir of others."""
+  record = {f.name: f.value for f in _RUN_FLAGS}
+  path = os.path.join(run_dir, 'probe_flags.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      held = json.load(f)
+    if held != record:
+      changed = sorted(k for k in record if held.get(k) != record[k])
+      raise app.UsageError(
+          f'--workdir={run_dir} holds a run with other values of '
+          f'{", ".join("--" + k for k in changed)}; give a fresh --workdir '
+          'or the same flags to resume it.')
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=2)
 
 
 def main(argv):
   del argv
-  os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=true '
-                        f'intra_op_parallelism_threads={_THREADS.value}')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.data import pipeline
-  from calm_jax.data import tokenizers
-  from calm_jax.models import transformer
+  # Before XLA sizes its thread pool (the first computation).
+  cores = sorted(os.sched_getaffinity(0))
+  os.sched_setaffinity(0, cores[:max(1, min(_THREADS.value, len(cores)))])
 
+  if _RUNNING.value and ('*' in _OPERATORS.value
+                         or _TASK.value != 'num_math'):
+    raise app.UsageError('--running_sums needs --task=num_math and '
+                         '--operators without "*".')
   tiny = _CONFIG.value == 'tiny'
   steps = 4 if tiny else _STEPS.value
   every = 2 if tiny else _EVERY.value
@@ -84,95 +139,60 @@ def main(argv):
       num_eval=64 if tiny else 512)
   train_split = {'num_math': 'num_math_train', 'kv_subs': 'kv_subs_train',
                  'kv_math': 'kv_math_compose'}[_TASK.value]
-  train = kv.generate_split(cfg, train_split)
-  evals = kv.generate_split(cfg, f'{_TASK.value}_eval',
-                            exclude_prompts={e['prompt'] for e in train})
-
-  def reverse(example):
-    target = example['target']
-    sign = '-' if target.startswith('-') else ''
-    return dict(example, target=sign + target[len(sign):][::-1])
-
-  def running(example):
-    expr = example['prompt'][:-1]  # Drop the '='.
-    nums = [int(x) for x in re.findall(r'\d+', expr)]
-    ops = re.findall(r'[+-]', expr)
-    sums = [nums[0]]
-    for op, x in zip(ops, nums[1:]):
-      sums.append(sums[-1] + x if op == '+' else sums[-1] - x)
-    assert str(sums[-1]) == example['target'], (example, sums)
-    return dict(example, target=','.join(map(str, sums[1:])))
-
+  train_ex = kv.generate_split(cfg, train_split)
+  eval_ex = kv.generate_split(cfg, f'{_TASK.value}_eval',
+                              exclude_prompts={e['prompt'] for e in train_ex})
   if _RUNNING.value:
-    if '*' in _OPERATORS.value or _TASK.value != 'num_math':
-      raise app.UsageError('--running_sums needs --task=num_math and '
-                           '--operators without "*".')
-    train, evals = [running(e) for e in train], [running(e) for e in evals]
+    train_ex, eval_ex = ([running(e) for e in train_ex],
+                         [running(e) for e in eval_ex])
   if _REVERSE.value and _TASK.value != 'kv_subs':
-    train, evals = [reverse(e) for e in train], [reverse(e) for e in evals]
+    train_ex, eval_ex = ([reverse(e) for e in train_ex],
+                         [reverse(e) for e in eval_ex])
   tok = tokenizers.ByteTokenizer()
-  seq_len = max(len(e['prompt']) + len(e['target']) for e in train + evals) + 1
+  seq_len = workdir.seq_len_of(train_ex + eval_ex, tok)
 
-  def encode(examples):
-    rows = [pipeline.encode_example(e, tok, seq_len) for e in examples]
-    return {k: np.stack([r[k] for r in rows])
-            for k in ('inputs', 'targets', 'weights')}
-
-  train_arr, eval_arr = encode(train), encode(evals)
   d = 32 if tiny else _D_MODEL.value
   arch = transformer.DecoderConfig(
       vocab_size=tok.vocab_size, d_model=d, num_layers=_LAYERS.value,
       num_heads=4, d_ff=4 * d, max_len=seq_len)
-  model = transformer.Decoder(arch)
-  params = nn.meta.unbox(model.init(
-      jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))['params'])
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, _LR.value, max(1, steps // 20), steps, _LR.value * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, b2=0.98, weight_decay=0.01))
-  opt_state = tx.init(params)
+  task = tasks.decoder_task(f'learnability:{_TASK.value}', arch)
+  # train_config's AdamW is the probe's own: b2 0.98, weight decay 0.01,
+  # clipping at 1, 5% warmup, cosine decay to 10% of the peak.
+  train_cfg = config_lib.train_config(
+      steps=steps, batch_size=_BATCH.value, learning_rate=_LR.value,
+      log_every=1, checkpoint_every=every, keep_checkpoints=1)
+  mesh, rules = workdir.single_device()
+  evals = pipeline.eval_batches(eval_ex, tokenizer=tok, seq_len=seq_len,
+                                batch_size=min(len(eval_ex), 512))
+  eval_step = train.make_eval_step(task)
+  count_exact = workdir.exact_match_fn(task)
 
-  def loss_fn(p, batch):
-    logits = model.apply({'params': p}, batch['inputs'])
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch['targets'])
-    return (nll * batch['weights']).sum() / batch['weights'].sum()
-
-  @jax.jit
-  def step(p, o, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
-  @jax.jit
-  def score(p, batch):
-    hit = model.apply({'params': p}, batch['inputs']).argmax(-1) == batch[
-        'targets']
-    w = batch['weights']
-    exact = (hit | (w == 0)).all(-1).mean()
-    return 100.0 * exact, (hit * w).sum() / w.sum()
-
-  params_count = sum(x.size for x in jax.tree.leaves(params))
-  rng = np.random.default_rng(0)
+  run_dir = _WORKDIR.value or tempfile.mkdtemp(prefix='kv_learnability_')
+  check_run_dir(run_dir)
   start = time.perf_counter()
-  for i in range(1, steps + 1):
-    idx = rng.integers(0, len(train), _BATCH.value)
-    params, opt_state, loss = step(params, opt_state,
-                                   {k: v[idx] for k, v in train_arr.items()})
-    if i % every == 0 or i == steps:
-      exact, token_acc = score(params, eval_arr)
+  try:
+    for step, params, loss in workdir.train_in_chunks(
+        task, train_cfg, data=inputs.TrainData(train_ex, tok, seq_len),
+        run_dir=run_dir, every=every, mesh=mesh, rules=rules):
+      ev = train.evaluate_loss(eval_step, params, evals, mesh)
+      exact = workdir.exact_match(count_exact, params, evals, mesh)
       print(json.dumps({
           'task': _TASK.value, 'operators': _OPERATORS.value,
           'max_value': _MAX_VALUE.value, 'num_keys': _NUM_KEYS.value,
           'unique_values': _UNIQUE.value,
           'operands': f'{_MIN_OPERANDS.value}-{_MAX_OPERANDS.value}',
-          'd_model': d, 'num_layers': _LAYERS.value, 'reverse_answer': _REVERSE.value,
-          'running_sums': _RUNNING.value,
-          'params': int(params_count), 'seq_len': seq_len, 'step': i,
+          'd_model': d, 'num_layers': _LAYERS.value,
+          'reverse_answer': _REVERSE.value, 'running_sums': _RUNNING.value,
+          'params': transformer.count_params(params), 'seq_len': seq_len,
+          'eval_examples': len(eval_ex), 'step': step,
           'loss': round(float(loss), 4),
-          'exact_match': round(float(exact), 2),
-          'token_acc': round(float(token_acc), 4),
+          'exact_match': round(100.0 * exact, 2),
+          'token_acc': round(ev['accuracy'], 4),
+          'eval_loss': round(ev['loss'], 4),
           'elapsed_s': round(time.perf_counter() - start, 1)}), flush=True)
+  finally:
+    if not _WORKDIR.value:
+      shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -14,19 +14,23 @@ on keys it never saw. This script measures exactly that, per m_A layer:
 A held-out accuracy near 1 says the value is linearly present and shared
 across keys; near 1 / (number of values) says it is not there to read.
 
-  python benchmarks/kv_readout.py --workdir=/tmp/calm_kv
+  python -m experiments.kv_probes.readout --workdir=/tmp/calm_kv
 
 reads `WORKDIR/config.json` (the task) and `WORKDIR/models/aug_kv` (m_A, as
 pretrained by `calm_jax.main`). Prints one JSON line per layer.
 """
 
 import json
-import os
 import re
-import sys
 
 from absl import app
 from absl import flags
+import jax
+import numpy as np
+
+from calm_jax.data import kv_arithmetic as kv
+from calm_jax.models import transformer
+from experiments.kv_probes import workdir
 
 _WORKDIR = flags.DEFINE_string('workdir', '', 'A kv_arithmetic workdir.')
 _ROLE = flags.DEFINE_string('role', 'aug_kv', 'Model directory under '
@@ -39,39 +43,36 @@ _EXAMPLES = flags.DEFINE_integer('examples', 1500,
 _RIDGE = flags.DEFINE_float('ridge', 1e-2, 'L2 penalty of the readout.')
 
 
+def key_ends(prompt: str) -> list[tuple[str, int]]:
+  """(key, input position of its last letter) of every key of a prompt.
+
+  Keys are what lies between operators; BOS shifts prompt character c to
+  input position c + 1, so a key's last letter sits at its match's end.
+  """
+  return [(m.group(), m.end()) for m in re.finditer(r'[^-+*=]+', prompt)]
+
+
 def main(argv):
   del argv
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from calm_jax.data import kv_arithmetic as kv
-  from calm_jax.models import transformer
-  import kv_workdir  # benchmarks/, the script's own folder.
-  task, arch, params, tok = kv_workdir.load(_WORKDIR.value, _ROLE.value,
-                                           _CONFIG.value == 'tiny')
+  task, arch, params, tok = workdir.load(_WORKDIR.value, _ROLE.value,
+                                         _CONFIG.value == 'tiny')
   model = transformer.Decoder(arch)
   values = kv.make_key_map(task).as_dict()
   layers = tuple(range(arch.num_layers))
-
-  @jax.jit
-  def hidden(tokens):
-    return model.apply({'params': params}, tokens, return_hidden=layers)[1]
+  hidden = jax.jit(lambda tokens: model.apply(
+      {'params': params}, tokens, layers,
+      method=transformer.Decoder.hidden_states))
 
   def features(split):
     examples = kv.generate_split(task, split)[:_EXAMPLES.value]
-    rows = [[tok.bos_id] + tok.encode(e['prompt']) for e in examples]
-    width = max(len(r) for r in rows)
-    tokens = np.zeros((len(rows), width), np.int32)  # Causal: pads are inert.
-    for i, r in enumerate(rows):
-      tokens[i, :len(r)] = r
-    states = {l: np.asarray(h) for l, h in hidden(jnp.asarray(tokens)).items()}
+    # Causal: the targets after each prompt do not change its states.
+    batch = workdir.batch_of(examples, tok)
+    states = {l: np.asarray(h) for l, h in hidden(batch['inputs']).items()}
     where, labels = [], []
     for i, e in enumerate(examples):
-      for m in re.finditer(r'[^-+*=]+', e['prompt']):
-        where.append((i, m.end()))  # BOS shifts the last letter to m.end().
-        labels.append(values[m.group()])
+      for key, end in key_ends(e['prompt']):
+        where.append((i, end))
+        labels.append(values[key])
     idx = tuple(np.array(where).T)
     return {l: s[idx] for l, s in states.items()}, np.array(labels)
 
