@@ -23,6 +23,11 @@ class ExperimentsTest(absltest.TestCase):
   def _run(self, experiment, **baselines):
     config = experiment.get_config('smoke')
     config.baselines.update(baselines)
+    # Decoding budget and examples scored: the smoke's, halved (every row
+    # and split still runs; compile time dominates).
+    config.eval.max_new_tokens //= 2
+    if config.eval.num_examples:
+      config.eval.num_examples = 8
     workdir = self.workdir = self.create_tempdir().full_path
     results = train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'results.json')) as f:

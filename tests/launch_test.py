@@ -261,6 +261,9 @@ class LocalTest(absltest.TestCase):
         '--workers=2', '--config=experiments/kv_arithmetic.py:smoke',
         f'--workdir={workdir}', '--config.train.steps=6',
         '--config.train.eval_every=3', '--config.eval.num_examples=8',
+        '--config.eval.max_new_tokens=8',
+        '--config.models.anchor.pretrain.steps=8',
+        '--config.models.augmenting.kv.pretrain.steps=8',
         "--config.rows=('m_A','calm','calm_vanilla_aug')",
         '--config.seeds=(0,1)', timeout=600)
     self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
