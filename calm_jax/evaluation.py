@@ -38,8 +38,10 @@ import numpy as np
 
 from calm_jax import decoding
 from calm_jax import paths
+from calm_jax import sandbox as sandbox_lib
 from calm_jax import sharding
 from calm_jax import tasks
+from calm_jax.data import humaneval
 
 from calm_jax.data import model_inputs
 
@@ -70,6 +72,10 @@ def validate(eval_cfg: Any, check_split: Callable[[str, str], None],
           f'eval.metrics.{split}: {split!r} is not one of eval.splits='
           f'{tuple(eval_cfg.splits)}; add it there or remove the entry.')
     check_metric(metric, f'eval.metrics.{split}')
+    if metric in ('pass_rate', 'pass_at_k'):
+      box = eval_cfg.get('sandbox', None) or {}
+      sandbox_lib.check_available(bool(box.get('unsafe', False)),
+                                  f'eval.metrics.{split}={metric!r}')
     if metric == 'chrf' and importlib.util.find_spec('sacrebleu') is None:
       raise ValueError(f"eval.metrics.{split}='chrf' needs sacrebleu: pip "
                        "install -e '.[code]' (or '.[ntl]').")
@@ -159,7 +165,6 @@ def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
     out.update({f'chrf/{lang}': v for lang, v in sorted(per_lang.items())})
     return out
   if metric == 'pass_rate':
-    from calm_jax import sandbox as sandbox_lib
     programs = [
         sandbox_lib.doctest_program(module, name, prompt + text, tests)
         for text, prompt, tests, module, name in zip(
@@ -170,15 +175,13 @@ def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
     return {'pass_rate': 100.0 * sum(passed) / max(len(passed), 1),
             'pass_rate_examples': float(len(passed))}
   if metric == 'pass_at_k':
-    from calm_jax.data import humaneval  # Deferred: the sandbox.
     problem = (fields['prompt_text'], fields['tests_text'],
                fields['entry_point_text'])
-    greedy = humaneval.run(*problem[:1], texts, *problem[1:],
-                           sandbox=sandbox)
+    greedy = humaneval.run(*problem[:1], texts, *problem[1:], sandbox)
     out = {'pass@1': 100.0 * sum(greedy) / max(len(greedy), 1)}
     if samples:
       n = len(samples)
-      passed = [humaneval.run(*problem[:1], s, *problem[1:], sandbox=sandbox)
+      passed = [humaneval.run(*problem[:1], s, *problem[1:], sandbox)
                 for s in samples]
       counts = np.sum(np.array(passed, bool), 0)
       for k in ks:

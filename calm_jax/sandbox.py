@@ -1,22 +1,34 @@
-"""Runs untrusted generated Python for the pass-rate metric.
+"""Runs untrusted, model-written Python for the pass-rate metrics.
 
-Each program runs in a fresh interpreter (`python -I`: no PYTHON* variables,
-no user site, no script directory on sys.path) with a fresh temporary
-directory as its working directory, a minimal environment, stdin closed, in a
-session (and process group) of its own, under resource limits: address space
-(`memory_mb`), CPU seconds, file size and no core files. On timeout the whole
-process group is killed. stdout and stderr go to files outside the working
-directory (bounded by the file-size limit), of which the first few KB are
-kept.
+Each program runs under bubblewrap (Debian's `bubblewrap`, `bwrap`):
 
-This is a guard against accidents of generated code (infinite loops, memory
-bombs, stray files), not a security boundary: the program runs as this user
-with network and filesystem access, and a process that starts its own
-session escapes the group kill. Run it in a container for hostile code.
+  * new user, PID, network, IPC, UTS and cgroup namespaces: no network (not
+    even the host's loopback), no view of other processes, and a fresh
+    `/proc` that shows only the sandbox's own;
+  * a read-only view of only what Python needs (/usr, /lib*, /bin and the
+    interpreter's own prefix), an empty writable `/work` (the working
+    directory, also HOME and TMPDIR) and an empty `/tmp`: the caller's
+    home, the project checkout and /etc are not there;
+  * `python -I` (no PYTHON* variables, no user site, no script directory on
+    sys.path), a minimal environment;
+  * resource limits: address space (`memory_mb`), CPU seconds, file size,
+    no core files, and a process count (a pids cgroup, or RLIMIT_NPROC);
+  * on timeout the whole namespace is killed (bwrap's init dies with its
+    parent, and every process of a PID namespace dies with its init), so a
+    `setsid` child cannot outlive it.
 
-`doctest_program` turns a generated function into a program that passes
-exactly when the function passes the doctests of its module's original
-docstring; `pass_rate` runs many programs on a small thread pool.
+The harness, not the child, decides pass or fail: `run_tests` hands the
+program a random nonce on stdin, and a test program (`doctest_program`,
+`humaneval.program`) reports `<nonce> <attempted> <failed>` through a write
+captured before the candidate's code ran, only once its tests have run. An
+early `exit(0)`, `os._exit(0)` or a patched test runner therefore fails.
+This guards against what model-written code does by accident; it is not a
+proof against code that sets out to find the nonce in its own interpreter.
+
+Without bubblewrap, the metrics that run code are refused
+(`check_available`), unless the config sets `eval.sandbox.unsafe=True`:
+then programs run in a plain subprocess with the same limits but no
+namespaces (a guard against accidents only).
 """
 
 from __future__ import annotations
@@ -24,9 +36,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import resource
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,14 +52,18 @@ import time
 MAX_OUTPUT_BYTES = 4096
 # Largest file the program may write (its stdout/stderr files included).
 MAX_FILE_BYTES = 16 * 1024 * 1024
+# Processes (and threads) the program may have at once.
+MAX_PROCESSES = 32
 _MiB = 1024 * 1024
+# What to install where bubblewrap is missing.
+PACKAGE = 'bubblewrap'
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
   """What a sandboxed program did."""
 
-  passed: bool  # Exit status 0 and not timed out.
+  passed: bool  # Exit status 0 and not timed out (run_tests: its report).
   returncode: int  # Negative: killed by that signal (-9 after a timeout).
   timed_out: bool
   stdout: str  # At most MAX_OUTPUT_BYTES bytes of each stream, decoded.
@@ -52,6 +71,123 @@ class SandboxResult:
   # The last MAX_OUTPUT_BYTES bytes of stdout (where a harness that appends
   # its own output after the program's finds it).
   stdout_tail: str = ''
+  # Ran under bubblewrap (else a plain subprocess, `unsafe`).
+  isolated: bool = False
+
+
+# ------------------------------------------------------------ bubblewrap
+
+
+def _bwrap() -> str | None:
+  return shutil.which('bwrap')
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+  """Whether bubblewrap is installed and can make its namespaces here."""
+  bwrap = _bwrap()
+  if bwrap is None:
+    return False
+  try:
+    probe = subprocess.run(
+        [bwrap, *_binds(), '--unshare-all', '--die-with-parent',
+         os.path.realpath(sys.executable), '-I', '-c', 'pass'],
+        capture_output=True, timeout=30, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return probe.returncode == 0
+
+
+def check_available(unsafe: bool, field: str) -> None:
+  """Refuses a metric that runs model-written code without a sandbox."""
+  if not unsafe and not available():
+    raise ValueError(
+        f'{field} runs model-written code, which needs bubblewrap as its '
+        f'sandbox, and `bwrap` is {"missing" if _bwrap() is None else "unable to make namespaces here"}: '
+        f'apt-get install {PACKAGE} (or set eval.sandbox.unsafe=True to run '
+        'it in a plain subprocess, without isolation).')
+
+
+def _binds() -> list[str]:
+  """Read-only binds of what the interpreter needs, and nothing else."""
+  prefix = os.path.realpath(sys.base_prefix)
+  out = []
+  for d in ('/usr', '/lib', '/lib64', '/lib32', '/bin', '/sbin', prefix):
+    if os.path.exists(d):
+      out += ['--ro-bind', d, d]
+  return out
+
+
+def _bwrap_command(root: str) -> list[str]:
+  return [
+      _bwrap(), '--unshare-all', '--die-with-parent', '--new-session',
+      '--clearenv', '--setenv', 'PATH', '/usr/bin:/bin',
+      '--setenv', 'HOME', '/work', '--setenv', 'TMPDIR', '/work',
+      '--setenv', 'LANG', 'C.UTF-8', '--setenv', 'LC_ALL', 'C.UTF-8',
+      *_binds(), '--proc', '/proc', '--dev', '/dev', '--tmpfs', '/tmp',
+      '--bind', os.path.join(root, 'work'), '/work',
+      '--ro-bind', os.path.join(root, 'program.py'), '/program.py',
+      '--chdir', '/work', os.path.realpath(sys.executable), '-I',
+      '/program.py']
+
+
+# ------------------------------------------------------------ process limit
+
+
+class _PidsCgroup:
+  """A pids cgroup capping the program's processes (when one can be made:
+  root in cgroup v1 or v2), removed afterwards."""
+
+  def __init__(self, limit: int):
+    self.path = None
+    for base in ('/sys/fs/cgroup/pids', '/sys/fs/cgroup'):
+      if not os.path.exists(os.path.join(base, 'cgroup.procs')):
+        continue
+      path = os.path.join(base, f'calm_sandbox_{secrets.token_hex(6)}')
+      try:
+        os.mkdir(path)
+        with open(os.path.join(path, 'pids.max'), 'w') as f:
+          f.write(str(limit))
+      except OSError:
+        try:
+          os.rmdir(path)
+        except OSError:
+          pass
+        continue
+      self.path = path
+      return
+
+  def join(self) -> None:
+    """Puts the calling process into the cgroup (between fork and exec)."""
+    if self.path:
+      with open(os.path.join(self.path, 'cgroup.procs'), 'w') as f:
+        f.write(str(os.getpid()))
+
+  def remove(self) -> None:
+    if not self.path:
+      return
+    for _ in range(50):  # Until the last killed process is gone.
+      try:
+        os.rmdir(self.path)
+        return
+      except OSError:
+        time.sleep(0.02)
+
+
+def _user_processes() -> int:
+  uid = os.getuid()
+  count = 0
+  for pid in os.listdir('/proc'):
+    if pid.isdigit():
+      try:
+        if os.stat(f'/proc/{pid}').st_uid == uid:
+          count += 1
+      except OSError:
+        pass
+  return count
+
+
+# ------------------------------------------------------------------ runner
 
 
 def _set_limit(kind: int, value: int) -> None:
@@ -62,34 +198,30 @@ def _set_limit(kind: int, value: int) -> None:
   resource.setrlimit(kind, (value, value))
 
 
-def _limits(memory_mb: int, cpu_s: int) -> Callable[[], None]:
+def _limits(memory_mb: int, cpu_s: int, nproc: int | None,
+            cgroup: _PidsCgroup) -> Callable[[], None]:
   """The child-side setup: resource limits (runs between fork and exec)."""
 
   def preexec() -> None:
+    cgroup.join()
     _set_limit(resource.RLIMIT_AS, memory_mb * _MiB)
-    soft_cpu = cpu_s
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     hard_cpu = cpu_s + 1 if hard == resource.RLIM_INFINITY else min(
         cpu_s + 1, hard)
     # SIGXCPU at the soft limit, SIGKILL at the hard one.
-    resource.setrlimit(resource.RLIMIT_CPU, (min(soft_cpu, hard_cpu), hard_cpu))
+    resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_s, hard_cpu), hard_cpu))
     _set_limit(resource.RLIMIT_FSIZE, MAX_FILE_BYTES)
     _set_limit(resource.RLIMIT_CORE, 0)
-    # RLIMIT_NPROC counts every process of the user and does not bind root,
-    # so it is no reliable fork-bomb guard here; the group kill is.
+    if nproc is not None:
+      _set_limit(resource.RLIMIT_NPROC, nproc)
 
   return preexec
 
 
-def _read_head(path: str) -> str:
+def _read(path: str, tail: bool = False) -> str:
   with open(path, 'rb') as f:
-    data = f.read(MAX_OUTPUT_BYTES)
-  return data.decode('utf-8', errors='replace')
-
-
-def _read_tail(path: str) -> str:
-  with open(path, 'rb') as f:
-    f.seek(max(0, os.path.getsize(path) - MAX_OUTPUT_BYTES))
+    if tail:
+      f.seek(max(0, os.path.getsize(path) - MAX_OUTPUT_BYTES))
     data = f.read(MAX_OUTPUT_BYTES)
   return data.decode('utf-8', errors='replace')
 
@@ -106,9 +238,7 @@ def _wait_unreaped(pid: int, timeout_s: float) -> bool:
   deadline = time.monotonic() + timeout_s
   delay = 0.001
   while True:
-    info = os.waitid(os.P_PID, pid,
-                     os.WEXITED | os.WNOWAIT | os.WNOHANG)
-    if info is not None:
+    if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
       return True
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -117,61 +247,123 @@ def _wait_unreaped(pid: int, timeout_s: float) -> bool:
     delay = min(2 * delay, 0.02)
 
 
-def run_python(source: str, *, timeout_s: float = 5.0,
-               memory_mb: int = 512) -> SandboxResult:
-  """Runs `source` as a Python program in the sandbox; see the module doc."""
+def run_python(source: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
+               max_processes: int = MAX_PROCESSES, stdin: str = '',
+               unsafe: bool = False) -> SandboxResult:
+  """Runs `source` as a Python program in the sandbox; see the module doc.
+
+  `unsafe=True` runs it in a plain subprocess when bubblewrap is missing
+  (otherwise that is an error).
+  """
   if timeout_s <= 0:
     raise ValueError(f'timeout_s={timeout_s} must be > 0.')
   if memory_mb < 32:
     raise ValueError(f'memory_mb={memory_mb} must be >= 32 (an interpreter '
                      'needs ~20 MB of address space to start).')
+  isolated = available()
+  if not isolated and not unsafe:
+    check_available(False, 'run_python')
   with tempfile.TemporaryDirectory(prefix='calm_sandbox_') as root:
     workdir = os.path.join(root, 'work')
     os.mkdir(workdir)
     program = os.path.join(root, 'program.py')
     with open(program, 'w', encoding='utf-8') as f:
       f.write(source)
-    env = {
-        'PATH': '/usr/bin:/bin',
-        'HOME': workdir,
-        'TMPDIR': workdir,
-        'LANG': 'C.UTF-8',
-        'LC_ALL': 'C.UTF-8',
-    }
+    if isolated:
+      cmd, cwd, env = _bwrap_command(root), root, {}
+    else:
+      cmd = [sys.executable, '-I', program]
+      cwd = workdir
+      env = {'PATH': '/usr/bin:/bin', 'HOME': workdir, 'TMPDIR': workdir,
+             'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8'}
+    cgroup = _PidsCgroup(max_processes)
+    # Without a cgroup, RLIMIT_NPROC counts all of this user's processes
+    # (and does not bind root): allow this many more.
+    nproc = (None if cgroup.path or os.getuid() == 0 else
+             _user_processes() + max_processes)
     out_path = os.path.join(root, 'stdout')
     err_path = os.path.join(root, 'stderr')
-    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
-      proc = subprocess.Popen(
-          [sys.executable, '-I', program],
-          cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-          stderr=err, start_new_session=True, close_fds=True,
-          preexec_fn=_limits(memory_mb, math.ceil(timeout_s) + 1))
-    timed_out = not _wait_unreaped(proc.pid, timeout_s)
-    # Kill the group (whatever the program left running in it too) while the
-    # unreaped leader still holds its id, so that the id cannot have been
-    # reused by another process group; then reap.
-    _kill_group(proc.pid)
-    returncode = proc.wait()
-    stdout, stderr = _read_head(out_path), _read_head(err_path)
-    tail = _read_tail(out_path)
+    try:
+      with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out,
+            stderr=err, start_new_session=True, close_fds=True,
+            preexec_fn=_limits(memory_mb, math.ceil(timeout_s) + 1, nproc,
+                               cgroup))
+        try:
+          proc.stdin.write(stdin.encode())
+          proc.stdin.close()
+        except BrokenPipeError:
+          pass
+      timed_out = not _wait_unreaped(proc.pid, timeout_s)
+      # Kill the group (and with bwrap's init the whole namespace) while
+      # the unreaped leader still holds its id, so that the id cannot have
+      # been reused by another process group; then reap.
+      _kill_group(proc.pid)
+      returncode = proc.wait()
+    finally:
+      cgroup.remove()
+    stdout, stderr = _read(out_path), _read(err_path)
+    tail = _read(out_path, tail=True)
   return SandboxResult(passed=returncode == 0 and not timed_out,
                        returncode=returncode, timed_out=timed_out,
-                       stdout=stdout, stderr=stderr, stdout_tail=tail)
+                       stdout=stdout, stderr=stderr, stdout_tail=tail,
+                       isolated=isolated)
 
 
-_DOCTEST_TEMPLATE = '''\
+# ---------------------------------------------------------------- test runs
+
+# The first lines of every test program: read the run's nonce from stdin
+# and keep a write to stdout that the candidate's code cannot patch.
+REPORT_HEADER = '''\
+import os as _calm_os
+import sys as _calm_sys
+
+
+def _calm_reporter():
+  nonce = _calm_sys.stdin.readline().strip()
+  write = _calm_os.write
+
+  def report(attempted, failed):
+    write(1, ('\\n%s %d %d\\n' % (nonce, attempted, failed)).encode())
+  return report
+
+
+_calm_report = _calm_reporter()
+del _calm_reporter
+'''
+
+
+def run_tests(source: str, **kwargs) -> SandboxResult:
+  """Runs a test program (REPORT_HEADER first); it passes only if it
+  reported, after its tests ran, some attempted and none failed."""
+  nonce = secrets.token_hex(16)
+  result = run_python(source, stdin=nonce + '\n', **kwargs)
+  passed = False
+  for line in result.stdout_tail.splitlines():
+    parts = line.split()
+    if len(parts) == 3 and parts[0] == nonce:
+      attempted, failed = int(parts[1]), int(parts[2])
+      passed = attempted > 0 and failed == 0 and not result.timed_out
+  return dataclasses.replace(result, passed=passed)
+
+
+_DOCTEST_TEMPLATE = REPORT_HEADER + '''
 import doctest
 import importlib
-import sys
 
 MODULE = {module!r}
 NAME = {name!r}
 SOURCE = {source!r}
 TESTS = {tests!r}
 FILENAME = '<candidate>'
+# Taken before the candidate runs: patching doctest later changes nothing.
+_RUNNER, _RUN, _PARSER = (doctest.DocTestRunner, doctest.DocTestRunner.run,
+                          doctest.DocTestParser)
+_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
-def main() -> int:
+def main():
   module = importlib.import_module(MODULE)
   namespace = module.__dict__
   # Defined in the module's namespace, so the function sees its globals (and
@@ -181,37 +373,33 @@ def main() -> int:
   code = getattr(function, '__code__', None)
   if code is None or code.co_filename != FILENAME:
     print(f'The candidate source does not define {{NAME!r}}.')
-    return 1
+    return
   globs = dict(namespace)
   globs[NAME] = function
-  test = doctest.DocTestParser().get_doctest(
-      TESTS, globs, NAME, FILENAME, 0)
-  runner = doctest.DocTestRunner(
-      verbose=False,
-      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  result = runner.run(test)
+  test = _PARSER().get_doctest(TESTS, globs, NAME, FILENAME, 0)
+  runner = _RUNNER(verbose=False, optionflags=_FLAGS)
+  result = _RUN(runner, test)
   if result.attempted == 0:
     print('No doctest examples were run.')
-    return 1
   print(f'doctest: {{result.attempted - result.failed}}/{{result.attempted}} '
         'passed.')
-  return 1 if result.failed else 0
+  _calm_report(result.attempted, result.failed)
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+main()
 '''
 
 
 def doctest_program(module: str, name: str, function_source: str,
                     tests: str) -> str:
-  """A program that exits 0 iff `function_source` passes the doctests.
+  """A test program: `function_source` against the doctests of `tests`.
 
   It imports `module`, executes `function_source` (a top-level `def name`)
   in the module's namespace, then runs the doctest examples of `tests` with
   the module's globals and `name` bound to the new function (ELLIPSIS and
-  NORMALIZE_WHITESPACE). Any failure or exception, a source that does not
-  define `name`, or no examples at all exit 1.
+  NORMALIZE_WHITESPACE), and reports attempted and failed examples
+  (`run_tests`). A source that does not define `name`, an exception or no
+  examples report nothing or nothing attempted: a fail.
   """
   if not module or not name:
     raise ValueError(f'module={module!r} and name={name!r} must be non-empty '
@@ -220,21 +408,23 @@ def doctest_program(module: str, name: str, function_source: str,
                                   source=function_source, tests=tests)
 
 
-def run_many(programs: Sequence[str], *, timeout_s: float = 5.0,
-             memory_mb: int = 512, max_workers: int = 2
+def run_many(programs: Sequence[str], *, tests: bool = True,
+             timeout_s: float = 5.0, memory_mb: int = 512,
+             max_workers: int = 2, unsafe: bool = False
              ) -> list[SandboxResult]:
-  """Runs each program in the sandbox, a few at a time; in order."""
+  """Runs each program in the sandbox, a few at a time; in order.
+
+  `tests`: they are test programs, judged by their report (`run_tests`).
+  """
   if max_workers < 1:
     raise ValueError(f'max_workers={max_workers} must be >= 1.')
+  run = run_tests if tests else run_python
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
     return list(pool.map(
-        lambda p: run_python(p, timeout_s=timeout_s, memory_mb=memory_mb),
-        programs))
+        lambda p: run(p, timeout_s=timeout_s, memory_mb=memory_mb,
+                      unsafe=unsafe), programs))
 
 
-def pass_rate(programs: Sequence[str], *, timeout_s: float = 5.0,
-              memory_mb: int = 512, max_workers: int = 2) -> list[bool]:
-  """Runs each program in the sandbox; returns whether each passed."""
-  return [r.passed for r in run_many(programs, timeout_s=timeout_s,
-                                     memory_mb=memory_mb,
-                                     max_workers=max_workers)]
+def pass_rate(programs: Sequence[str], **kwargs) -> list[bool]:
+  """Whether each test program passed (see `run_many`)."""
+  return [r.passed for r in run_many(programs, **kwargs)]

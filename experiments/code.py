@@ -137,9 +137,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Loss on `pairs_dev` (pairs of non-compose training files) while
   # training: D_C is small, so this shows when the bridge memorises it.
   config.eval.during_training_split = 'pairs_dev'
-  # Limits of each sandboxed doctest run.
+  # Limits of each sandboxed run of generated code (bubblewrap,
+  # calm_jax/sandbox.py); unsafe=True runs it in a plain subprocess where
+  # bubblewrap is missing (no isolation: for trusted machines only).
   config.eval.sandbox = ml_collections.ConfigDict(dict(
-      timeout_s=5.0, memory_mb=512))
+      timeout_s=5.0, memory_mb=512, unsafe=False))
 
   config.mesh = config_lib.mesh_config()
   return config

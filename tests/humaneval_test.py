@@ -54,7 +54,7 @@ class HumanEvalTest(absltest.TestCase):
     passed = humaneval.run([p['prompt']] * len(bodies), list(bodies.values()),
                            [p['tests']] * len(bodies),
                            [p['entry_point']] * len(bodies),
-                           sandbox={'timeout_s': 2.0})
+                           sandbox_cfg={'timeout_s': 2.0})
     self.assertEqual(dict(zip(bodies, passed)),
                      {'canonical': True, **{k: False for k in bodies
                                             if k != 'canonical'}})

@@ -160,7 +160,10 @@ def _passing_doctests(examples: list[dict[str, str]], check: bool
   programs = [sandbox.doctest_program(ex['module'], ex['name'],
                                       ex['prompt'] + ex['target'], ex['tests'])
               for ex in examples]
-  return [ex for ex, ok in zip(examples, sandbox.pass_rate(programs)) if ok]
+  # The standard library's own bodies: trusted code, so a plain subprocess
+  # serves where bubblewrap is missing.
+  return [ex for ex, ok in zip(examples, sandbox.pass_rate(
+      programs, unsafe=not sandbox.available())) if ok]
 
 
 # --------------------------------------------------------------------------

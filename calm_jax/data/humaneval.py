@@ -8,9 +8,10 @@ canonical solution, 'tests': its `check(candidate)` function,
 
 A completion is cut at the usual stop sequences (a new top-level `def`,
 `class`, `if __name__`, `print(` or comment), appended to the prompt and run
-with the problem's tests in the sandbox (`calm_jax.sandbox`). It passes
-only if the tests ran to their end: the harness looks for a random nonce
-printed after `check(...)` returns, so an early `exit(0)` is a failure.
+with the problem's tests in the sandbox (`calm_jax.sandbox.run_tests`). It
+passes only if the tests ran to their end: the program reports to the
+harness, with the run's nonce, after `check(...)` returns, so an early
+`exit(0)` is a failure.
 pass@k is the unbiased estimator of Chen et al. over n samples per problem.
 """
 
@@ -20,10 +21,11 @@ import functools
 import gzip
 import json
 import os
-import secrets
 from typing import Any, Sequence
 
 import numpy as np
+
+from calm_jax import sandbox
 
 # Where a completion ends (the Codex paper's stop sequences).
 STOP = ('\ndef ', '\nclass ', '\nif __name__', '\nprint(', '\n#')
@@ -64,24 +66,24 @@ def truncate(completion: str) -> str:
   return completion[:cut]
 
 
-def program(prompt: str, completion: str, tests: str, entry_point: str,
-            nonce: str) -> str:
-  """A program that prints `nonce` only after the tests have all passed."""
-  return (f'{prompt}{truncate(completion)}\n\n{tests}\n\n'
-          f'check({entry_point})\n'
-          f'print({nonce!r}, flush=True)\n')
+def program(prompt: str, completion: str, tests: str, entry_point: str
+            ) -> str:
+  """A test program (`sandbox.run_tests`) that reports a pass only after
+  `check(entry_point)` has returned."""
+  return (f'{sandbox.REPORT_HEADER}\n{prompt}{truncate(completion)}\n\n'
+          f'{tests}\n\ncheck({entry_point})\n_calm_report(1, 0)\n')
 
 
 def run(prompts: Sequence[str], completions: Sequence[str],
         tests: Sequence[str], entry_points: Sequence[str],
-        sandbox: dict[str, Any] | None = None) -> list[bool]:
-  """Whether each completion passes its problem's tests in the sandbox."""
-  from calm_jax import sandbox as sandbox_lib  # pylint: disable=g-import-not-at-top
-  nonces = [secrets.token_hex(16) for _ in prompts]
-  programs = [program(p, c, t, e, n) for p, c, t, e, n in zip(
-      prompts, completions, tests, entry_points, nonces)]
-  results = sandbox_lib.run_many(programs, **(sandbox or {}))
-  return [r.passed and n in r.stdout_tail for r, n in zip(results, nonces)]
+        sandbox_cfg: dict[str, Any] | None = None) -> list[bool]:
+  """Whether each completion passes its problem's tests in the sandbox.
+
+  `sandbox_cfg`: `sandbox.run_many`'s limits and `unsafe`.
+  """
+  programs = [program(p, c, t, e) for p, c, t, e in zip(
+      prompts, completions, tests, entry_points)]
+  return sandbox.pass_rate(programs, **(sandbox_cfg or {}))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
