@@ -21,6 +21,11 @@ from calm_jax.models import transformer
 ConfigDict = ml_collections.ConfigDict
 # data.seq_len=0: the models' shortest context, at most this.
 AUTO_SEQ_LEN = 1024
+# The pretraining settings that change what a model learns (a cached model
+# is reused only if they match).
+PRETRAIN_FIELDS = ('split', 'steps', 'batch_size', 'seq_len', 'learning_rate',
+                   'warmup_steps', 'min_lr_ratio', 'weight_decay', 'b1', 'b2',
+                   'grad_clip', 'seed')
 
 
 def parse_variant(arg: str | None, variants: Sequence[str]) -> str:
@@ -290,7 +295,7 @@ def model_checkpoints(config: ConfigDict) -> list[tuple[str, str]]:
   for name, m in config.models.augmenting.items():
     if m.checkpoint:
       out.append((f'models.augmenting.{name}.checkpoint', m.checkpoint))
-    if m.get('vanilla_checkpoint', '') and 'calm_vanilla_aug' in config.rows:
+    if m.vanilla_checkpoint and 'calm_vanilla_aug' in config.rows:
       out.append((f'models.augmenting.{name}.vanilla_checkpoint',
                   m.vanilla_checkpoint))
   return out
@@ -309,9 +314,10 @@ def cached_models(config: ConfigDict, workdir: str
     field = f'models.augmenting.{name}'
     if not m.checkpoint:
       out.append((field, os.path.join(models, f'aug_{name}'), m))
-    if ('calm_vanilla_aug' in config.rows and
-        not m.get('vanilla_checkpoint', '')):
-      out.append((field, os.path.join(models, f'vanilla_{name}'), m))
+    if 'calm_vanilla_aug' in config.rows and not m.vanilla_checkpoint:
+      vanilla = ConfigDict(m.to_dict())  # What rows.calm_vanilla_aug makes.
+      vanilla.pretrain.split = m.vanilla_split
+      out.append((field, os.path.join(models, f'vanilla_{name}'), vanilla))
   return out
 
 
@@ -337,6 +343,20 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
           f'{path} was pretrained by an earlier run with another '
           f'architecture than {field}.arch (they differ in {diff}); use a '
           'fresh --workdir, or delete that directory to pretrain anew.')
+    # What made it: the pretraining settings that change the model (runs
+    # saved before models recorded them are checked by architecture only).
+    meta = checkpoints.read_model_json(path)
+    made = dict(meta.get('pretrain') or {}, seed=meta.get('seed'))
+    want = dict(m.pretrain.to_dict(), seed=config.seed)
+    if meta.get('pretrain') is not None:
+      diff = [k for k in PRETRAIN_FIELDS if made.get(k) != want.get(k)]
+      if diff:
+        k = diff[0]
+        raise ValueError(
+            f'{path} was pretrained by an earlier run with '
+            f'{"seed" if k == "seed" else field + ".pretrain." + k}='
+            f'{made.get(k)!r}, and this config has {want.get(k)!r}; use a '
+            'fresh --workdir, or delete that directory to pretrain anew.')
     try:
       check_model_tokenizer(tok, path, f'{field} (cached in the workdir)')
     except ValueError as e:

@@ -27,6 +27,7 @@ import importlib.util
 import io
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -37,6 +38,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from calm_jax import decoding
+from calm_jax import locks
 from calm_jax import paths
 from calm_jax import sandbox as sandbox_lib
 from calm_jax import sharding
@@ -351,9 +353,54 @@ def format_table(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def merge_results(old: dict[str, Any] | None, new: dict[str, Any]
+                  ) -> tuple[dict[str, Any], bool]:
+  """(merged, mergeable): `new`'s rows over `old`'s, row by row.
+
+  Rows that only `old` holds are kept (another invocation scored them),
+  with when and under which config each row was scored (`scored`).
+  Tables of other splits or metrics do not merge (`mergeable` False).
+  """
+  if not old or not old.get('rows'):
+    return new, True
+  if (old.get('splits') != new.get('splits') or
+      old.get('metrics') != new.get('metrics')):
+    return new, False
+  merged = dict(old)
+  # This invocation's rows in its order, then the others'.
+  merged['rows'] = {**new['rows'], **{k: v for k, v in old['rows'].items()
+                                      if k not in new['rows']}}
+  for key in ('trainable_params', 'scored'):
+    merged[key] = {**old.get(key, {}), **new.get(key, {})}
+  merged['frozen_params'] = new.get('frozen_params',
+                                    old.get('frozen_params', {}))
+  return merged, True
+
+
 def write_results(results: dict[str, Any], workdir: str) -> str:
-  """Writes results.json, results.md and results.png; returns the json path."""
+  """Writes results.json, results.md and results.png; returns the json path.
+
+  An existing table's other rows are kept (`merge_results`); one of other
+  splits is moved aside to results.<time>.json, never overwritten.
+  """
   path = os.path.join(workdir, 'results.json')
+  with locks.hold(os.path.join(workdir, 'results.lock'),
+                  f'the results of {workdir}', wait_s=60.0):
+    old = None
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+    results, mergeable = merge_results(old, results)
+    if not mergeable:
+      kept = os.path.join(workdir, time.strftime('results.%Y%m%d-%H%M%S.json'))
+      os.replace(path, kept)
+      logging.info('results.json held a table of other splits or metrics; '
+                   'moved to %s', kept)
+    _write_table(results, workdir, path)
+  return path
+
+
+def _write_table(results: dict[str, Any], workdir: str, path: str) -> None:
   paths.atomic_write_text(path, json.dumps(results, indent=2))
   paths.atomic_write_text(os.path.join(workdir, 'results.md'),
                 format_table(results) + '\n')
@@ -361,7 +408,6 @@ def write_results(results: dict[str, Any], workdir: str) -> str:
     plot(results, os.path.join(workdir, 'results.png'))
   except ImportError as e:  # matplotlib is optional.
     logging.warning('No results.png: %s', e)
-  return path
 
 
 def plot(results: dict[str, Any], path: str) -> None:

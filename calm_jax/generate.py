@@ -58,28 +58,28 @@ flags.mark_flags_as_required(['prompt'])
 def _check_flags() -> dict[str, str]:
   """The flags' own errors, before any model is read."""
   if _TEMPERATURE.value < 0:
-    raise app.UsageError(f'--temperature={_TEMPERATURE.value} must be >= 0 '
+    raise ValueError(f'--temperature={_TEMPERATURE.value} must be >= 0 '
                          '(0: greedy).')
   if _TOP_K.value < 0:
-    raise app.UsageError(f'--top_k={_TOP_K.value} must be >= 0 (0: off).')
+    raise ValueError(f'--top_k={_TOP_K.value} must be >= 0 (0: off).')
   if not 0.0 < _TOP_P.value <= 1.0:
-    raise app.UsageError(f'--top_p={_TOP_P.value} must be in (0, 1] '
+    raise ValueError(f'--top_p={_TOP_P.value} must be in (0, 1] '
                          '(1: off).')
   if _MAX_NEW.value <= 0:
-    raise app.UsageError(f'--max_new_tokens={_MAX_NEW.value} must be '
+    raise ValueError(f'--max_new_tokens={_MAX_NEW.value} must be '
                          'positive.')
   augmenting = {}
   for item in _AUG.value:
     if '=' not in item:
-      raise app.UsageError(f'--augmenting={item!r}: give NAME=PATH, e.g. '
+      raise ValueError(f'--augmenting={item!r}: give NAME=PATH, e.g. '
                            f'--augmenting=aug={item}.')
     name, path = item.split('=', 1)
     augmenting[name] = path
   if not _COMPOSITION.value and not _ANCHOR.value:
-    raise app.UsageError('Give --composition (a trained run directory) or '
+    raise ValueError('Give --composition (a trained run directory) or '
                          '--anchor (a model to generate with alone).')
   if _COMPOSITION.value and not os.path.isdir(_COMPOSITION.value):
-    raise app.UsageError(f'--composition={_COMPOSITION.value!r} is not a '
+    raise ValueError(f'--composition={_COMPOSITION.value!r} is not a '
                          'directory; give WORKDIR/runs/ROW/seed_S.')
   return augmenting
 
@@ -97,14 +97,14 @@ def _model_tokenizer(path: str):
 def _legacy(augmenting: dict[str, str]):
   """A checkpoints folder of a run that predates composition.json."""
   if not _ANCHOR.value:
-    raise app.UsageError(
+    raise ValueError(
         f'{_COMPOSITION.value} holds no {compositions.FILE} (a run of an '
         'older calm_jax); give --anchor, --augmenting and --tokenizer.')
   anchor_cfg, anchor = checkpoints.load_model(_ANCHOR.value, '--anchor')
   comp, pairs = checkpoints.load_composition(_COMPOSITION.value,
                                              step=_STEP.value)
   if sorted(augmenting) != sorted(pairs):
-    raise app.UsageError(f'--augmenting must name {sorted(pairs)} (the '
+    raise ValueError(f'--augmenting must name {sorted(pairs)} (the '
                          f'composition was trained with them); got '
                          f'{sorted(augmenting)}.')
   aug, params = [], {'anchor': anchor, 'composition': comp}
@@ -125,28 +125,30 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
+  logs.run_reporting_errors(_generate)
+
+
+def _generate():
+  """Everything main does; bad flags or models are one FATAL line."""
   augmenting = _check_flags()
-  try:
-    if not _COMPOSITION.value:
-      anchor_cfg, params = checkpoints.load_model(_ANCHOR.value, '--anchor')
-      model = transformer.Decoder(anchor_cfg)
-      tok = (tokenizers.get_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
-             else _model_tokenizer(_ANCHOR.value))
-    elif compositions.find(_COMPOSITION.value) is None:
-      model, params, tok = _legacy(augmenting)
-    else:
-      model, params, tok, _ = compositions.load(
-          _COMPOSITION.value, anchor=_ANCHOR.value, augmenting=augmenting,
-          tokenizer=_TOKENIZER.value, step=_STEP.value)
-      if _PROMPT_ONLY.value is not None:
-        model = model.clone(prompt_only=_PROMPT_ONLY.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  if not _COMPOSITION.value:
+    anchor_cfg, params = checkpoints.load_model(_ANCHOR.value, '--anchor')
+    model = transformer.Decoder(anchor_cfg)
+    tok = (tokenizers.get_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
+           else _model_tokenizer(_ANCHOR.value))
+  elif compositions.find(_COMPOSITION.value) is None:
+    model, params, tok = _legacy(augmenting)
+  else:
+    model, params, tok, _ = compositions.load(
+        _COMPOSITION.value, anchor=_ANCHOR.value, augmenting=augmenting,
+        tokenizer=_TOKENIZER.value, step=_STEP.value)
+    if _PROMPT_ONLY.value is not None:
+      model = model.clone(prompt_only=_PROMPT_ONLY.value)
   composed = isinstance(model, composition_lib.ComposedLM)
   max_len = decoding.max_len_of(model)
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)
   if len(prompt) + _MAX_NEW.value > max_len:
-    raise app.UsageError(
+    raise ValueError(
         f'--max_new_tokens={_MAX_NEW.value}: the prompt ({len(prompt)} '
         f'tokens with BOS) and the new tokens exceed the anchor\'s max_len='
         f'{max_len}; use --max_new_tokens='
@@ -170,4 +172,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=logs.parse_flags)

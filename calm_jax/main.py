@@ -31,8 +31,11 @@ def main(argv):
   logs.quiet_libraries()
   distributed.initialize_from_flags()
   logging.info('JAX %s, %s', jax.__version__, distributed.process_info())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # Bad input is one FATAL line naming the field (CALM_TRACEBACK=1 shows
+  # the traceback).
+  logs.run_reporting_errors(train.train_and_evaluate,
+                            logs.config_value(_CONFIG), _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=logs.parse_flags)

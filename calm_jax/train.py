@@ -17,6 +17,7 @@ a composition are the same loop over a different `tasks.Task`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -38,6 +39,7 @@ from calm_jax import compositions
 from calm_jax import config_lib
 from calm_jax import data as data_lib
 from calm_jax import evaluation
+from calm_jax import locks
 from calm_jax import metrics_writer
 from calm_jax import paths
 from calm_jax import provenance
@@ -134,7 +136,19 @@ def make_eval_step(task: Task):
 # =========================================================== training loop
 
 
-def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
+def run_training(task: Task, cfg: ConfigDict, *, run_dir: str, **kwargs
+                 ) -> tuple[Params, list[dict[str, float]]]:
+  """Trains `task` for `cfg.steps`, resuming from `run_dir` if it can.
+
+  One process at a time trains in a run directory (`locks`); the arguments
+  are `_run_training`'s.
+  """
+  with locks.hold(os.path.join(run_dir, '.lock'), f'run directory {run_dir}',
+                  enabled=jax.process_index() == 0):
+    return _run_training(task, cfg, run_dir=run_dir, **kwargs)
+
+
+def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
                  data: data_lib.TrainData, mesh: jax.sharding.Mesh,
                  rules: Any, seed: int,
                  eval_batches: list[dict[str, np.ndarray]] | None = None,
@@ -210,6 +224,12 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   if eval_batches and start == 0 and cfg.eval_every:
     run_eval(0)  # Where training starts (a composition: m_B's own loss).
   pending, t_last, history = [], time.perf_counter(), []
+  # The logged curve across resumptions, written at every log line (a kill
+  # loses nothing logged): the lines up to the resumed step, then ours.
+  history_path = epath.Path(run_dir) / 'history.json'
+  earlier = ([h for h in json.loads(history_path.read_text())
+              if h['step'] <= start]
+             if is_main and history_path.exists() else [])
   tokens_per_step = cfg.batch_size * data.seq_len
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   for step in range(start, end):
@@ -233,6 +253,9 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
                    summary['tokens_per_s'], step_s, _fmt_time(eta))
       writer.write_scalars(done, {f'train/{k}': v for k, v in summary.items()})
       history.append({'step': done, **summary})
+      if is_main:
+        paths.atomic_write_text(os.fspath(history_path),
+                                json.dumps(earlier + history))
       pending = []
     if eval_batches and (done == cfg.steps or (
         cfg.eval_every and done % cfg.eval_every == 0)):
@@ -240,11 +263,8 @@ def run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
     ckpt.save(done, state, data_iter, force=done == end)
   ckpt.close()
   writer.close()
-  if is_main:  # The logged curve (across resumptions), for quick plots.
-    path = epath.Path(run_dir) / 'history.json'
-    earlier = json.loads(path.read_text()) if path.exists() else []
-    paths.atomic_write_text(os.fspath(path), json.dumps(
-        [h for h in earlier if h['step'] <= start] + history))
+  if is_main and not history:  # Resumed at the end: nothing newer.
+    paths.atomic_write_text(os.fspath(history_path), json.dumps(earlier))
   return state['params'], history
 
 
@@ -275,6 +295,28 @@ def model_path(role: str, model_cfg: ConfigDict, workdir: str) -> str:
   return model_cfg.checkpoint or os.path.join(workdir, 'models', role)
 
 
+def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
+              workdir: str, data: data_lib.Data, mesh, rules, seed: int,
+              remat: bool) -> None:
+  """Pretrains a frozen model and saves it to `path`, with the settings
+  that made it (`check_workdir` compares them with a later config's)."""
+  arch = config_lib.decoder_config(model_cfg, field)
+  task = tasks.decoder_task(f'pretrain:{role}',
+                            dataclasses.replace(arch, remat=remat))
+  params, _ = run_training(
+      task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
+                                                     role),
+      data=data.train(model_cfg.pretrain.split, f'{field}.pretrain.split',
+                      model_cfg.pretrain.seq_len, f'{field}.pretrain.seq_len'),
+      mesh=mesh, rules=rules, seed=seed)
+  checkpoints.save_model(path, arch, params, role=role,
+                         trained_on=model_cfg.pretrain.split,
+                         steps=model_cfg.pretrain.steps,
+                         pretrain=model_cfg.pretrain.to_dict(), seed=seed,
+                         tokenizer=data_lib.tokenizer_record(data.tokenizer))
+  logging.info('[%s] pretrained model saved to %s', role, path)
+
+
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                  workdir: str, data: data_lib.Data, mesh, rules, seed: int,
                  dtype: str = 'float32', remat: bool = False,
@@ -289,21 +331,11 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
   """
   path = model_path(role, model_cfg, workdir)
   if not model_cfg.checkpoint and not checkpoints.model_exists(path):
-    arch = config_lib.decoder_config(model_cfg, field)
-    task = tasks.decoder_task(f'pretrain:{role}',
-                              dataclasses.replace(arch, remat=remat))
-    params, _ = run_training(
-        task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
-                                                       role),
-        data=data.train(model_cfg.pretrain.split, f'{field}.pretrain.split',
-                        model_cfg.pretrain.get('seq_len', 0),
-                        f'{field}.pretrain.seq_len'),
-        mesh=mesh, rules=rules, seed=seed)
-    checkpoints.save_model(path, arch, params, role=role,
-                           trained_on=model_cfg.pretrain.split,
-                           steps=model_cfg.pretrain.steps,
-                           tokenizer=data_lib.tokenizer_record(data.tokenizer))
-    logging.info('[%s] pretrained model saved to %s', role, path)
+    with locks.hold(path + '.lock', f'pretraining {path}',
+                    enabled=jax.process_index() == 0):
+      if not checkpoints.model_exists(path):  # Another run may have made it.
+        _pretrain(role, field, model_cfg, path, workdir=workdir, data=data,
+                  mesh=mesh, rules=rules, seed=seed, remat=remat)
   arch = checkpoints.read_model_file(path, f'{field}.checkpoint')
   max_len = None
   if checkpoints.is_hf_checkpoint(path) and context_len:
@@ -485,6 +517,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   results['trainable_params'] = sizes
   results['frozen_params'] = {k: transformer.count_params(v)
                               for k, v in frozen.items()}
+  # When and under which config (rows aside) each row was scored, so that a
+  # table merged from several invocations says where each row comes from.
+  setup = ConfigDict(config.to_dict())
+  del setup['rows']
+  config_hash = hashlib.sha256(setup.to_json(sort_keys=True).encode()
+                               ).hexdigest()[:12]
+  stamp = time.strftime('%Y-%m-%dT%H:%M:%S%z')
+  results['scored'] = {name: {'at': stamp, 'config_hash': config_hash}
+                       for name in results['rows']}
   if jax.process_index() == 0:
     evaluation.write_results(results, workdir)
   print(evaluation.format_table(results), flush=True)

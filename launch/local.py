@@ -164,12 +164,9 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
-  config = _CONFIG.value
+  config = logs.config_value(_CONFIG)
   # What every run would refuse, refused once, before any of them starts.
-  try:
-    train.validate(config)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  logs.run_reporting_errors(train.validate, config)
   rows, seeds = tuple(config.rows), tuple(config.seeds)
   workdir = os.path.abspath(_WORKDIR.value)
   config_args = forwarded_config_args(sys.argv[1:])
@@ -234,4 +231,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=logs.parse_flags)

@@ -14,12 +14,17 @@ import abc
 from collections.abc import Iterator, Mapping, Sequence
 import contextlib
 import io
+import os
+import shutil
 import time
 from typing import Any, TypeVar
 
 from absl import logging
 from etils import epath
+import jax
 import tensorflow_datasets as tfds
+
+from calm_jax import locks
 
 Example = dict[str, str]
 _B = TypeVar('_B', bound='GeneratedText')
@@ -84,12 +89,26 @@ def subconfig_fields(data_cfg: Any, key: str) -> dict[str, Any]:
 def prepare(builder_cls: type[_B], config: Any, data_dir: str) -> _B:
   """The builder of `config`, generating its data if not on disk yet.
 
-  Single process: under multi-host, generate on process 0 only and have the
-  others wait (e.g. on a barrier) before reading.
+  One process generates at a time (`locks`): a second run is refused, the
+  other processes of a multi-host run wait for it and then read the data.
   """
   builder = builder_cls(config=config, data_dir=data_dir,
                         file_format='array_record')
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    return builder
+  parent = os.path.dirname(os.fspath(builder.data_dir))
+  # The processes of one multi-host run wait for whichever generates; a
+  # separate run is refused at once.
+  with locks.hold(os.path.join(parent, '.lock'),
+                  f'generating {builder.name} in {parent}',
+                  wait_s=3600.0 if jax.process_count() > 1 else 0.0):
+    if builder.is_prepared():  # Another process made it meanwhile.
+      return builder_cls(config=config, data_dir=data_dir,
+                         file_format='array_record')
+    # What a killed run left half-written: TFDS would keep it forever.
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+      if name.startswith('incomplete.'):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     tfds.disable_progress_bar()
     start = time.perf_counter()
     # TFDS prints "Downloading and preparing" for data that is generated
