@@ -408,6 +408,13 @@ def check_model_dirs(config: ConfigDict) -> None:
 
   Checked before the data: the default tokenizer is the anchor's.
   """
+  roles = [('models.anchor', config.models.anchor)] + [
+      (f'models.augmenting.{n}', m) for n, m in config.models.augmenting.items()]
+  for field, m in roles:
+    if not m.checkpoint and not m.arch:
+      raise ValueError(f'{field}.checkpoint is empty, and {field}.arch names '
+                       'no architecture to pretrain; set '
+                       f'{field}.checkpoint to a model directory.')
   for field, path in model_checkpoints(config):
     checkpoints.read_model_file(path, field)
     check_has_tokenizer(path, field)
@@ -446,11 +453,6 @@ def validate_models(config: ConfigDict, check_split: SplitCheck,
                      'augmenting model.')
   roles = [('models.anchor', config.models.anchor)] + [
       (f'models.augmenting.{n}', m) for n, m in config.models.augmenting.items()]
-  for field, m in roles:
-    if not m.checkpoint and not m.arch:
-      raise ValueError(f'{field}.checkpoint is empty, and {field}.arch names '
-                       'no architecture to pretrain; set '
-                       f'{field}.checkpoint to a model directory.')
   tok = tokenizers.get_tokenizer(config.data.tokenizer)
   for field, path in model_checkpoints(config):
     check_model_tokenizer(tok, path, field)
