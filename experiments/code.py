@@ -119,8 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- eval
   config.eval = ml_collections.ConfigDict()
   # HumanEval (the paper's metric): the problems that fit data.seq_len with
-  # the tokenizer (34 of 164 at 384 bytes; most of them with a real
-  # checkpoint's BPE at 1024+), pass@1 of greedy completions.
+  # the tokenizer (the log says how many of the 164; few at byte level and
+  # 384 tokens, most with a real checkpoint's BPE at 1024), pass@1 of
+  # greedy completions.
   config.eval.splits = (('code_eval', 'doc2code_eval', 'code2doc_eval') +
                         (() if smoke else ('doctest_eval', 'humaneval')))
   config.eval.metrics = ml_collections.ConfigDict(dict(
