@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rows = ('m_A', 'm_B', 'calm')
   # Seeds of the trained rows.
   config.seeds = (0,)
+  # Settings of the baseline rows (LoRA rank and targets, full_ft's split).
   config.baselines = config_lib.baselines_config()
 
   # ---------------------------------------------------------------- eval
@@ -98,5 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Loss on this split while the bridges train ('' = none).
   config.eval.during_training_split = 'eval'
 
+  # Device mesh (data, fsdp, tensor) and extra logical-axis rules.
   config.mesh = config_lib.mesh_config()
   return config

@@ -79,6 +79,27 @@ class ResolveTest(absltest.TestCase):
                                 r'models\.anchor\.checkpoint is empty'):
       tokenizers.resolve_spec('anchor', '')
 
+  def test_a_calm_jax_model_directory_reads_its_recorded_tokenizer(self):
+    # A model pretrained here has model.json, not tokenizer.json: the default
+    # `anchor` is the tokenizer that file records, not the directory.
+    for spec, name in (('char:1024', 'char:1024'), ('byte', 'byte')):
+      path = tempfile.mkdtemp()
+      with open(os.path.join(path, 'model.json'), 'w') as f:
+        json.dump({'format': 1, 'arch': {}, 'tokenizer': {
+            'spec': spec, 'fingerprint': 'x', 'vocab_size': 1}}, f)
+      self.assertEqual(tokenizers.resolve_spec('', path), spec)
+      self.assertEqual(tokenizers.resolve_spec('anchor', path), spec)
+      self.assertEqual(tokenizers.get_tokenizer('anchor', path).name, name)
+    # A directory that has its own tokenizer files is itself the spec.
+    bpe = fixtures.train_bpe(tempfile.mkdtemp())
+    with open(os.path.join(bpe, 'model.json'), 'w') as f:
+      json.dump({'tokenizer': {'spec': 'byte'}}, f)
+    self.assertEqual(tokenizers.resolve_spec('', bpe), os.path.abspath(bpe))
+    # Neither: named as before.
+    with self.assertRaisesRegex(ValueError, 'neither tokenizer.json nor '
+                                'tokenizer.model'):
+      tokenizers.get_tokenizer('anchor', tempfile.mkdtemp())
+
   def test_a_directory_is_loaded_and_a_bad_one_named(self):
     path = fixtures.train_bpe(tempfile.mkdtemp())
     tok = tokenizers.get_tokenizer(path)

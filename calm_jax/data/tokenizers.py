@@ -326,11 +326,26 @@ _TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
 }
 
 
+def _recorded_spec(path: str) -> str | None:
+  """The tokenizer a calm_jax model directory records in its model.json
+  (it has no tokenizer.json of its own), or None."""
+  if has_tokenizer(path):
+    return None
+  try:
+    with open(os.path.join(path, 'model.json')) as f:
+      record = json.load(f).get('tokenizer') or {}
+  except (OSError, ValueError, AttributeError):
+    return None
+  spec = record.get('spec') if isinstance(record, dict) else None
+  return spec if isinstance(spec, str) and spec else None
+
+
 def resolve_spec(spec: str, anchor_checkpoint: str = '') -> str:
   """`data.tokenizer` as a name or an absolute path.
 
   '' is `anchor` when the anchor is a checkpoint, else `byte`; `anchor`
-  is the anchor checkpoint's directory.
+  is the anchor checkpoint's directory, or for a calm_jax model directory
+  the tokenizer its model.json records.
   """
   spec = (spec or '').strip()
   if not spec:
@@ -342,7 +357,9 @@ def resolve_spec(spec: str, anchor_checkpoint: str = '') -> str:
           'tokenizer, but models.anchor.checkpoint is empty (the anchor is '
           "pretrained here); set data.tokenizer='byte' or a tokenizer "
           'directory, or set models.anchor.checkpoint.')
-    return os.path.abspath(anchor_checkpoint)
+    path = os.path.abspath(anchor_checkpoint)
+    recorded = _recorded_spec(path)
+    return recorded if recorded is not None else path
   if spec in _TOKENIZERS or spec.startswith('char:'):
     return spec
   return os.path.abspath(spec)
