@@ -4,11 +4,14 @@ import difflib
 import inspect
 import json
 import os
+from unittest import mock
 
 from absl.testing import absltest
 from calm_jax import evaluation
 from calm_jax import metrics
+from calm_jax import sandbox
 from calm_jax.data import code_corpus
+import ml_collections
 
 
 def _fields(targets, **extra):
@@ -61,6 +64,40 @@ class ScoreTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"eval\.metrics\.x='bleu' is not "
                                 r'a metric'):
       evaluation.check_metric('bleu', 'eval.metrics.x')
+
+
+class ValidateTest(absltest.TestCase):
+
+  def test_code_metrics_refused_without_bubblewrap_unless_unsafe(self):
+    """Without bubblewrap, a metric that runs model-written code is refused
+    at validation, naming what to install and the field that opts out;
+    with eval.sandbox.unsafe=True the same config validates."""
+
+    def eval_config(metric, unsafe):
+      return ml_collections.ConfigDict({
+          'splits': ['code'], 'during_training_split': '', 'batch_size': 8,
+          'metrics': {'code': metric}, 'sandbox': {'unsafe': unsafe},
+          'max_new_tokens': 32})
+
+    def validate(cfg):
+      evaluation.validate(cfg, lambda split, field: None,
+                          lambda batch, field: None)
+
+    with mock.patch.object(sandbox, '_bwrap', return_value=None):
+      sandbox.available.cache_clear()
+      try:
+        for metric in ('pass_rate', 'pass_at_k'):
+          with self.subTest(metric):
+            with self.assertRaisesRegex(
+                ValueError, rf"eval\.metrics\.code='{metric}' runs "
+                r'model-written code.*`bwrap` is missing.*'
+                r'apt-get install bubblewrap.*eval\.sandbox\.unsafe=True'):
+              validate(eval_config(metric, unsafe=False))
+            validate(eval_config(metric, unsafe=True))
+        # Metrics that run no code need no sandbox.
+        validate(eval_config('exact_match', unsafe=False))
+      finally:
+        sandbox.available.cache_clear()
 
 
 def _results():
