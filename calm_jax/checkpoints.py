@@ -37,10 +37,13 @@ MODEL_FILE = 'model.json'
 # ------------------------------------------------------------ model dirs
 
 
-def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
+def read_model_file(path: str, field: str, fix: str = ''
+                    ) -> transformer.DecoderConfig:
   """Reads a model directory's architecture, failing clearly if absent.
 
-  `field` names where the path came from (e.g. 'models.anchor.checkpoint').
+  `field` names where the path came from (e.g. 'models.anchor.checkpoint');
+  `fix` replaces the advice of a corrupted directory's error (a model cached
+  in the workdir is deleted and pretrained again, not re-pointed).
   """
   path = os.fspath(path)
   meta = os.path.join(path, MODEL_FILE)
@@ -58,8 +61,8 @@ def read_model_file(path: str, field: str) -> transformer.DecoderConfig:
     raise ValueError(
         f'{field}: {meta!r} is missing or corrupted ({e}). The directory is '
         'not a complete calm_jax model (nor a Hugging Face one: no '
-        'config.json); re-export it, or point the field at a complete '
-        'one.') from e
+        'config.json); ' + (fix or 're-export it, or point the field at a '
+                            'complete one.')) from e
   return transformer.DecoderConfig.from_dict(arch, field)
 
 
@@ -117,15 +120,15 @@ def save_model(path: str, config: transformer.DecoderConfig, params: Any,
 
 
 def load_model(path: str, field: str = 'checkpoint', shardings: Any = None,
-               max_len: int | None = None
+               max_len: int | None = None, fix: str = ''
                ) -> tuple[transformer.DecoderConfig, Any]:
   """Reads a model directory (ours or Hugging Face's); errors name `field`
-  and say what to do.
+  and say what to do (`fix`, if given: see read_model_file).
 
   `max_len` caps a Hugging Face checkpoint's context (its decode caches),
   whose `max_position_embeddings` may be far longer than any use here.
   """
-  config = read_model_file(path, field)
+  config = read_model_file(path, field, fix)
   if is_hf_checkpoint(path):
     from calm_jax import hf_import  # Deferred: reads safetensors.
     if max_len is not None:
@@ -149,8 +152,9 @@ def load_model(path: str, field: str = 'checkpoint', shardings: Any = None,
   except Exception as e:  # Orbax raises many types; all mean "unreadable".
     raise ValueError(
         f'{field}: the parameters in {params_dir!r} are missing or corrupted '
-        f'({type(e).__name__}: {str(e)[:300]}). Re-export the model, or set '
-        f"{field} to '' to pretrain it.") from e
+        f'({type(e).__name__}: {str(e)[:300]}). ' + (
+            fix or f"Re-export the model, or set {field} to '' to pretrain "
+            'it.')) from e
   return config, params
 
 

@@ -115,8 +115,9 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
                  every_k: int = 4) -> ConfigDict:
   """One model: its architecture, where it comes from, how it composes."""
   c = ConfigDict()
-  # A calm_jax model directory (see checkpoints.save_model); '' means
-  # pretrain it with `pretrain` and cache it in the workdir.
+  # A checkpoint directory: Hugging Face (config.json + *.safetensors) or
+  # calm_jax's own (checkpoints.save_model); '' means pretrain it with
+  # `pretrain` and cache it in the workdir.
   c.checkpoint = ''
   # Architecture fields of transformer.DecoderConfig.
   c.arch = ConfigDict(arch)
@@ -337,12 +338,14 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
     wanted = transformer.DecoderConfig.from_dict(m.arch.to_dict(),
                                                  f'{field}.arch')
     if cached != wanted:
-      diff = sorted(k for k, v in wanted.to_dict().items()
-                    if cached.to_dict()[k] != v)
+      have = cached.to_dict()
+      diff = ', '.join(f'{field}.arch.{k}={v!r} against {have[k]!r}'
+                       for k, v in sorted(wanted.to_dict().items())
+                       if have[k] != v)
       raise ValueError(
-          f'{path} was pretrained by an earlier run with another '
-          f'architecture than {field}.arch (they differ in {diff}); use a '
-          'fresh --workdir, or delete that directory to pretrain anew.')
+          f'{field}.arch: {path} was pretrained by an earlier run with '
+          f'another architecture ({diff} cached); use a fresh --workdir, or '
+          'delete that directory to pretrain anew.')
     # What made it: the pretraining settings that change the model (runs
     # saved before models recorded them are checked by architecture only).
     meta = checkpoints.read_model_json(path)
@@ -352,9 +355,10 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
       diff = [k for k in PRETRAIN_FIELDS if made.get(k) != want.get(k)]
       if diff:
         k = diff[0]
+        name = 'seed' if k == 'seed' else f'{field}.pretrain.{k}'
         raise ValueError(
-            f'{path} was pretrained by an earlier run with '
-            f'{"seed" if k == "seed" else field + ".pretrain." + k}='
+            f'{name}: {path} was pretrained by an earlier run with '
+            f'{name}='
             f'{made.get(k)!r}, and this config has {want.get(k)!r}; use a '
             'fresh --workdir, or delete that directory to pretrain anew.')
     try:

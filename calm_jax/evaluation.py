@@ -350,6 +350,13 @@ def format_table(results: dict[str, Any]) -> str:
       lines.append(f'| {name} | ' + ' | '.join(
           f"{per_split[s].get(f'{key}/{g}', float('nan')):.1f}"
           for g in groups) + ' |')
+  # A table merged from several invocations says where each row comes from.
+  scored = results.get('scored') or {}
+  stamps = {(v.get('at'), v.get('config_hash')) for v in scored.values()}
+  if scored and len(stamps) > 1:
+    lines += ['', 'Rows scored by different invocations:', '']
+    lines += [f"- {name}: {v.get('at')}, config {v.get('config_hash')}"
+              for name, v in scored.items()]
   return '\n'.join(lines)
 
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from calm_jax import checkpoints
+from calm_jax import config_lib
 from calm_jax import compositions
 from calm_jax import decoding
 from calm_jax import logs
@@ -68,19 +69,42 @@ def _check_flags() -> dict[str, str]:
   if _MAX_NEW.value <= 0:
     raise ValueError(f'--max_new_tokens={_MAX_NEW.value} must be '
                          'positive.')
+  if _STEP.value is not None and _STEP.value < 0:
+    raise ValueError(f'--step={_STEP.value} must be >= 0 (unset: the '
+                     'latest checkpoint).')
   augmenting = {}
   for item in _AUG.value:
     if '=' not in item:
       raise ValueError(f'--augmenting={item!r}: give NAME=PATH, e.g. '
                            f'--augmenting=aug={item}.')
     name, path = item.split('=', 1)
+    if not os.path.isdir(path):
+      raise ValueError(f'--augmenting={item!r}: {path!r} is not a model '
+                       'directory.')
     augmenting[name] = path
   if not _COMPOSITION.value and not _ANCHOR.value:
-    raise ValueError('Give --composition (a trained run directory) or '
-                         '--anchor (a model to generate with alone).')
+    raise ValueError('--composition: give a trained run directory '
+                     '(WORKDIR/runs/ROW/seed_S), or --anchor for a model '
+                     'to generate with alone.')
   if _COMPOSITION.value and not os.path.isdir(_COMPOSITION.value):
     raise ValueError(f'--composition={_COMPOSITION.value!r} is not a '
                          'directory; give WORKDIR/runs/ROW/seed_S.')
+  if _ANCHOR.value and not os.path.isdir(_ANCHOR.value):
+    raise ValueError(f'--anchor={_ANCHOR.value!r} is not a model '
+                     'directory.')
+  if _TOKENIZER.value:
+    try:
+      tok = tokenizers.get_tokenizer(_TOKENIZER.value)
+    except ValueError as e:  # Its messages name the config field.
+      message = str(e).replace('Unknown tokenizer data.tokenizer=', '')
+      raise ValueError('--tokenizer: ' + message.replace(
+          'data.tokenizer', '--tokenizer')) from None
+    if _ANCHOR.value:
+      # The ids must be the ones the anchor was trained on.
+      try:
+        config_lib.check_model_tokenizer(tok, _ANCHOR.value, '--anchor')
+      except ValueError as e:
+        raise ValueError(f'--tokenizer={_TOKENIZER.value!r}: {e}') from None
   return augmenting
 
 
@@ -98,8 +122,9 @@ def _legacy(augmenting: dict[str, str]):
   """A checkpoints folder of a run that predates composition.json."""
   if not _ANCHOR.value:
     raise ValueError(
-        f'{_COMPOSITION.value} holds no {compositions.FILE} (a run of an '
-        'older calm_jax); give --anchor, --augmenting and --tokenizer.')
+        f'--composition: {_COMPOSITION.value} holds no {compositions.FILE} '
+        '(a run of an older calm_jax); give --anchor, --augmenting and '
+        '--tokenizer.')
   anchor_cfg, anchor = checkpoints.load_model(_ANCHOR.value, '--anchor')
   comp, pairs = checkpoints.load_composition(_COMPOSITION.value,
                                              step=_STEP.value)

@@ -5,15 +5,17 @@ generate the same TFDS data (one crashes renaming it), both pretrain and save
 the same model, one resumes the other's half-written run. Each thing a run
 writes is guarded by an `fcntl` lock held while it is written:
 
+  WORKDIR/.lock                     a whole `calm_jax.main` run
   WORKDIR/tfds/<builder>.lock       generating a dataset
   WORKDIR/models/<role>.lock        pretraining a frozen model
   WORKDIR/runs/<row>/seed_<s>/.lock training one row's seed
   WORKDIR/results.lock              merging results.* (held for moments)
 
 A second process that reaches a held lock is refused at once, naming the
-holder's pid and command; rows of one table still train in parallel
-(`launch/local.py`), since no two runs share a directory. The kernel drops
-a lock when its process dies, however it dies.
+holder's pid and command. Rows of one table still train in parallel
+(`launch/local.py`): the launcher holds the workdir's lock and tells its
+runs so (`LAUNCHER_ENV`); no two of them share a run directory. The kernel
+drops a lock when its process dies, however it dies.
 """
 
 from __future__ import annotations
@@ -27,8 +29,25 @@ import time
 from typing import Iterator
 
 
+WORKDIR_LOCK = '.lock'
+# Set by launch/local.py for the runs it starts, to the run's name: the
+# launcher holds the workdir's lock for them.
+LAUNCHER_ENV = 'CALM_JAX_LAUNCHED_RUN'
+
+
 class LockedError(ValueError):
   """What another process holds."""
+
+
+def launcher_run() -> str | None:
+  """The name launch/local.py gave this process's run, or None."""
+  name = os.environ.get(LAUNCHER_ENV, '').strip()
+  if not name:
+    return None
+  if not all(c.isalnum() or c in '._-' for c in name):
+    raise ValueError(f'{LAUNCHER_ENV}={name!r} is not a run name; unset it '
+                     '(launch/local.py sets it for the runs it starts).')
+  return name
 
 
 @contextlib.contextmanager

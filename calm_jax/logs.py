@@ -8,7 +8,9 @@ etils and JAX's backend probe (libtpu on a CPU machine) add lines of their
 own; none of them says anything about the experiment.
 """
 
+import difflib
 import errno
+import importlib.util
 import logging as logging_std
 import os
 import re
@@ -52,38 +54,65 @@ def _show_traceback() -> bool:
       flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, where: str = '') -> str:
+  """The FATAL line of `e`; `where` is the directory the command writes
+  (--workdir), named when the error does not say which file it was."""
   if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-    return (f'no space left on the device of {e.filename or "the workdir"}: '
-            'free some, or point --workdir (or data.data_dir) elsewhere.')
+    path = e.filename or where or 'the output directory'
+    return (f'--workdir: no space left on the device of {path}: a run needs '
+            'room for its data, models and checkpoints there; free some, or '
+            'point --workdir elsewhere.')
   if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM,
                                             errno.EROFS):
-    return (f'cannot write {e.filename or "a file"} ({e.strerror}): choose '
-            'a --workdir this user may write to.')
-  return ' '.join(str(e).split())
+    path = e.filename or where or 'a file'
+    return (f'--workdir: cannot write {path} ({e.strerror}): a run needs '
+            'write access there; choose a --workdir this user may write '
+            'to.')
+  return _field_first(' '.join(str(e).split()))
 
 
-def fatal(e: BaseException) -> None:
-  """Prints `FATAL <message>` on stderr and exits 1."""
-  sys.stderr.write(f'FATAL {_one_line(e)}\n')
+# A config field (`train.steps`) or a flag (`--prompt`) at a message's start.
+_FIELD = re.compile(r'^(--[\w.-]+|[A-Za-z_]\w*(?:\.\w+)+)(:|=| )')
+
+
+def _field_first(message: str) -> str:
+  """`<field>: <message>`: the field the user set, then what to do.
+
+  Messages name their field first already ("train.steps must be ...",
+  "--temperature=-1.0 must be ..."); this puts it before a colon, so that
+  every FATAL line reads the same way.
+  """
+  match = _FIELD.match(message)
+  if not match or match.group(2) == ':':
+    return message
+  rest = message[match.end():] if match.group(2) == ' ' else message[
+      match.end(1):].lstrip('=')
+  return f'{match.group(1)}: {rest}'
+
+
+def fatal(e: BaseException, where: str = '') -> None:
+  """Prints `FATAL <field>: <message and fix>` on stderr and exits 1."""
+  sys.stderr.write(f'FATAL {_one_line(e, where)}\n')
   sys.stderr.flush()
   sys.exit(1)
 
 
-def run_reporting_errors(fn, *args, **kwargs):
+def run_reporting_errors(fn, *args, where: str = '', **kwargs):
   """fn(*args, **kwargs); a user error or a full/read-only disk becomes one
-  `FATAL` line (see TRACEBACK_ENV)."""
+  `FATAL` line (see TRACEBACK_ENV). `where`: the directory fn writes."""
   try:
     return fn(*args, **kwargs)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                   errno.EROFS) and not _show_traceback():
+      fatal(e, where)
+    if isinstance(e, USER_ERRORS) and not _show_traceback():
+      fatal(e, where)
+    raise
   except USER_ERRORS as e:
     if _show_traceback():
       raise
-    fatal(e)
-  except OSError as e:
-    if _show_traceback() or e.errno not in (
-        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-      raise
-    fatal(e)
+    fatal(e, where)
 
 
 def config_value(holder: flags.FlagHolder):
@@ -125,16 +154,52 @@ def parse_flags(argv: list[str]) -> list[str]:
       last = [l for l in message.splitlines() if l.strip()][-1]
       message = re.sub(r'^\w+(Error|Exception): ', '', last.strip())
     bad = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
-    match = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', message)
-    if match and bad:
-      wrong = match.group(2)
-      flag = next((f for f in bad if f.endswith('.' + wrong) or
-                   f'.{wrong}.' in f), bad[0])
-      path = flag[:flag.index('.' + wrong)] if '.' + wrong in flag else flag
-      message = (f'{flag}: there is no field {wrong!r} there; did you mean '
-                 f'{path}.{match.group(1)}?')
-    elif "does not exist and cannot be added" in message and bad:
+    config = _config_of(argv)
+    unknown = [(f, w) for f in bad
+               for w in [_first_unknown(config, f[len('--config.'):])] if w]
+    if unknown:
+      flag, (path, wrong, names) = unknown[0]
+      near = difflib.get_close_matches(wrong, names, n=3, cutoff=0.5)
+      where = f'--config.{path}' if path else '--config'
+      message = (f'{flag}: there is no field {wrong!r} in {where}; did you '
+                 'mean ' + ' or '.join(f'{where}.{n}' for n in near) + '?'
+                 if near else
+                 f'{flag}: there is no field {wrong!r} in {where}; its '
+                 f'fields are {", ".join(sorted(names))}.')
+    elif config is None and bad and (
+        'Did you mean' in message or 'does not exist' in message):
       message = (f'{bad[0]}: no such field in the config (a mistyped name?);'
                  ' see the experiment file for its fields.')
     sys.stderr.write(f'FATAL {" ".join(message.split())}\n')
     sys.exit(2)
+
+
+def _config_of(argv: list[str]):
+  """The config `--config=FILE[:ARG]` in argv names, loaded anew (None if
+  it does not load): the parse that failed left no config behind."""
+  spec = next((a.split('=', 1)[1] for a in argv[1:]
+               if a.startswith('--config=')), None)
+  if not spec:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    loader = importlib.util.spec_from_file_location('_calm_config', path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _first_unknown(config, dotted: str):
+  """(path so far, the first name that is no field, the fields there), or
+  None when every name of `dotted` exists in `config`."""
+  node, seen = config, []
+  if node is None:
+    return None
+  for name in dotted.split('.'):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if name not in keys:
+      return ('.'.join(seen), name, keys) if keys else None
+    node, seen = node[name], seen + [name]
+  return None

@@ -29,12 +29,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
-  distributed.initialize_from_flags()
-  logging.info('JAX %s, %s', jax.__version__, distributed.process_info())
   # Bad input is one FATAL line naming the field (CALM_TRACEBACK=1 shows
   # the traceback).
+  logs.run_reporting_errors(distributed.initialize_from_flags)
+  logging.info('JAX %s, %s', jax.__version__, distributed.process_info())
   logs.run_reporting_errors(train.train_and_evaluate,
-                            logs.config_value(_CONFIG), _WORKDIR.value)
+                            logs.config_value(_CONFIG), _WORKDIR.value,
+                            where=_WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -336,14 +336,19 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
       if not checkpoints.model_exists(path):  # Another run may have made it.
         _pretrain(role, field, model_cfg, path, workdir=workdir, data=data,
                   mesh=mesh, rules=rules, seed=seed, remat=remat)
-  arch = checkpoints.read_model_file(path, f'{field}.checkpoint')
+  # A model cached here is pretrained again once deleted; a checkpoint the
+  # user named is theirs to re-export or re-point.
+  fix = ('' if model_cfg.checkpoint else
+         f'It was pretrained here by an earlier run: delete {path} and rerun '
+         'to pretrain it again.')
+  arch = checkpoints.read_model_file(path, f'{field}.checkpoint', fix)
   max_len = None
   if checkpoints.is_hf_checkpoint(path) and context_len:
     max_len = min(arch.max_len, context_len)
     arch = dataclasses.replace(arch, max_len=max_len)
   arch, params = checkpoints.load_model(
       path, f'{field}.checkpoint',
-      shardings=decoder_shardings(arch, mesh, rules), max_len=max_len)
+      shardings=decoder_shardings(arch, mesh, rules), max_len=max_len, fix=fix)
   arch, params = cast_frozen(arch, params, dtype)
   return dataclasses.replace(arch, remat=remat), params
 
@@ -392,19 +397,39 @@ class _Progress:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs a whole experiment in `workdir`; returns the results dict."""
+  """Runs a whole experiment in `workdir`; returns the results dict.
+
+  One process at a time runs in a workdir: a second one is refused before
+  it writes anything there, naming the holder (`locks`). The runs of
+  `launch/local.py` share the workdir under the launcher's lock, each in its
+  own run directories.
+  """
   # ---- 1. validation, before any compute.
   config = validate(config)
   workdir = paths.absolute(workdir)
   config_lib.check_workdir(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  launched = locks.launcher_run()
+  with locks.hold(os.path.join(workdir, locks.WORKDIR_LOCK),
+                  f'--workdir={workdir}',
+                  enabled=jax.process_index() == 0 and launched is None):
+    return _train_and_evaluate(config, workdir, launched)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str,
+                        launched: str | None) -> dict[str, Any]:
+  """train_and_evaluate's body, under the workdir's lock."""
   mesh = config_lib.make_mesh(config)
   rules = sharding.logical_rules(config.mesh.rules)
   bridge = config_lib.bridge_config(config.composition)
   if jax.process_index() == 0:
-    paths.atomic_write_text(os.path.join(workdir, 'config.json'),
+    # A launcher's runs each record their own config beside their log; the
+    # launcher writes the table's.
+    prefix = (os.path.join(workdir, 'logs', f'{launched}.') if launched
+              else os.path.join(workdir, ''))
+    paths.atomic_write_text(prefix + 'config.json',
                             config.to_json_best_effort(indent=2))
-    paths.atomic_write_text(os.path.join(workdir, 'run.json'), json.dumps(
+    paths.atomic_write_text(prefix + 'run.json', json.dumps(
         provenance.run_info(), indent=2))
 
   # ---- 2. data (the eval sets first: a split that cannot be scored fails
@@ -520,7 +545,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # When and under which config (rows aside) each row was scored, so that a
   # table merged from several invocations says where each row comes from.
   setup = ConfigDict(config.to_dict())
-  del setup['rows']
+  del setup['rows'], setup['seeds']
   config_hash = hashlib.sha256(setup.to_json(sort_keys=True).encode()
                                ).hexdigest()[:12]
   stamp = time.strftime('%Y-%m-%dT%H:%M:%S%z')

@@ -32,6 +32,7 @@ of a row skip compilation. On one host only: multi-host runs use
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +47,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from calm_jax import locks
 from calm_jax import logs
 from calm_jax import provenance
 from calm_jax import rows as rows_lib
@@ -143,6 +145,8 @@ def core_sets(workers: int, per_worker: int) -> list[list[int]]:
 def _execute(run: Run, cmd: list[str], workdir: str, env: dict[str, str],
              cores: list[int] | None) -> tuple[int, float, str]:
   log = os.path.join(workdir, 'logs', f'{run.name}.log')
+  # The run works under this launcher's workdir lock.
+  env = dict(env, **{locks.LAUNCHER_ENV: run.name})
   if cores and shutil.which('taskset'):
     cmd = ['taskset', '-c', ','.join(map(str, cores)), *cmd]
   start = time.monotonic()
@@ -179,6 +183,13 @@ def main(argv: list[str]) -> int:
     return 0
 
   os.makedirs(os.path.join(workdir, 'logs'), exist_ok=True)
+  # One launcher (or calm_jax.main) per workdir; its runs work under this
+  # lock, which the process's exit releases, however it exits.
+  lock = contextlib.ExitStack()
+  logs.run_reporting_errors(lock.enter_context, locks.hold(
+      os.path.join(workdir, locks.WORKDIR_LOCK), f'--workdir={workdir}'))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
   env = dict(os.environ)
   env.setdefault('JAX_COMPILATION_CACHE_DIR',
                  os.path.join(workdir, 'xla_cache'))

@@ -89,6 +89,8 @@ class ComposeTest(absltest.TestCase):
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)
     self.assertContainsSubset({'m_B', 'calm'}, results['rows'])
+    # When and under which config each row was scored.
+    self.assertEqual(sorted(results['scored']), sorted(results['rows']))
     for row in ('m_B', 'calm'):
       ev = results['rows'][row]['eval']
       self.assertEqual(ev['examples'], 8)

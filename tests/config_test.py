@@ -95,8 +95,24 @@ class ValidateTest(absltest.TestCase):
       for name in files:
         os.remove(os.path.join(root, name))
     with self.assertRaisesRegex(ValueError, r'x\.checkpoint: the parameters '
-                                r'in .* are missing or corrupted'):
+                                r'in .* are missing or corrupted.*Re-export'):
       checkpoints.load_model(path, 'x.checkpoint')
+    # The same damage to a model this workdir pretrained (checkpoint '') is
+    # fixed by deleting it, not by setting the field to what it already is.
+    workdir = self.create_tempdir().full_path
+    os.makedirs(os.path.join(workdir, 'models'))
+    os.rename(path, os.path.join(workdir, 'models', 'anchor'))
+    c = train.validate(smoke())
+    c.models.anchor.arch = arch.to_dict()
+    with self.assertRaisesRegex(
+        ValueError, r'models\.anchor\.checkpoint: the parameters in .* are '
+        r'missing or corrupted.*pretrained here by an earlier run: delete '
+        r'.*models/anchor and rerun') as e:
+      train.frozen_model('anchor', 'models.anchor', c.models.anchor,
+                         workdir=workdir, data=None,
+                         mesh=train.config_lib.make_mesh(c),
+                         rules=train.sharding.logical_rules(()), seed=0)
+    self.assertNotIn("to ''", str(e.exception))
 
   def test_batch_size_not_divisible_by_devices(self):
     c = smoke()

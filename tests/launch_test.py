@@ -273,10 +273,24 @@ class LocalTest(absltest.TestCase):
                                              'calm_vanilla_aug'])
     for row in ('calm', 'calm_vanilla_aug'):
       self.assertEqual(results['rows'][row]['kv_math_eval']['seeds'], 2)
+    names = ['prepare', 'score', 'train_calm_seed0', 'train_calm_seed1',
+             'train_calm_vanilla_aug']
     logs = sorted(os.listdir(os.path.join(workdir, 'logs')))
-    self.assertEqual(logs, ['prepare.log', 'score.log',
-                            'train_calm_seed0.log', 'train_calm_seed1.log',
-                            'train_calm_vanilla_aug.log'])
+    # Each run records its own config beside its log, under the launcher's
+    # workdir lock; the workdir's config.json is the whole table's.
+    self.assertEqual(logs, sorted(f'{n}.{ext}' for n in names
+                                  for ext in ('log', 'config.json',
+                                              'run.json')))
+    with open(os.path.join(workdir, 'config.json')) as f:
+      self.assertEqual(json.load(f)['rows'], ['m_A', 'calm',
+                                              'calm_vanilla_aug'])
+    with open(os.path.join(workdir, 'logs', 'train_calm_seed1.config.json')
+              ) as f:
+      self.assertEqual(json.load(f)['seeds'], [1])
+    # Every row says when it was scored, under one config (rows and seeds
+    # aside).
+    self.assertEqual(sorted(results['scored']), sorted(results['rows']))
+    self.assertLen({v['config_hash'] for v in results['scored'].values()}, 1)
     with open(os.path.join(workdir, 'logs', 'score.log')) as f:
       score = f.read()
     # Every run was finished by phase 2: phase 3 only resumed and scored.

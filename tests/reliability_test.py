@@ -1,6 +1,7 @@
 """One writer per directory, nothing silently stale or overwritten, and one
 clean line per user error."""
 
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from calm_jax import checkpoints
 from calm_jax import config_lib
 from calm_jax import evaluation
 from calm_jax import locks
+from calm_jax import logs
 from calm_jax import sharding
 from calm_jax import tasks
 from calm_jax import train
@@ -94,6 +96,74 @@ class LockTest(absltest.TestCase):
                       if n.startswith('incomplete.')], [])
 
 
+class WorkdirLockTest(absltest.TestCase):
+
+  def test_a_second_main_on_a_workdir_is_refused_before_writing(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'w')
+    os.makedirs(workdir)
+    proc = _holder(os.path.join(workdir, locks.WORKDIR_LOCK))
+    try:
+      run = _run('calm_jax.main', '--config=experiments/kv_arithmetic.py:'
+                 'smoke', f'--workdir={workdir}')
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    self.assertEqual(run.returncode, 1, run.stderr[-2000:])
+    fatal = [l for l in run.stderr.splitlines() if l.startswith('FATAL')]
+    self.assertLen(fatal, 1)
+    self.assertRegex(fatal[0], rf'^FATAL --workdir: {workdir} is in use by '
+                     rf'another process \(pid {proc.pid}: ')
+    # The running job's files are untouched: nothing was written.
+    self.assertEqual(sorted(os.listdir(workdir)), [locks.WORKDIR_LOCK])
+
+  def test_a_launched_run_works_under_its_launchers_lock(self):
+    self.assertIsNone(locks.launcher_run())
+    with absltest.mock.patch.dict(os.environ,
+                                  {locks.LAUNCHER_ENV: 'train_calm_seed0'}):
+      self.assertEqual(locks.launcher_run(), 'train_calm_seed0')
+    with absltest.mock.patch.dict(os.environ, {locks.LAUNCHER_ENV: '../x'}):
+      with self.assertRaisesRegex(ValueError, 'is not a run name'):
+        locks.launcher_run()
+
+
+class DiskErrorsTest(absltest.TestCase):
+  """A full or unwritable disk is one line naming the path and the need."""
+
+  def _fatal_line(self, fn, where):
+    stderr = absltest.mock.patch('sys.stderr', new_callable=io.StringIO)
+    with stderr as err, self.assertRaises(SystemExit) as e:
+      logs.run_reporting_errors(fn, where=where)
+    self.assertEqual(e.exception.code, 1)
+    lines = err.getvalue().splitlines()
+    self.assertLen(lines, 1)
+    return lines[0]
+
+  def test_disk_full(self):
+    def write_to_a_full_disk():
+      with open('/dev/full', 'w') as f:  # ENOSPC on every write.
+        f.write('x' * 65536)
+        f.flush()
+    line = self._fatal_line(write_to_a_full_disk, '/w/run')
+    self.assertRegex(line, r'^FATAL --workdir: no space left on the device '
+                     r'of (/w/run|/dev/full): a run needs room .*; free some,'
+                     r' or point --workdir elsewhere\.$')
+
+  def test_no_permission(self):
+    def write_where_not_allowed():
+      raise PermissionError(13, 'Permission denied', '/w/run/config.json')
+    line = self._fatal_line(write_where_not_allowed, '/w/run')
+    self.assertEqual(line, 'FATAL --workdir: cannot write '
+                     '/w/run/config.json (Permission denied): a run needs '
+                     'write access there; choose a --workdir this user may '
+                     'write to.')
+
+  def test_other_os_errors_keep_their_traceback(self):
+    def bug():
+      raise OSError(5, 'Input/output error')
+    with self.assertRaises(OSError):
+      logs.run_reporting_errors(bug, where='/w')
+
+
 class StaleModelTest(absltest.TestCase):
 
   def test_a_cached_model_of_other_settings_is_refused(self):
@@ -118,14 +188,18 @@ class StaleModelTest(absltest.TestCase):
     config_lib.check_workdir(config, workdir)  # All equal.
     wider = config_lib.resolve(kv_experiment.get_config('smoke'))
     wider.models.anchor.arch.d_model = 48
-    with self.assertRaisesRegex(ValueError, r"models/anchor was pretrained "
-                                r"by an earlier run with another "
-                                r"architecture than models\.anchor\.arch "
-                                r"\(they differ in \['d_model'\]\)"):
+    # Both values, the field the user set and the fix.
+    with self.assertRaisesRegex(ValueError, r"^models\.anchor\.arch: .*"
+                                r"models/anchor was pretrained by an earlier "
+                                r"run with another architecture "
+                                r"\(models\.anchor\.arch\.d_model=48 "
+                                r"against 64 cached\); use a fresh "
+                                r"--workdir"):
       config_lib.check_workdir(wider, workdir)
     longer = config_lib.resolve(kv_experiment.get_config('smoke'))
     longer.models.anchor.pretrain.steps = 99
-    with self.assertRaisesRegex(ValueError, r'pretrained by an earlier run '
+    with self.assertRaisesRegex(ValueError, r'^models\.anchor\.pretrain\.'
+                                r'steps: .*pretrained by an earlier run '
                                 r'with models\.anchor\.pretrain\.steps=60, '
                                 r'and this config has 99'):
       config_lib.check_workdir(longer, workdir)
@@ -133,22 +207,26 @@ class StaleModelTest(absltest.TestCase):
 
 class ResultsMergeTest(absltest.TestCase):
 
-  def _table(self, rows, splits=('a',)):
+  def _table(self, rows, splits=('a',), at='t0'):
     return {'rows': {r: {s: {'loss': 1.0, 'examples': 1, 'seeds': 1}
                          for s in splits} for r in rows},
             'splits': list(splits), 'metrics': {s: 'loss' for s in splits},
-            'scored': {r: {'at': 't', 'config_hash': 'h'} for r in rows}}
+            'scored': {r: {'at': at, 'config_hash': 'h'} for r in rows}}
 
   def test_rows_of_other_invocations_are_kept(self):
     workdir = self.create_tempdir().full_path
     evaluation.write_results(self._table(['m_B', 'calm']), workdir)
-    evaluation.write_results(self._table(['lora', 'calm']), workdir)
+    evaluation.write_results(self._table(['lora', 'calm'], at='t1'), workdir)
     with open(os.path.join(workdir, 'results.json')) as f:
       merged = json.load(f)
     self.assertEqual(list(merged['rows']), ['lora', 'calm', 'm_B'])
-    self.assertEqual(sorted(merged['scored']), ['calm', 'lora', 'm_B'])
+    self.assertEqual({k: v['at'] for k, v in merged['scored'].items()},
+                     {'calm': 't1', 'lora': 't1', 'm_B': 't0'})
     with open(os.path.join(workdir, 'results.md')) as f:
-      self.assertIn('| m_B |', f.read())
+      md = f.read()
+    self.assertIn('| m_B |', md)
+    self.assertIn('- m_B: t0, config h', md)  # Where each row comes from.
+    self.assertIn('- calm: t1, config h', md)
     # A table of other splits does not merge: the old one is moved aside.
     evaluation.write_results(self._table(['calm'], ('b',)), workdir)
     with open(os.path.join(workdir, 'results.json')) as f:
@@ -204,12 +282,18 @@ class OneLineErrorsTest(absltest.TestCase):
     self.assertOneLine(
         _run('calm_jax.main', smoke, f'--workdir={workdir}',
              '--config.train.stepz=3'),
-        r'^FATAL --config\.train\.stepz: there is no field .stepz. there; '
-        r'did you mean --config\.train\.steps\?$')
+        r'^FATAL --config\.train\.stepz: there is no field .stepz. in '
+        r'--config\.train; did you mean --config\.train\.steps\?$')
+    # No near name: the fields that are there.
+    self.assertOneLine(
+        _run('calm_jax.main', smoke, f'--workdir={workdir}',
+             '--config.train.zzzz=3'),
+        r'^FATAL --config\.train\.zzzz: there is no field .zzzz. in '
+        r'--config\.train; its fields are b1, b2, batch_size, .*steps')
     self.assertOneLine(
         _run('calm_jax.main', smoke, f'--workdir={workdir}',
              '--config.models.augmenting.kv.pairs=(1,2)'),
-        r'^FATAL models\.augmenting\.kv\.pairs=\(1, 2\) must be a tuple '
+        r'^FATAL models\.augmenting\.kv\.pairs: \(1, 2\) must be a tuple '
         r'of \(aug_layer, anchor_layer\)')
     self.assertOneLine(
         _run('calm_jax.main', '--config=experiments/nope.py',
@@ -218,14 +302,28 @@ class OneLineErrorsTest(absltest.TestCase):
         r"'experiments/nope\.py'")
     self.assertOneLine(
         _run('calm_jax.generate', '--composition=/nonexistent/run',
-             '--prompt=x'), r"^FATAL --composition='/nonexistent/run' is not")
+             '--prompt=x'), r"^FATAL --composition: '/nonexistent/run' is not")
     self.assertOneLine(
         _run('calm_jax.generate', '--anchor=/nonexistent', '--prompt=x',
-             '--temperature=-1'), r'^FATAL --temperature=-1\.0 must be >= 0')
+             '--temperature=-1'), r'^FATAL --temperature: -1\.0 must be >= 0')
+    # Every flag is checked before any model is read.
+    self.assertOneLine(
+        _run('calm_jax.generate', '--anchor=/nonexistent', '--prompt=x',
+             '--augmenting=/some/model'),
+        r"^FATAL --augmenting: '/some/model': give NAME=PATH, e.g. "
+        r"--augmenting=aug=/some/model")
+    self.assertOneLine(
+        _run('calm_jax.generate', f'--anchor={ROOT}', '--prompt=x',
+             '--tokenizer=/nonexistent/tok'),
+        r"^FATAL --tokenizer: '/nonexistent/tok'\. Known tokenizers: "
+        r"\['byte', 'char'\], 'char:N'")
+    self.assertOneLine(
+        _run('calm_jax.generate', '--anchor=/nonexistent/a', '--prompt=x'),
+        r"^FATAL --anchor: '/nonexistent/a' is not a model directory")
     self.assertOneLine(
         _run('launch.local', smoke, f'--workdir={workdir}',
              '--config.train.steps=0', '--dry_run'),
-        r'^FATAL train\.steps must be a positive int, got 0')
+        r'^FATAL train\.steps: must be a positive int, got 0')
     self.assertFalse(os.path.exists(workdir))  # Nothing was made.
     self.assertFalse(os.path.exists('/nonexistent/run'))
 
