@@ -1,4 +1,4 @@
-"""Our bridge variants, beyond the paper's (`composition.PaperBridge`).
+"""Our bridge variants, beyond the paper's (`paper_bridge.PaperBridge`).
 
 `composition.bridge='ours'` selects `OursBridge`; its options are the config
 fields `composition.ours.*`. With every option at its default it computes
@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax.models import composition
+from calm_jax.models import paper_bridge
 from calm_jax.models import transformer
 
 Array = jax.Array
@@ -69,7 +69,7 @@ class OursBridge(nn.Module):
                mask: Array | None = None, prompt_len: Array | None = None,
                decode: bool = False, positions: Array | None = None
                ) -> Array:
-    dense = composition.dense
+    dense = paper_bridge.dense
     h, d = self.num_heads, self.d_model // self.num_heads
     proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
     proj = transformer.Norm('rmsnorm', 1e-6, name='kv_norm')(proj)
@@ -78,16 +78,16 @@ class OursBridge(nn.Module):
                              'mlp_in')(proj))
       proj = proj + dense(self.d_model, -1, ('mlp', 'embed'),
                           'mlp_out')(hidden)
-    v = dense((h, d), -1, composition.HEADS, 'value')(proj)
+    v = dense((h, d), -1, paper_bridge.HEADS, 'value')(proj)
     if self.anchor_queries:
       query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
-      q = dense((h, d), -1, composition.HEADS, 'query')(query_in)
-      k = dense((h, d), -1, composition.HEADS, 'key')(proj)
+      q = dense((h, d), -1, paper_bridge.HEADS, 'query')(query_in)
+      k = dense((h, d), -1, paper_bridge.HEADS, 'key')(proj)
     else:
       # Zero logits: only the recency bias and the mask shape attention;
       # the cache then holds values only.
       q, k = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32), None
-    k, v, mask = composition.keys_values_mask(
+    k, v, mask = paper_bridge.keys_values_mask(
         self, k, v, mask, prompt_len, decode, self.cache_len,
         anchor_h.shape[1])
     if k is None:
@@ -119,9 +119,9 @@ class OursBridge(nn.Module):
                                                    bias=bias)
     self.sow('intermediates', 'attention', probs)
     if not self.gate:
-      return dense(self.d_model, (-2, -1), composition.OUT, 'out',
+      return dense(self.d_model, (-2, -1), paper_bridge.OUT, 'out',
                    nn.initializers.zeros)(out)
-    out = dense(self.d_model, (-2, -1), composition.OUT, 'out')(out)
+    out = dense(self.d_model, (-2, -1), paper_bridge.OUT, 'out')(out)
     alpha = self.param('gate', nn.with_logical_partitioning(
         nn.initializers.zeros, (None,)), (1,))
     return jnp.tanh(alpha) * out
