@@ -12,7 +12,6 @@ is the price of composition at decode time.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -46,7 +45,6 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
   from calm_jax import decoding
   from calm_jax.models import composition
   from calm_jax.models import transformer

@@ -41,6 +41,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app
@@ -209,6 +210,9 @@ def main(argv: list[str]) -> int:
   for cores in core_sets(_WORKERS.value, _CORES.value):
     free.put(cores)
 
+  done: list[float] = []
+  progress = threading.Lock()
+
   def work(run: Run) -> int:
     cores = free.get()
     try:
@@ -216,6 +220,15 @@ def main(argv: list[str]) -> int:
     finally:
       free.put(cores)
     _report(run, rc, seconds, log)
+    with progress:
+      # The whole table's progress: runs done, and what is left at the
+      # pace so far (runs in flight share the workers).
+      done.append(seconds)
+      left = len(train_runs) - len(done)
+      eta = sum(done) / len(done) * left / _WORKERS.value
+      print(f'[table] {len(done)}/{len(train_runs)} runs trained | elapsed '
+            f'{(time.monotonic() - start) / 60:.1f} min | eta '
+            f'{eta / 60:.1f} min', flush=True)
     return rc
 
   with concurrent.futures.ThreadPoolExecutor(_WORKERS.value) as pool:

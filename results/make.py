@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 from absl import app
 from absl import flags
@@ -26,7 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_md(name: str) -> str:
-  sys.path.insert(0, os.path.dirname(HERE))
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
   with open(os.path.join(HERE, f'{name}.json')) as f:
     saved = json.load(f)

@@ -297,6 +297,7 @@ class LocalTest(absltest.TestCase):
     self.assertEqual(score.count('resuming at step 6/6'), 4)
     self.assertNotIn('s/step', score)
     self.assertIn('total:', r.stdout)
+    self.assertIn('[table] 3/3 runs trained', r.stdout)
 
   def test_bad_config_fails_before_any_run(self):
     workdir = os.path.join(self.create_tempdir().full_path, 'w')
