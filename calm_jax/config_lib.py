@@ -15,6 +15,7 @@ import ml_collections
 
 from calm_jax import checkpoints
 from calm_jax.data import tokenizers
+from calm_jax.models import attention as attention_lib
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
 
@@ -497,6 +498,10 @@ def validate_models(config: ConfigDict, check_split: SplitCheck,
   if config.frozen_dtype not in transformer.DTYPES:
     raise ValueError(f'frozen_dtype={config.frozen_dtype!r} is not one of '
                      f'{sorted(transformer.DTYPES)}.')
+  kernel = config.get('attention', 'auto')
+  if kernel not in attention_lib.IMPLEMENTATIONS:
+    raise ValueError(f'attention={kernel!r} is not an attention kernel; '
+                     f'choose one of {list(attention_lib.IMPLEMENTATIONS)}.')
 
 
 def validate_composition(config: ConfigDict) -> None:

@@ -213,7 +213,8 @@ def calm_random_aug(ctx: Context) -> Built:
     frozen[f'aug_{a.name}'] = ctx.place(a.config, params)
     refs[f'aug_{a.name}'] = compositions.ModelRef(
         random_seed=1000 + ctx.seed + i,
-        arch=dataclasses.replace(a.config, remat=False).to_dict())
+        arch=dataclasses.replace(a.config, remat=False,
+                                 attention='auto').to_dict())
   return _calm(ctx, 'calm_random_aug', frozen=frozen, refs=refs)
 
 

@@ -297,12 +297,13 @@ def model_path(role: str, model_cfg: ConfigDict, workdir: str) -> str:
 
 def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
               workdir: str, data: data_lib.Data, mesh, rules, seed: int,
-              remat: bool) -> None:
+              remat: bool, attention: str = 'auto') -> None:
   """Pretrains a frozen model and saves it to `path`, with the settings
   that made it (`check_workdir` compares them with a later config's)."""
   arch = config_lib.decoder_config(model_cfg, field)
   task = tasks.decoder_task(f'pretrain:{role}',
-                            dataclasses.replace(arch, remat=remat))
+                            dataclasses.replace(arch, remat=remat,
+                                                attention=attention))
   params, _ = run_training(
       task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
                                                      role),
@@ -320,7 +321,7 @@ def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                  workdir: str, data: data_lib.Data, mesh, rules, seed: int,
                  dtype: str = 'float32', remat: bool = False,
-                 context_len: int | None = None
+                 attention: str = 'auto', context_len: int | None = None
                  ) -> tuple[transformer.DecoderConfig, Params]:
   """Loads a model, pretraining it first (once, cached) if it has no path.
 
@@ -335,7 +336,8 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                     enabled=jax.process_index() == 0):
       if not checkpoints.model_exists(path):  # Another run may have made it.
         _pretrain(role, field, model_cfg, path, workdir=workdir, data=data,
-                  mesh=mesh, rules=rules, seed=seed, remat=remat)
+                  mesh=mesh, rules=rules, seed=seed, remat=remat,
+                  attention=attention)
   # A model cached here is pretrained again once deleted; a checkpoint the
   # user named is theirs to re-export or re-point.
   fix = ('' if model_cfg.checkpoint else
@@ -350,7 +352,7 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
       path, f'{field}.checkpoint',
       shardings=decoder_shardings(arch, mesh, rules), max_len=max_len, fix=fix)
   arch, params = cast_frozen(arch, params, dtype)
-  return dataclasses.replace(arch, remat=remat), params
+  return dataclasses.replace(arch, remat=remat, attention=attention), params
 
 
 # A frozen model held and computed in a dtype.
@@ -452,6 +454,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
                          for n, m in config.models.augmenting.items()))
   kw = dict(workdir=workdir, data=data, mesh=mesh, rules=rules,
             seed=config.seed, dtype=config.frozen_dtype, remat=config.remat,
+            attention=config.get('attention', 'auto'),
             context_len=config.data.seq_len + config.eval.max_new_tokens)
   anchor_cfg, anchor_params = frozen_model(
       'anchor', 'models.anchor', config.models.anchor, **kw)

@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.frozen_dtype = 'float32'
   # Recompute block activations in the backward pass (less memory).
   config.remat = False
+  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
+  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
+  config.attention = 'auto'
 
   # ---------------------------------------------------------------- data
   config.data = config_lib.data_config(

@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.frozen_dtype = 'float32'
   config.remat = False
+  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
+  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
+  config.attention = 'auto'
 
   # ---------------------------------------------------------------- data
   # Fields shared by every experiment (calm_jax/config_lib.py:data_config):

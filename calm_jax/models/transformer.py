@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from calm_jax.models import attention as attention_lib
+
 Array = jax.Array
 
 NORMS = ('rmsnorm', 'layernorm')
@@ -83,6 +85,9 @@ class DecoderConfig:
   # Recompute each block's activations in the backward pass instead of
   # storing them: less memory for about one more forward's FLOPs.
   remat: bool = False
+  # The self-attention kernel (models/attention.py): 'auto' picks splash on
+  # TPU, cuDNN on GPU, XLA elsewhere. A runtime choice, like `remat`.
+  attention: str = 'auto'
 
   @property
   def kv_heads(self) -> int:
@@ -117,6 +122,9 @@ class DecoderConfig:
              f'{self.num_layers - 1}.')
     if self.sliding_layers and self.sliding_window <= 0:
       fail('sliding_window', 'must be positive when sliding_layers is set.')
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      fail('attention', f'unknown kernel {self.attention!r}; choose one of '
+           f'{list(attention_lib.IMPLEMENTATIONS)}.')
     for name, choices in (('norm', NORMS), ('position', POSITIONS),
                           ('mlp', MLPS), ('dtype', DTYPES),
                           ('param_dtype', DTYPES)):
@@ -297,13 +305,33 @@ class SelfAttention(nn.Module):
         i = jnp.sum(mask) - 1  # This step's slot.
         mask = mask & (jnp.arange(cfg.max_len) > i - cfg.sliding_window)[
             None, None, None, :]
+      out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
+                                  cfg.query_scale)
     else:
-      mask = causal_mask(x.shape[1], segment_ids,
-                         cfg.sliding_window if self.local else 0)
-    out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
-                                cfg.query_scale)
+      out = causal_attention(cfg, q, k, v, segment_ids,
+                             cfg.sliding_window if self.local else 0)
     return dense(cfg.d_model, (-2, -1), ('heads', 'head_dim', 'embed'),
                  'out')(out)
+
+
+def causal_attention(cfg: DecoderConfig, q: Array, k: Array, v: Array,
+                     segment_ids: Array | None, window: int) -> Array:
+  """Causal self-attention over a whole sequence, by the kernel
+  `cfg.attention` chooses for this platform (models/attention.py)."""
+  impl = attention_lib.choose(
+      cfg.attention, platform=jax.default_backend(), dtype=q.dtype,
+      length=q.shape[1], softcap=cfg.attn_logit_softcap,
+      segment_ids=segment_ids)
+  scale = cfg.query_scale or q.shape[-1] ** -0.5
+  if impl == 'cudnn':
+    return attention_lib.cudnn(q, k, v, scale=scale, window=window)
+  if impl == 'splash':
+    return attention_lib.splash(q, k, v, scale=scale, window=window,
+                                softcap=cfg.attn_logit_softcap,
+                                segment_ids=segment_ids)
+  mask = causal_mask(q.shape[1], segment_ids, window)
+  return dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
+                               cfg.query_scale)
 
 
 def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int):
