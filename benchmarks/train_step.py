@@ -16,7 +16,6 @@ own (train.make_train_step with AdamW), not a toy.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -29,6 +28,12 @@ _MODES = flags.DEFINE_list('modes', ['calm', 'full_ft', 'lora'],
                            'Which train steps to time.')
 _REMAT = flags.DEFINE_bool('remat', False, 'Recompute block activations in '
                            'the backward pass.')
+_PAIRS = flags.DEFINE_string(
+    'pairs', '', "CALM's layer pairs, 'aug_layer:anchor_layer,...' (0-based "
+    "block outputs, e.g. 0:1,1:3,2:5,3:7); '' is the paper's rule (k = 4).")
+_CACHE_AUG = flags.DEFINE_bool(
+    'cache_augmenting', False, "CALM reads m_A's states from the batch "
+    '(composition.cache_augmenting: computed once per dataset, not per step).')
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
                            'Dtype of the frozen models (CALM and LoRA).')
@@ -49,6 +54,23 @@ def _pin_threads(n: int) -> None:
   os.sched_setaffinity(0, cores[:max(1, min(n, len(cores)))])
 
 
+def parse_pairs(text: str, aug, anchor) -> tuple[tuple[int, int], ...]:
+  """--pairs as validated (aug_layer, anchor_layer) pairs."""
+  from calm_jax.models import composition  # After the threads are pinned.
+  if not text:
+    return composition.select_pairs(aug.num_layers, anchor.num_layers, 4)
+  try:
+    pairs = [tuple(int(x) for x in p.split(':')) for p in text.split(',')]
+  except ValueError:
+    raise app.UsageError(f"--pairs={text!r}: give 'aug_layer:anchor_layer,"
+                         "...', e.g. 0:1,1:3,2:5,3:7.") from None
+  try:
+    return composition.validate_pairs(pairs, aug.num_layers,
+                                      anchor.num_layers, '--pairs')
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
 def decoder_flops(cfg, tokens: int, seq: int) -> dict[str, float]:
   """Forward matmul FLOPs of one decoder: per layer, and the head."""
   d, f, h = cfg.d_model, cfg.d_ff, cfg.num_heads
@@ -60,9 +82,10 @@ def decoder_flops(cfg, tokens: int, seq: int) -> dict[str, float]:
 
 
 def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
-                 lora_rank: int) -> float:
+                 lora_rank: int, cached: bool = False) -> float:
   """FLOPs the step must do; a backward pass costs twice its forward when it
-  makes weight gradients, once when it only carries activation gradients."""
+  makes weight gradients, once when it only carries activation gradients.
+  `cached`: CALM reads m_A's states instead of running m_A."""
   a = decoder_flops(anchor, tokens, seq)
   fwd = anchor.num_layers * a['layer'] + a['head']
   if mode == 'full_ft':
@@ -75,7 +98,7 @@ def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
     return 2 * fwd + 3 * adapters
   g = decoder_flops(aug, tokens, seq)
   lowest = min(j for _, j in pairs)
-  aug_fwd = (max(i for i, _ in pairs) + 1) * g['layer']
+  aug_fwd = 0 if cached else (max(i for i, _ in pairs) + 1) * g['layer']
   above = anchor.num_layers - 1 - lowest  # Layers the backward crosses.
   bridge = len(pairs) * (2 * tokens * aug.d_model * anchor.d_model
                          + 4 * 2 * tokens * anchor.d_model ** 2
@@ -97,8 +120,8 @@ def main(argv):
   import ml_collections
   import numpy as np
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
   from calm_jax import tasks
+  from calm_jax.data import pipeline
   from calm_jax import train
   from calm_jax.models import composition
   from calm_jax.models import lora as lora_lib
@@ -112,7 +135,7 @@ def main(argv):
       d_ff=4 * size['anchor']['d_model'], **size['anchor'], **common)
   aug = transformer.DecoderConfig(
       d_ff=4 * size['aug']['d_model'], **size['aug'], **common)
-  pairs = composition.select_pairs(aug.num_layers, anchor.num_layers, 4)
+  pairs = parse_pairs(_PAIRS.value, aug, anchor)
   train_cfg = ml_collections.ConfigDict(dict(
       steps=1000, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1,
       weight_decay=0.01, b1=0.9, b2=0.98, grad_clip=1.0))
@@ -151,9 +174,23 @@ def main(argv):
                            lora_lib.DEFAULT_TARGETS)
 
   peak = _matmul_peak(jax, jnp, statistics, time)
+  step_batch = batch
+  if _CACHE_AUG.value:
+    # What composition.cache_augmenting reads from disk: m_A's states at the
+    # paired layers, computed once per dataset, so not in the timed step.
+    model = calm_task().model
+    states = jax.jit(lambda p, x: model.apply(
+        {'params': p}, x, method=model.augmenting_states))(
+            {'aug_x': aug_params}, batch['inputs'])
+    step_batch = dict(batch, **{
+        f'{pipeline.CACHED}x/{i}': v for i, v in states['x'].items()})
+
   for mode in _MODES.value:
     task = make(mode)
     tx, schedule = train.make_optimizer(train_cfg)
+    batch = step_batch if mode == 'calm' else {
+        k: v for k, v in step_batch.items()
+        if not k.startswith(pipeline.CACHED)}
 
     def init_state(r):
       params = nn.meta.unbox(task.init_trainable(r))
@@ -177,7 +214,8 @@ def main(argv):
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    flops = useful_flops(mode, anchor, aug, pairs, b * t, t, lora_rank)
+    flops = useful_flops(mode, anchor, aug, pairs, b * t, t, lora_rank,
+                         cached=_CACHE_AUG.value)
     print(json.dumps({
         'mode': mode, 'config': _CONFIG.value, 'step_s': round(step_s, 4),
         'tokens_per_s': round(b * t / step_s, 1),
@@ -191,6 +229,8 @@ def main(argv):
         'mfu': round(flops / step_s / peak, 4),
         'peak_gflops': round(peak / 1e9, 1),
         'trainable_params': transformer.count_params(state['params']),
+        'pairs': [list(p) for p in pairs] if mode == 'calm' else None,
+        'cache_augmenting': _CACHE_AUG.value and mode == 'calm',
         'frozen_dtype': _DTYPE.value, 'remat': _REMAT.value,
         'threads': _THREADS.value,
         'device': jax.devices()[0].platform}), flush=True)

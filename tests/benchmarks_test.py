@@ -41,9 +41,41 @@ class BenchmarksTest(absltest.TestCase):
     self.assertLess(by_mode['calm']['trainable_params'],
                     by_mode['full_ft']['trainable_params'])
 
+  def test_train_step_with_explicit_pairs_and_cached_augmenting(self):
+    plain, = _run('train_step.py', '--steps=1', '--modes=calm',
+                  '--pairs=0:1,1:2,3:3')
+    cached, = _run('train_step.py', '--steps=1', '--modes=calm',
+                   '--pairs=0:1,1:2,3:3', '--cache_augmenting')
+    self.assertEqual(plain['pairs'], [[0, 1], [1, 2], [3, 3]])
+    self.assertTrue(cached['cache_augmenting'])
+    # Cached, the step skips m_A's forward, in the count and in XLA's.
+    self.assertLess(cached['useful_gflop'], plain['useful_gflop'])
+    self.assertLess(cached['xla_gflop'], plain['xla_gflop'])
+    for line in (plain, cached):
+      self.assertBetween(line['useful_gflop'] / line['xla_gflop'], 0.9, 1.1)
+    with self.assertRaisesRegex(AssertionError, r'--pairs: augmenting layer '
+                                r'9 is out of range'):
+      _run('train_step.py', '--steps=1', '--modes=calm', '--pairs=9:1')
+
+  def test_versus_calm_pytorch(self):
+    # Both frameworks on the same pairs, in one run, and the ratio.
+    lines = _run('versus_peer.py', '--rounds=1', '--steps=1',
+                 '--rows=spread,paper', '--threads=1')
+    self.assertEqual([l['row'] for l in lines], ['spread', 'paper'])
+    spread, paper = lines
+    self.assertEqual(spread['pairs'], '0:0,1:1,2:2,3:3')
+    self.assertEqual(paper['pairs'], '3:3')
+    for line in lines:
+      self.assertGreater(line['ratio_tokens_per_s'], 0)
+      self.assertLen(line['calm_jax_step_s'], 1)
+      self.assertLen(line['calm_pytorch_step_s'], 1)
+    self.assertGreater(spread['calm_over_full_ft'], 0)
+    self.assertGreater(spread['ratio_cached_tokens_per_s'], 0)
+
   def test_decode(self):
-    lines = _run('decode.py', '--repeats=1')
-    self.assertEqual([l['mode'] for l in lines], ['anchor', 'calm'])
+    lines = _run('decode.py', '--repeats=1', '--transformers')
+    self.assertEqual([l['mode'] for l in lines],
+                     ['anchor', 'calm', 'anchor_llama', 'transformers_llama'])
     for line in lines:
       self.assertGreater(line['new_tokens_per_s'], 0)
 
