@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 
 from calm_jax import checkpoints
@@ -375,15 +376,28 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
 # calls them in turn, before any compute.
 
 
+def frozen_dtype_for(platform: str) -> str:
+  """`frozen_dtype='auto'`: the frozen models' dtype on this platform.
+
+  bfloat16 halves their memory and runs their matmuls at the accelerator's
+  bf16 rate; the bridges, their optimizer state and the loss stay float32.
+  CPUs keep float32 (their bf16 matmuls are no faster).
+  """
+  return 'bfloat16' if platform in ('tpu', 'gpu') else 'float32'
+
+
 def resolve(config: ConfigDict) -> ConfigDict:
   """A copy of `config` with its derived fields made explicit.
 
   `data.tokenizer` becomes a name or an absolute path ('' and 'anchor'
   name the anchor checkpoint's tokenizer, or bytes when the anchor is
   pretrained here); `data.seq_len` 0 becomes the models' shortest context,
-  at most AUTO_SEQ_LEN. Resolving a resolved config changes nothing.
+  at most AUTO_SEQ_LEN; `frozen_dtype='auto'` becomes bfloat16 on TPUs and
+  GPUs, float32 on CPUs. Resolving a resolved config changes nothing.
   """
   out = ConfigDict(config.to_dict())
+  if out.get('frozen_dtype', None) == 'auto':
+    out.frozen_dtype = frozen_dtype_for(jax.default_backend())
   out.data.tokenizer = tokenizers.resolve_spec(
       out.data.get('tokenizer', ''), out.models.anchor.checkpoint)
   if out.data.get('seq_len', None) == 0:
@@ -497,7 +511,7 @@ def validate_models(config: ConfigDict, check_split: SplitCheck,
         check_split(m.vanilla_split, f'{field}.vanilla_split')
   if config.frozen_dtype not in transformer.DTYPES:
     raise ValueError(f'frozen_dtype={config.frozen_dtype!r} is not one of '
-                     f'{sorted(transformer.DTYPES)}.')
+                     f"{sorted(transformer.DTYPES) + ['auto']}.")
   kernel = config.get('attention', 'auto')
   if kernel not in attention_lib.IMPLEMENTATIONS:
     raise ValueError(f'attention={kernel!r} is not an attention kernel; '

@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.frozen_dtype = 'float32'
+  # Dtype of the frozen models: 'auto' is bfloat16 on TPU/GPU, float32 on
+  # CPU (the composition and the loss stay float32).
+  config.frozen_dtype = 'auto'
   config.remat = False
   # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
   # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).

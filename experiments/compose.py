@@ -34,8 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seed of the bridges' init and of the data order.
   config.seed = 0
-  # What the frozen models are held and run in ('bfloat16' on accelerators).
-  config.frozen_dtype = 'float32'
+  # What the frozen models are held and run in: 'auto' is bfloat16 on
+  # TPU/GPU, float32 on CPU.
+  config.frozen_dtype = 'auto'
   # Recompute block activations in the backward pass (less memory).
   config.remat = False
   # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),

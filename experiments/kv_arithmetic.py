@@ -31,9 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seed for parameter init, data order and the composition's training.
   config.seed = 0
-  # Dtype the frozen models are held and computed in ('bfloat16' halves
-  # their memory; the composition and the loss stay float32).
-  config.frozen_dtype = 'float32'
+  # Dtype the frozen models are held and computed in: 'auto' is bfloat16
+  # on TPU/GPU (half the memory), float32 on CPU; the composition and the
+  # loss stay float32.
+  config.frozen_dtype = 'auto'
   # Recompute block activations in the backward pass (less memory).
   config.remat = False
   # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),

@@ -13,12 +13,12 @@ from absl.testing import absltest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args):
+def _run(script, *args, sizes='--config=tiny'):
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)  # One CPU device, as a user would run it.
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', script),
-       '--config=tiny', *args], capture_output=True, text=True, timeout=300,
+       *([sizes] if sizes else []), *args], capture_output=True, text=True, timeout=300,
       env=env, cwd=ROOT)
   if proc.returncode:
     raise AssertionError(proc.stderr[-3000:])
@@ -71,6 +71,23 @@ class BenchmarksTest(absltest.TestCase):
       self.assertLen(line['calm_pytorch_step_s'], 1)
     self.assertGreater(spread['calm_over_full_ft'], 0)
     self.assertGreater(spread['ratio_cached_tokens_per_s'], 0)
+
+  def test_plan(self):
+    env_free = lambda *a: _run('plan.py', *a, sizes='')
+    line, = env_free('--anchor=gemma-7b', '--augmenting=gemma-2b',
+                     '--mesh=v5e-64', '--batch=128', '--remat')
+    self.assertEqual(line['mesh_axes'], {'data': 1, 'fsdp': 64, 'tensor': 1})
+    gib = line['gib_per_device']
+    # gemma-7b + gemma-2b is ~11B parameters: in bf16 over 64 devices,
+    # about 21.5 GB / 64 = 0.32 GiB each (embeddings included).
+    self.assertBetween(gib['frozen_weights'], 0.25, 0.4)
+    self.assertAlmostEqual(gib['optimizer'], 2 * gib['bridges'], delta=0.002)
+    self.assertEqual(line['pairs'], [[3, 6], [7, 13], [11, 20], [15, 27]])
+    self.assertTrue(line['fits'])
+    # Against XLA's own accounting of the compiled step at small sizes.
+    check, = env_free('--check')
+    self.assertBetween(check['weights_ratio'], 0.9, 1.1)
+    self.assertBetween(check['activations_ratio'], 0.25, 2.0)
 
   def test_decode(self):
     lines = _run('decode.py', '--repeats=1', '--transformers')

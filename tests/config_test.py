@@ -65,6 +65,19 @@ class ValidateTest(absltest.TestCase):
                        r"'byte' \(259\); set models\.anchor\.arch\.vocab_size "
                        r'to at least 259')
 
+  def test_frozen_dtype_auto_is_bfloat16_on_accelerators_only(self):
+    self.assertEqual(train.config_lib.frozen_dtype_for('tpu'), 'bfloat16')
+    self.assertEqual(train.config_lib.frozen_dtype_for('gpu'), 'bfloat16')
+    self.assertEqual(train.config_lib.frozen_dtype_for('cpu'), 'float32')
+    c = smoke()
+    self.assertEqual(c.frozen_dtype, 'auto')
+    self.assertEqual(train.validate(c).frozen_dtype, 'float32')  # This CPU.
+    c.frozen_dtype = 'fp8'
+    self.assertInvalid(c, r"frozen_dtype='fp8' is not one of .*'auto'")
+    c = smoke()
+    c.attention = 'flash'
+    self.assertInvalid(c, r"attention='flash' is not an attention kernel")
+
   def test_missing_checkpoint(self):
     c = smoke()
     c.models.anchor.checkpoint = '/nonexistent/anchor'
