@@ -122,12 +122,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
-          prompt_only: bool | None = None, refs=None) -> Built:
+          prompt_only: bool | None = None, refs=None,
+          bridge: composition_lib.BridgeConfig | None = None) -> Built:
   augmenting = augmenting or ctx.augmenting
   frozen = frozen or ctx.frozen
   c = ctx.config.composition
   task = tasks.composition_task(
-      frozen, ctx.anchor, augmenting, bridge=ctx.bridge,
+      frozen, ctx.anchor, augmenting, bridge=bridge or ctx.bridge,
       prompt_only=c.prompt_only if prompt_only is None else prompt_only,
       write_penalty=c.write_penalty, name=name)
   return Built(task, lambda trained: [evaluation.Row(
@@ -165,6 +166,19 @@ def m_a(ctx: Context) -> Built:
 @row('calm')
 def calm(ctx: Context) -> Built:
   return _calm(ctx, 'calm')
+
+
+@row('calm_paper')
+def calm_paper(ctx: Context) -> Built:
+  """The paper's method exactly, whatever the config's bridge: its bridge
+  (anchor queries, linear f_proj, no recency bias) between block outputs
+  chosen by its rule, every 4th m_A layer (every layer of a shallower m_A),
+  with the config's head count. Beside `calm`, it measures what the
+  config's deviations from the paper buy."""
+  return _calm(ctx, 'calm_paper',
+               augmenting=_with_pairs(ctx, lambda n: min(4, n)),
+               bridge=composition_lib.BridgeConfig(
+                   'paper', ctx.bridge.cross_heads))
 
 
 @row('calm_prompt_only')

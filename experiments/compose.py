@@ -79,9 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_every=10 if smoke else 100, checkpoint_every=10 if smoke else 250)
 
   # ---------------------------------------------------------------- rows
-  # Each model alone and composed; also 'lora', 'full_ft', 'calm_random_aug',
-  # 'calm_prompt_only', 'calm_n1', 'calm_n2', 'calm_every_layer' (see
-  # calm_jax/rows.py). 'calm_vanilla_aug' needs
+  # Each model alone and composed; also 'calm_paper', 'lora', 'full_ft',
+  # 'calm_random_aug', 'calm_prompt_only', 'calm_n1', 'calm_n2',
+  # 'calm_every_layer' (see calm_jax/rows.py). 'calm_vanilla_aug' needs
   # models.augmenting.aug.vanilla_checkpoint.
   config.rows = ('m_A', 'm_B', 'calm')
   # Seeds of the trained rows.

@@ -230,7 +230,7 @@ class SmokePipelineTest(absltest.TestCase):
     self.assertEqual(on_disk['rows'], json.loads(json.dumps(results['rows'])))
     # Every row of the paper's table runs at smoke size.
     self.assertEqual(sorted(on_disk['rows']), sorted(tiny_config().rows))
-    self.assertLen(tiny_config().rows, 11)
+    self.assertLen(tiny_config().rows, 12)
     for row in on_disk['rows'].values():
       self.assertEqual(sorted(row), sorted(kv_arithmetic.get_config(
           'smoke').eval.splits))
@@ -242,9 +242,16 @@ class SmokePipelineTest(absltest.TestCase):
     # The trained rows moved away from m_B (their bridges or weights are no
     # longer at the anchor's own function).
     m_b = on_disk['rows']['m_B']['kv_math_eval']['loss']
-    for name in ('calm', 'lora', 'full_ft', 'calm_n1'):
+    for name in ('calm', 'calm_paper', 'lora', 'full_ft', 'calm_n1'):
       self.assertNotAlmostEqual(on_disk['rows'][name]['kv_math_eval']['loss'],
                                 m_b, places=5)
+    # calm_paper is the paper's bridge by the paper's rule (4-layer m_A: one
+    # pair, its last layer into the anchor's last), whatever the config says.
+    with open(os.path.join(workdir, 'runs', 'calm_paper', 'seed_0',
+                           'composition.json')) as f:
+      paper = json.load(f)
+    self.assertEqual(paper['bridge']['name'], 'paper')
+    self.assertEqual(paper['augmenting'][0]['pairs'], [[3, 3]])
     for role in ('anchor', 'aug_kv', 'vanilla_kv'):
       self.assertTrue(checkpoints.model_exists(
           os.path.join(workdir, 'models', role)))
