@@ -235,7 +235,8 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   for step in range(start, end):
     batch = sharding.global_batch(data_lib.model_inputs(next(data_iter)),
                                   mesh)
-    state, metrics = train_step(state, task.frozen, batch)
+    with jax.set_mesh(mesh):  # Activation constraints name its axes.
+      state, metrics = train_step(state, task.frozen, batch)
     pending.append(metrics)
     done = step + 1
     if done % cfg.log_every == 0 or done == cfg.steps:

@@ -138,7 +138,8 @@ def _sharded_step(mesh, model, params, host_batch):
       in_shardings=(train_sh, opt_sh, frozen_sh, batch_sh),
       out_shardings=(train_sh, opt_sh, sharding.replicated(mesh)),
       donate_argnums=(0, 1))
-  new_trainable, _, loss = step(trainable, opt_state, frozen, batch)
+  with jax.set_mesh(mesh):  # As the training loop runs its step.
+    new_trainable, _, loss = step(trainable, opt_state, frozen, batch)
   return new_trainable, loss, train_sh
 
 
@@ -184,6 +185,25 @@ class ShardedStepTest(parameterized.TestCase):
     for new, sh in zip(jax.tree_util.tree_leaves(new_trainable),
                        jax.tree_util.tree_leaves(train_sh)):
       self.assertTrue(new.sharding.is_equivalent_to(sh, new.ndim))
+
+  def test_bridges_pin_their_activations_to_the_batch_axes(self):
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    x = jnp.ones((8, 4, 16))
+    self.assertIs(composition.constrain_batch(x), x)  # No mesh: untouched.
+    with jax.set_mesh(mesh):
+      y = jax.jit(lambda x: composition.constrain_batch(x * 2))(x)
+      odd = jax.jit(lambda x: composition.constrain_batch(x * 2))(
+          jnp.ones((3, 4, 16)))  # Not divisible: left to GSPMD.
+      lowered = jax.jit(lambda p, t: self.model.apply(
+          {'params': p}, t, prompt_len=jnp.full((8,), 4))).lower(
+              self.params, jnp.zeros((8, 16), jnp.int32)).as_text()
+    self.assertTrue(y.sharding.is_equivalent_to(jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))), 3))
+    self.assertTrue(odd.sharding.is_fully_replicated)
+    # Both inputs and the output of every bridge.
+    bridges = sum(len(a.pairs) for a in self.model.augmenting)
+    self.assertGreaterEqual(lowered.count('sharding_constraint'),
+                            3 * bridges, lowered[:2000])
 
   def test_reference_trains_every_bridge_weight(self):
     """Guards the test itself: every composition leaf gets a gradient.

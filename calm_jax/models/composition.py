@@ -201,6 +201,32 @@ def bridge_config_of(params: Mapping[str, Any]) -> BridgeConfig:
 # ------------------------------------------------------------ composition
 
 
+# Mesh axes the batch of activations is split over (sharding.BATCH_AXES).
+BATCH_AXES = ('data', 'fsdp')
+
+
+def constrain_batch(x: Array) -> Array:
+  """`x` [b, ...] split over the data-parallel mesh axes, the rest whole.
+
+  At a bridge's inputs and output this pins the layout GSPMD would
+  otherwise have to infer through the cross-attention (and could resolve
+  by gathering the batch). Only under a mesh context (`jax.set_mesh`, as
+  the training loop runs its step), and only when the axes divide the
+  batch; elsewhere (decoding, a plain `apply`) `x` is returned as it is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  if not axes or size == 1 or x.shape[0] % size:
+    return x
+  spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 class Composition(nn.Module):
   """All trainable bridges; `__call__(j, ...)` is what joins anchor layer j."""
   d_model: int
@@ -223,9 +249,11 @@ class Composition(nn.Module):
     add = None
     for (name, i, jj), bridge in self.bridges.items():
       if jj == j:
-        y = bridge(x.astype(jnp.float32), aug[name][i].astype(jnp.float32),
+        y = bridge(constrain_batch(x.astype(jnp.float32)),
+                   constrain_batch(aug[name][i].astype(jnp.float32)),
                    mask=mask, prompt_len=prompt_len, decode=decode,
                    positions=positions)
+        y = constrain_batch(y)
         add = y if add is None else add + y
     return add
 
