@@ -220,7 +220,7 @@ class RunCheckpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(1, save_every),
-            create=True, enable_async_checkpointing=False,
+            create=True, enable_async_checkpointing=True,
             cleanup_tmp_directories=True),
         item_names=('state', 'data'))
 
@@ -229,13 +229,22 @@ class RunCheckpointer:
 
   def save(self, step: int, state: Any, data_iter: Any,
            force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether it saved."""
+    """Saves if `step` is due (or `force`); returns whether it saved.
+
+    Asynchronous: the state is copied to host memory and the data
+    iterator's position recorded before this returns (so the next step may
+    donate the state's buffers and advance the iterator); the files are
+    written in the background while training goes on. A `force`d save (the
+    last one) waits until it is on disk; so does `close`. A kill before a
+    write finishes leaves only a temporary directory, removed on resume.
+    """
     saved = self.manager.save(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter)),
         force=force)
-    self.manager.wait_until_finished()
+    if force:
+      self.manager.wait_until_finished()
     return saved
 
   def restore(self, abstract_state: Any, data_iter: Any,
@@ -257,4 +266,5 @@ class RunCheckpointer:
     return step, restored['state']
 
   def close(self) -> None:
+    self.manager.wait_until_finished()
     self.manager.close()

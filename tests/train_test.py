@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,6 +130,21 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual([h['step'] for h in rest], [5, 6])
     np.testing.assert_allclose([h['loss'] for h in first + rest],
                                [h['loss'] for h in full], rtol=1e-6)
+
+  def test_an_asynchronous_checkpoint_holds_the_state_of_its_step(self):
+    # Checkpoints are written in the background while the next steps run
+    # (and donate the state's buffers): the one saved at step 4 (not the
+    # last, so not waited for) must still be step 4's state and data
+    # position.
+    run_dir = os.path.join(self.workdir, 'async')
+    _, full = self._run(run_dir)  # Saves at 2, 4 and 6; keeps 4 and 6.
+    ckpts = os.path.join(run_dir, 'checkpoints')
+    self.assertEqual(sorted(os.listdir(ckpts)), ['4', '6'])
+    shutil.rmtree(os.path.join(ckpts, '6'))
+    _, rest = self._run(run_dir)
+    self.assertEqual([h['step'] for h in rest], [5, 6])
+    np.testing.assert_allclose([h['loss'] for h in rest],
+                               [h['loss'] for h in full[4:]], rtol=1e-6)
 
   def test_write_penalty_is_the_mean_squared_bridge_write(self):
     self.assertIsNone(self.task.loss)  # The paper: the cross-entropy alone.
