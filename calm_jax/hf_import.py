@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -275,8 +276,115 @@ def read_config(path: str | os.PathLike
 # ----------------------------------------------------------------- weights
 
 
-def _tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Every tensor of the checkpoint, one at a time (index or single file)."""
+class _Lazy:
+  """A checkpoint tensor that is read only where it is asked for.
+
+  The converters below transpose, reshape and index tensors as if they were
+  numpy arrays; on a `_Lazy` those operations only compose index maps, and
+  `read(index)` (a tuple of slices in the converted layout) reads just the
+  source region that index needs (`get_slice` of safetensors). So a process
+  placing a sharded parameter reads its own shards' bytes, not the whole
+  tensor (`jax.make_array_from_callback`).
+  """
+
+  def __init__(self, shape: tuple[int, ...], read: Callable[[tuple], Any]):
+    self.shape = tuple(int(n) for n in shape)
+    self._read = read
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def read(self, index: tuple = ()) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (self.ndim - len(index))
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, self.shape))
+    return np.asarray(self._read(index))
+
+  def __array__(self, dtype=None, copy=None):
+    out = self.read()
+    return out if dtype is None else out.astype(dtype)
+
+  @property
+  def T(self) -> '_Lazy':  # pylint: disable=invalid-name
+    if self.ndim != 2:
+      raise ValueError(f'.T of a {self.ndim}-d tensor')
+    return _Lazy(self.shape[::-1], lambda i: self.read(i[::-1]).T)
+
+  def reshape(self, *shape) -> '_Lazy':
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(
+        shape[0], (tuple, list)) else tuple(shape)
+    if math.prod(shape) != math.prod(self.shape):
+      raise ValueError(f'cannot reshape {self.shape} into {shape}')
+    groups = _split_groups(self.shape, shape)
+    if groups is None:  # Not a pure split of dims: read whole, then index.
+      return _Lazy(shape, lambda i: np.asarray(self.read()).reshape(shape)[i])
+
+    def read(index):
+      src, local, block_shape = [], [], []
+      for dim, (lo, hi) in enumerate(groups):
+        parts, dims = index[lo:hi], shape[lo:hi]
+        inner = math.prod(dims[1:])
+        if not dims:  # A size-1 source dim the target drops.
+          src.append(slice(0, 1))
+        elif parts[0].step == 1 and all(
+            p == slice(0, n, 1) for p, n in zip(parts[1:], dims[1:])):
+          # Whole trailing dims: a contiguous run of the source dim.
+          src.append(slice(parts[0].start * inner, parts[0].stop * inner))
+          block_shape += [parts[0].stop - parts[0].start, *dims[1:]]
+          local += [slice(None)] * len(dims)
+        else:
+          src.append(slice(0, self.shape[dim]))
+          block_shape += list(dims)
+          local += list(parts)
+      return self.read(tuple(src)).reshape(block_shape)[tuple(local)]
+
+    return _Lazy(shape, read)
+
+  def __getitem__(self, key) -> '_Lazy':
+    key = key if isinstance(key, tuple) else (key,)
+    key = key + (slice(None),) * (self.ndim - len(key))
+    base = [slice(*k.indices(n)) if isinstance(k, slice) else k
+            for k, n in zip(key, self.shape)]
+    shape = [len(range(*b.indices(n))) if isinstance(b, slice) else None
+             for b, n in zip(base, self.shape)]
+
+    def read(index):
+      it = iter(index)
+      src = []
+      for b in base:
+        if isinstance(b, int):
+          src.append(slice(b, b + 1))
+        else:
+          i = next(it)
+          src.append(slice(b.start + i.start * b.step,
+                           b.start + i.stop * b.step, b.step * i.step))
+      out = self.read(tuple(src))
+      return out[tuple(0 if isinstance(b, int) else slice(None)
+                       for b in base)]
+
+    return _Lazy(tuple(n for n in shape if n is not None), read)
+
+
+def _split_groups(src: tuple[int, ...], dst: tuple[int, ...]
+                  ) -> list[tuple[int, int]] | None:
+  """For each source dim, the run [lo, hi) of target dims it splits into
+  (empty for a size-1 dim the target drops); None when the reshape is not
+  such a split (the caller then reads the whole tensor)."""
+  groups, j = [], 0
+  for n in src:
+    lo, prod = j, 1
+    while prod < n and j < len(dst):
+      prod *= dst[j]
+      j += 1
+    if prod != n:
+      return None
+    groups.append((lo, j))
+  return groups if j == len(dst) else None
+
+
+def _tensors(path: str) -> Iterator[tuple[str, _Lazy]]:
+  """Every tensor of the checkpoint, one at a time (index or single file),
+  each read lazily (`_Lazy`)."""
   from safetensors.numpy import safe_open  # Deferred: optional dependency.
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
@@ -293,7 +401,8 @@ def _tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
   for name in files:
     with safe_open(os.path.join(path, name), framework='numpy') as f:
       for key in f.keys():
-        yield key, f.get_tensor(key)
+        part = f.get_slice(key)
+        yield key, _Lazy(part.get_shape(), lambda i, part=part: part[i])
 
 
 # Where the text model's tensors live: Llama-style causal LMs under
@@ -493,8 +602,16 @@ def load_pretrained(path: str | os.PathLike, dtype: str = 'float32',
                        f'fit the sizes in config.json ({name} should be '
                        f'{expected[name].shape}).')
     # Cast on the host: a bf16 model then never exists in float32 anywhere.
-    w = np.ascontiguousarray(w, dtype=np.dtype(target))
-    loaded[name] = jax.device_put(w, placements.get(name))
+    # Placed on shardings, each device's shard is read on its own, so a
+    # process reads only the bytes of the shards it holds.
+    cast = lambda block: np.ascontiguousarray(block, dtype=np.dtype(target))
+    place = placements.get(name)
+    if place is None:
+      loaded[name] = jax.device_put(cast(np.asarray(w)))
+    else:
+      loaded[name] = jax.make_array_from_callback(
+          w.shape, place, lambda index, w=w: cast(
+              w.read(index) if isinstance(w, _Lazy) else np.asarray(w)[index]))
   missing = sorted(set(expected) - set(loaded))
   if missing:
     raise ValueError(f'{path}: the checkpoint lacks {len(missing)} of the '
