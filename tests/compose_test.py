@@ -86,6 +86,14 @@ class ComposeTest(absltest.TestCase):
                f'--config.data.train={self.train_file}',
                f'--config.data.eval={self.eval_file}')
     self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+    # Quiet logs at the default verbosity: the phases and the table's
+    # progress, none of the libraries' routine lines.
+    log = out.stdout + out.stderr
+    for phase in ('[data] jsonl', '[models] anchor', '[table] run 1/'):
+      self.assertIn(phase, log)
+    for noise in ('orbax', 'Downloading and preparing', 'libtpu',
+                  'tensorflow_datasets'):
+      self.assertNotIn(noise, log)
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)
     self.assertContainsSubset({'m_B', 'calm'}, results['rows'])
