@@ -93,12 +93,7 @@ def _check_flags() -> dict[str, str]:
     raise ValueError(f'--anchor={_ANCHOR.value!r} is not a model '
                      'directory.')
   if _TOKENIZER.value:
-    try:
-      tok = tokenizers.get_tokenizer(_TOKENIZER.value)
-    except ValueError as e:  # Its messages name the config field.
-      message = str(e).replace('Unknown tokenizer data.tokenizer=', '')
-      raise ValueError('--tokenizer: ' + message.replace(
-          'data.tokenizer', '--tokenizer')) from None
+    tok = tokenizers.get_tokenizer(_TOKENIZER.value, field='--tokenizer')
     if _ANCHOR.value:
       # The ids must be the ones the anchor was trained on.
       try:

@@ -365,21 +365,23 @@ def resolve_spec(spec: str, anchor_checkpoint: str = '') -> str:
   return os.path.abspath(spec)
 
 
-def get_tokenizer(name: str, anchor_checkpoint: str = '') -> Tokenizer:
-  """The tokenizer `data.tokenizer` names (see the module docstring).
+def get_tokenizer(name: str, anchor_checkpoint: str = '',
+                  field: str = 'data.tokenizer') -> Tokenizer:
+  """The tokenizer `data.tokenizer` names (see the module docstring); errors
+  name `field`, the setting the user gave it in.
 
   `char:N` is the char tokenizer over the first N code points (`char` is
   `char:768`), for vocabularies of more one-token letters.
   """
   if not isinstance(name, str):
-    raise ValueError(f'data.tokenizer={name!r} must be a string: a name '
+    raise ValueError(f'{field}={name!r} must be a string: a name '
                      f"({sorted(_TOKENIZERS)}, 'char:N', {ANCHOR!r}) or a "
                      'tokenizer directory.')
   if name.startswith('char:'):
     count = name[len('char:'):]
     if not count.isdigit() or not 128 <= int(count) <= 0x110000:
       raise ValueError(
-          f'data.tokenizer={name!r}: N in char:N is the number of code '
+          f'{field}={name!r}: N in char:N is the number of code '
           f'points covered, an integer in [128, {0x110000}], e.g. char:4096.')
     return CharTokenizer(name=name, num_code_points=int(count))
   if name in _TOKENIZERS:
@@ -387,14 +389,14 @@ def get_tokenizer(name: str, anchor_checkpoint: str = '') -> Tokenizer:
   spec = resolve_spec(name, anchor_checkpoint)
   if spec != name.strip() and (spec in _TOKENIZERS or
                                spec.startswith('char:')):
-    return get_tokenizer(spec)  # '' without an anchor checkpoint: byte.
+    return get_tokenizer(spec, field=field)  # '' without an anchor: byte.
   if not os.path.isdir(spec):
     raise ValueError(
-        f'Unknown tokenizer data.tokenizer={name!r}. Known tokenizers: '
+        f'{field}={name!r}. Known tokenizers: '
         f"{sorted(_TOKENIZERS)}, 'char:N', {ANCHOR!r} (the anchor "
         "checkpoint's) or a directory with tokenizer.json or "
         'tokenizer.model.')
-  return checkpoint_tokenizer(spec)
+  return checkpoint_tokenizer(spec, field)
 
 
 def record(tok: Tokenizer) -> dict[str, Any]:
