@@ -47,6 +47,9 @@ def quiet_libraries() -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 # Set (to anything) to see the traceback of a user error too.
 TRACEBACK_ENV = 'CALM_TRACEBACK'
+# A full disk or one this user may not write: the user's to fix, one line.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _show_traceback() -> bool:
@@ -57,13 +60,12 @@ def _show_traceback() -> bool:
 def _one_line(e: BaseException, where: str = '') -> str:
   """The FATAL line of `e`; `where` is the directory the command writes
   (--workdir), named when the error does not say which file it was."""
-  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+  if isinstance(e, OSError) and e.errno in _NO_SPACE:
     path = e.filename or where or 'the output directory'
     return (f'--workdir: no space left on the device of {path}: a run needs '
             'room for its data, models and checkpoints there; free some, or '
             'point --workdir elsewhere.')
-  if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM,
-                                            errno.EROFS):
+  if isinstance(e, OSError) and e.errno in _NO_WRITE:
     path = e.filename or where or 'a file'
     return (f'--workdir: cannot write {path} ({e.strerror}): a run needs '
             'write access there; choose a --workdir this user may write '
@@ -102,15 +104,9 @@ def run_reporting_errors(fn, *args, where: str = '', **kwargs):
   `FATAL` line (see TRACEBACK_ENV). `where`: the directory fn writes."""
   try:
     return fn(*args, **kwargs)
-  except OSError as e:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
-                   errno.EROFS) and not _show_traceback():
-      fatal(e, where)
-    if isinstance(e, USER_ERRORS) and not _show_traceback():
-      fatal(e, where)
-    raise
-  except USER_ERRORS as e:
-    if _show_traceback():
+  except (OSError, *USER_ERRORS) as e:
+    disk = isinstance(e, OSError) and e.errno in _NO_SPACE + _NO_WRITE
+    if _show_traceback() or not (disk or isinstance(e, USER_ERRORS)):
       raise
     fatal(e, where)
 
