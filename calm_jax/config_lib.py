@@ -512,10 +512,7 @@ def validate_models(config: ConfigDict, check_split: SplitCheck,
   if config.frozen_dtype not in transformer.DTYPES:
     raise ValueError(f'frozen_dtype={config.frozen_dtype!r} is not one of '
                      f"{sorted(transformer.DTYPES) + ['auto']}.")
-  kernel = config.get('attention', 'auto')
-  if kernel not in attention_lib.IMPLEMENTATIONS:
-    raise ValueError(f'attention={kernel!r} is not an attention kernel; '
-                     f'choose one of {list(attention_lib.IMPLEMENTATIONS)}.')
+  attention_lib.check_name(config.get('attention', 'auto'))
 
 
 def validate_composition(config: ConfigDict) -> None:

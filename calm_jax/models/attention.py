@@ -59,13 +59,18 @@ def _log_fallback(wanted: str, why: str) -> None:
   logging.info('attention=auto: xla instead of %s (%s).', wanted, why)
 
 
+def check_name(requested: str, field: str = 'attention') -> None:
+  """Refuses a kernel name that is not one of IMPLEMENTATIONS."""
+  if requested not in IMPLEMENTATIONS:
+    raise ValueError(f'{field}={requested!r} is not an attention kernel; '
+                     f'choose one of {list(IMPLEMENTATIONS)}.')
+
+
 def choose(requested: str, *, platform: str, dtype, length: int,
            softcap: float | None, segment_ids: Array | None,
            field: str = 'attention') -> str:
   """The kernel that runs a causal self-attention call."""
-  if requested not in IMPLEMENTATIONS:
-    raise ValueError(f'{field}={requested!r} is not an attention kernel; '
-                     f'choose one of {list(IMPLEMENTATIONS)}.')
+  check_name(requested, field)
   if requested == 'xla':
     return 'xla'
   wanted = requested

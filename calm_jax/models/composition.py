@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from calm_jax import sharding
 from calm_jax.models import paper_bridge
 from calm_jax.models import transformer
 
@@ -201,10 +203,6 @@ def bridge_config_of(params: Mapping[str, Any]) -> BridgeConfig:
 # ------------------------------------------------------------ composition
 
 
-# Mesh axes the batch of activations is split over (sharding.BATCH_AXES).
-BATCH_AXES = ('data', 'fsdp')
-
-
 def constrain_batch(x: Array) -> Array:
   """`x` [b, ...] split over the data-parallel mesh axes, the rest whole.
 
@@ -217,10 +215,8 @@ def constrain_batch(x: Array) -> Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  size = math.prod(mesh.shape[a] for a in axes)
   if not axes or size == 1 or x.shape[0] % size:
     return x
   spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
