@@ -50,6 +50,7 @@ from ml_collections import config_flags
 
 from calm_jax import locks
 from calm_jax import logs
+from calm_jax import paths
 from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import train
@@ -189,8 +190,8 @@ def main(argv: list[str]) -> int:
   lock = contextlib.ExitStack()
   logs.run_reporting_errors(lock.enter_context, locks.hold(
       os.path.join(workdir, locks.WORKDIR_LOCK), f'--workdir={workdir}'))
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  paths.atomic_write_text(os.path.join(workdir, 'config.json'),
+                          config.to_json_best_effort(indent=2))
   env = dict(os.environ)
   env.setdefault('JAX_COMPILATION_CACHE_DIR',
                  os.path.join(workdir, 'xla_cache'))
