@@ -411,8 +411,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   config = validate(config)
   workdir = paths.absolute(workdir)
   config_lib.check_workdir(config, workdir)
+  launched = locks.launcher_run()  # Before anything is made.
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  launched = locks.launcher_run()
   with locks.hold(os.path.join(workdir, locks.WORKDIR_LOCK),
                   f'--workdir={workdir}',
                   enabled=jax.process_index() == 0 and launched is None):
