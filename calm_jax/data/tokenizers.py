@@ -199,8 +199,11 @@ class CheckpointTokenizer:
       self._encode = lambda t: tok.encode(t, add_special_tokens=False).ids
       self._encode_batch = lambda ts: [e.ids for e in tok.encode_batch(
           list(ts), add_special_tokens=False)]
-      self._offsets = lambda t: tok.encode(t, add_special_tokens=False
-                                           ).offsets
+      def offsets(text):
+        e = tok.encode(text, add_special_tokens=False)
+        return (e.ids, [o[0] for o in e.offsets], [o[1] for o in e.offsets],
+                'chars')
+      self._offsets = offsets
       self._decode = tok.decode
       sp_ids = {}
     elif os.path.exists(sp_file):
@@ -215,6 +218,12 @@ class CheckpointTokenizer:
       self._encode = sp.encode
       self._encode_batch = lambda ts: sp.encode(list(ts))
       self._decode = sp.decode
+
+      def sp_offsets(text):
+        pieces = sp.encode(text, return_type='proto').pieces
+        return ([p.id for p in pieces], [p.begin for p in pieces],
+                [p.end for p in pieces], 'bytes')
+      self._offsets = sp_offsets
       # SentencePiece answers -1 for an id it does not define.
       sp_ids = {k: i for k, i in (('bos', sp.bos_id()), ('eos', sp.eos_id()),
                                   ('pad', sp.pad_id())) if i >= 0}
@@ -272,6 +281,12 @@ class CheckpointTokenizer:
   def encode(self, text: str) -> list[int]:
     """Ids of `text` without BOS/EOS (the pipeline adds them)."""
     return list(self._encode(text))
+
+  def offsets(self, text: str) -> tuple[list[int], list[int], list[int], str]:
+    """`encode(text)` with each token's [start, end) in the text, and the
+    unit of those offsets ('chars' or UTF-8 'bytes'), for
+    `calm_jax.data.align`."""
+    return self._offsets(text)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in self._encode_batch(texts)]

@@ -67,8 +67,8 @@ class OursBridge(nn.Module):
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, *,
                mask: Array | None = None, prompt_len: Array | None = None,
-               decode: bool = False, positions: Array | None = None
-               ) -> Array:
+               decode: bool | str = False, positions: Array | None = None,
+               slots: Array | None = None) -> Array:
     dense = paper_bridge.dense
     h, d = self.num_heads, self.d_model // self.num_heads
     proj = dense(self.d_model, -1, ('aug_embed', 'embed'), 'proj')(aug_h)
@@ -89,7 +89,7 @@ class OursBridge(nn.Module):
       q, k = jnp.zeros(anchor_h.shape[:2] + (h, d), jnp.float32), None
     k, v, mask = paper_bridge.keys_values_mask(
         self, k, v, mask, prompt_len, decode, self.cache_len,
-        anchor_h.shape[1])
+        anchor_h.shape[1], slots)
     if k is None:
       k = jnp.zeros_like(v)
     bias = None

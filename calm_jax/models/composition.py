@@ -223,6 +223,11 @@ def constrain_batch(x: Array) -> Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def _of(x: Any, name: str) -> Any:
+  """x[name] for a per-augmenting-model dict, else x."""
+  return x[name] if isinstance(x, Mapping) else x
+
+
 class Composition(nn.Module):
   """All trainable bridges; `__call__(j, ...)` is what joins anchor layer j."""
   d_model: int
@@ -230,28 +235,62 @@ class Composition(nn.Module):
   augmenting: tuple[Augmenting, ...]
   bridge: BridgeConfig = BridgeConfig()
   cache_len: int = 512
+  # Aligned streams (ALIGN_CHARS): a bridge's decode cache is indexed by
+  # its augmenting model's positions, up to that model's max_len.
+  aligned: bool = False
 
   def setup(self):
     self.bridges = {
-        (a.name, i, j): self.bridge.build(self.d_model, self.num_heads,
-                                          self.cache_len, f'{a.name}_{i}_{j}')
+        (a.name, i, j): self.bridge.build(
+            self.d_model, self.num_heads,
+            a.config.max_len if self.aligned else self.cache_len,
+            f'{a.name}_{i}_{j}')
         for a in self.augmenting for (i, j) in a.pairs}
 
   def __call__(self, j: int, x: Array, aug: dict[str, dict[int, Array]],
-               mask: Array | None, prompt_len: Array | None = None,
-               decode: bool = False, positions: Array | None = None
-               ) -> Array | None:
-    """Sum of the bridges into anchor layer j, or None if there are none."""
+               mask: Array | Mapping[str, Array] | None,
+               prompt_len: Array | None = None, decode: bool | str = False,
+               positions: Array | None = None,
+               slots: Mapping[str, Array] | None = None) -> Array | None:
+    """Sum of the bridges into anchor layer j, or None if there are none.
+
+    `mask` may be one per augmenting model ({name: mask}, aligned streams);
+    `slots` ({name: [b, s]}) are where aligned decoding caches their states.
+    """
     add = None
     for (name, i, jj), bridge in self.bridges.items():
       if jj == j:
         y = bridge(constrain_batch(x.astype(jnp.float32)),
                    constrain_batch(aug[name][i].astype(jnp.float32)),
-                   mask=mask, prompt_len=prompt_len, decode=decode,
-                   positions=positions)
+                   mask=_of(mask, name), prompt_len=prompt_len,
+                   decode=decode, positions=positions,
+                   slots=None if slots is None else slots[name])
         y = constrain_batch(y)
         add = y if add is None else add + y
     return add
+
+
+# `ComposedLM.align`: every model reads the anchor's token ids ('none'), or
+# each augmenting model reads the text in its own tokenizer, aligned to the
+# anchor's tokens by characters ('chars', calm_jax/data/align.py).
+ALIGN_NONE, ALIGN_CHARS = 'none', 'chars'
+
+
+def aligned_mask(counts: Array, length: int,
+                 segment_ids: Array | None = None,
+                 aug_segment_ids: Array | None = None,
+                 aug_prompt_mask: Array | None = None) -> Array:
+  """[b, 1, t, length]: anchor position t reads augmenting position s iff
+  s < counts[b, t] (token s is known by the end of anchor token t), within
+  its own document, and (prompt only) s lies in the prompt."""
+  mask = (jnp.arange(length)[None, None, None, :]
+          < counts[:, None, :, None])
+  if segment_ids is not None and aug_segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None]
+                   == aug_segment_ids[:, None, None, :])
+  if aug_prompt_mask is not None:
+    mask = mask & aug_prompt_mask.astype(bool)[:, None, None, :]
+  return mask
 
 
 class ComposedLM(nn.Module):
@@ -260,14 +299,27 @@ class ComposedLM(nn.Module):
   augmenting: tuple[Augmenting, ...]
   bridge: BridgeConfig = BridgeConfig()
   prompt_only: bool = False  # Ablation: m_A reads the prompt only.
+  align: str = ALIGN_NONE  # ALIGN_CHARS: m_A reads its own token stream.
 
   def setup(self):
+    if self.align not in (ALIGN_NONE, ALIGN_CHARS):
+      raise ValueError(f'composition.align={self.align!r} must be '
+                       f'{ALIGN_NONE!r} or {ALIGN_CHARS!r}.')
+    if self.aligned and dict(self.bridge.options).get('recency_bias'):
+      raise ValueError(
+          'composition.ours.recency_bias measures distances in one token '
+          "stream; with composition.align='chars' the streams differ. Set "
+          'composition.ours.recency_bias=False.')
     self.anchor_lm = transformer.Decoder(self.anchor, name='anchor')
     self.aug_lms = {a.name: transformer.Decoder(a.config, name=f'aug_{a.name}')
                     for a in self.augmenting}
     self.composition = Composition(
         self.anchor.d_model, self.anchor.num_heads, self.augmenting,
-        self.bridge, self.anchor.max_len)
+        self.bridge, self.anchor.max_len, self.aligned)
+
+  @property
+  def aligned(self) -> bool:
+    return self.align == ALIGN_CHARS
 
   def augmenting_states(self, tokens: Array, decode: bool = False,
                         positions: Array | None = None,
@@ -285,8 +337,9 @@ class ComposedLM(nn.Module):
   def __call__(self, tokens: Array, *, prompt_len: Array | None = None,
                prompt_mask: Array | None = None,
                positions: Array | None = None,
-               segment_ids: Array | None = None, decode: bool = False,
-               aug_states: dict[str, dict[int, Array]] | None = None
+               segment_ids: Array | None = None, decode: bool | str = False,
+               aug_states: dict[str, dict[int, Array]] | None = None,
+               aug_inputs: Mapping[str, Mapping[str, Array]] | None = None
                ) -> Array:
     """Composed logits [b, t, vocab]; float32.
 
@@ -299,7 +352,24 @@ class ComposedLM(nn.Module):
     `aug_states` ({name: {layer: [b, t, D_A]}}) replaces running the
     augmenting models, e.g. with states cached on disk: they are frozen, so
     their states for a fixed dataset never change.
+
+    Aligned streams (`align='chars'`) pass `aug_inputs`: per augmenting
+    model {'tokens': [b, s], 'counts': [b, t]} and, as the rows need them,
+    'positions', 'segment_ids' and (prompt only) 'prompt_mask' [b, s].
+    Anchor position t reads augmenting positions s < counts[b, t]. With
+    decode=SLOTS (aligned decoding, `calm_jax.aligned_decoding`) `tokens`
+    and `positions` are this call's anchor tokens and their positions,
+    and each model's 'positions' are the slots its new tokens take (>= its
+    max_len: padding); 'counts' then count cache slots.
     """
+    if self.aligned:
+      return self._aligned(tokens, prompt_mask=prompt_mask,
+                           prompt_len=prompt_len, positions=positions,
+                           segment_ids=segment_ids, decode=decode,
+                           aug_inputs=aug_inputs)
+    if aug_inputs is not None:
+      raise ValueError("aug_inputs are read with composition.align='chars' "
+                       'only.')
     if self.prompt_only and prompt_len is None and prompt_mask is None:
       raise ValueError('composition.prompt_only needs the batch to carry '
                        'prompt_len (or prompt_mask in packed rows).')
@@ -320,6 +390,54 @@ class ComposedLM(nn.Module):
           prompt_mask = (jnp.arange(tokens.shape[1])[None, :]
                          < prompt_len[:, None])
         mask = mask & prompt_mask.astype(bool)[:, None, None, :]
+    return self._anchor(tokens, positions, segment_ids, decode, aug, mask,
+                        plen)
+
+  def _aligned(self, tokens: Array, *, prompt_mask: Array | None,
+               prompt_len: Array | None, positions: Array | None,
+               segment_ids: Array | None, decode: bool | str,
+               aug_inputs: Mapping[str, Mapping[str, Array]] | None
+               ) -> Array:
+    """`__call__` with each augmenting model on its own token stream."""
+    del prompt_mask, prompt_len  # Prompt only: the streams' prompt masks.
+    if decode and decode != transformer.SLOTS:
+      raise ValueError("composition.align='chars' decodes with "
+                       'calm_jax.aligned_decoding (decode=SLOTS).')
+    names = [a.name for a in self.augmenting]
+    if aug_inputs is None or set(aug_inputs) != set(names):
+      raise ValueError(
+          "composition.align='chars' needs aug_inputs for augmenting models "
+          f'{names}, got {sorted(aug_inputs or {})}; build the batches '
+          'with the aligned data pipeline.')
+    aug, masks, slots = {}, {}, {}
+    for a in self.augmenting:
+      inp = aug_inputs[a.name]
+      layers = sorted({i for i, _ in a.pairs})
+      hs = self.aug_lms[a.name].hidden_states(
+          inp['tokens'], layers, decode, inp.get('positions'),
+          None if decode else inp.get('segment_ids'))
+      aug[a.name] = jax.tree_util.tree_map(jax.lax.stop_gradient, hs)
+      length = a.config.max_len if decode else inp['tokens'].shape[1]
+      if self.prompt_only and not decode and 'prompt_mask' not in inp:
+        raise ValueError('composition.prompt_only needs each aligned stream '
+                         "to carry its 'prompt_mask'.")
+      masks[a.name] = aligned_mask(
+          inp['counts'], length, None if decode else segment_ids,
+          inp.get('segment_ids'),
+          inp.get('prompt_mask') if self.prompt_only and not decode
+          else None)
+      if decode:
+        slots[a.name] = inp['positions']
+    positions = self.anchor_lm.positions(tokens, decode, positions)
+    return self._anchor(tokens, positions, None if decode else segment_ids,
+                        decode, aug, masks, None, slots if decode else None)
+
+  def _anchor(self, tokens: Array, positions: Array,
+              segment_ids: Array | None, decode: bool | str,
+              aug: dict[str, dict[int, Array]], mask: Any,
+              plen: Array | None, slots: Any = None) -> Array:
+    """The anchor's forward with the bridges' writes added."""
+    anchor = self.anchor_lm
     x = anchor.embed(tokens, positions)
     lowest = min(j for a in self.augmenting for _, j in a.pairs)
     for j in range(-1, self.anchor.num_layers):
@@ -329,7 +447,7 @@ class ComposedLM(nn.Module):
         # Nothing below the lowest composed layer depends on the bridges;
         # this keeps even a whole-tree gradient from running down there.
         x = jax.lax.stop_gradient(x)
-      add = self.composition(j, x, aug, mask, plen, decode, positions)
+      add = self.composition(j, x, aug, mask, plen, decode, positions, slots)
       if add is not None:
         # The squared norm of what the bridges write at each position,
         # [b, t] (composition.write_penalty reads it): apply(...,

@@ -35,15 +35,22 @@ OUT = ('heads', 'head_dim', 'embed')  # And of the output projection.
 
 def keys_values_mask(module: nn.Module, k: Array | None, v: Array,
                      mask: Array | None, prompt_len: Array | None,
-                     decode: bool, cache_len: int, t: int):
+                     decode: bool | str, cache_len: int, t: int,
+                     slots: Array | None = None):
   """The keys, values and mask a bridge attends with.
 
   Training and scoring: `mask` as the composition gives it (causal, per
   document), or s <= t. Decoding: the projected augmenting states of every
   step so far, from the bridge's cache. Either way only s < `prompt_len`
   when it is given (the prompt-only ablation).
+
+  Aligned decoding (decode=SLOTS): this call's augmenting states go to the
+  cache slots `slots` [b, s] (their positions in the augmenting stream),
+  and `mask` [b, 1, t, cache_len] says which slots each query reads.
   """
-  if decode:
+  if decode == transformer.SLOTS:
+    k, v, _ = transformer.update_cache(module, k, v, cache_len, slots)
+  elif decode:
     k, v, mask = transformer.update_cache(module, k, v, cache_len)
   elif mask is None:
     mask = transformer.causal_mask(t)
@@ -62,8 +69,8 @@ class PaperBridge(nn.Module):
   @nn.compact
   def __call__(self, anchor_h: Array, aug_h: Array, *,
                mask: Array | None = None, prompt_len: Array | None = None,
-               decode: bool = False, positions: Array | None = None
-               ) -> Array:
+               decode: bool | str = False, positions: Array | None = None,
+               slots: Array | None = None) -> Array:
     del positions  # The paper's f_cross has no positional term.
     h, d = self.num_heads, self.d_model // self.num_heads
     # f_proj: D_A -> D_B (then RMS-normalised: ours).
@@ -75,7 +82,7 @@ class PaperBridge(nn.Module):
     k = dense((h, d), -1, HEADS, 'key')(proj)
     v = dense((h, d), -1, HEADS, 'value')(proj)
     k, v, mask = keys_values_mask(self, k, v, mask, prompt_len, decode,
-                                  self.cache_len, anchor_h.shape[1])
+                                  self.cache_len, anchor_h.shape[1], slots)
     out, probs = transformer.dot_product_attention(q, k, v, mask,
                                                    return_probs=True)
     # Which augmenting positions each anchor position reads, for plots:

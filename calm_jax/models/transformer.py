@@ -14,7 +14,11 @@ document, 0 for padding) and `positions` (restarting at 0 in every
 document): attention never crosses a document boundary.
 
 Decoding uses linen's `cache` collection: call with `decode=True` and one
-token per step; positions come from the cache index.
+token per step; positions come from the cache index. `decode=SLOTS` with
+`positions` [b, t] writes several tokens per call, each row at its own
+positions (which are its cache slots), and may go back by writing over a
+slot again: what aligned decoding needs when a token stream is
+re-tokenized.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ Array = jax.Array
 NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned', 'none')
 MLPS = ('gated_silu', 'gated_gelu', 'gelu', 'relu')
+# `decode=SLOTS`: per-row cache slots given by the positions.
+SLOTS = 'slots'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
@@ -313,9 +319,12 @@ class SelfAttention(nn.Module):
       k = rope(k, positions, freq)
 
     if decode:
-      k, v, mask = update_cache(self, k, v, cfg.max_len)
+      slots = positions if decode == SLOTS else None
+      k, v, mask = update_cache(self, k, v, cfg.max_len, slots)
       if self.local:
-        i = jnp.sum(mask) - 1  # This step's slot.
+        # Each query's own slot: this step's, or its position.
+        i = jnp.sum(mask[0, 0, 0]) - 1 if slots is None else slots[
+            :, None, :, None]
         mask = mask & (jnp.arange(cfg.max_len) > i - cfg.sliding_window)[
             None, None, None, :]
       out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
@@ -347,15 +356,35 @@ def causal_attention(cfg: DecoderConfig, q: Array, k: Array, v: Array,
                                cfg.query_scale)
 
 
-def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int):
+def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int,
+                 slots: Array | None = None):
   """Writes one step's keys/values into the module's cache; returns all.
 
   The cache holds `max_len` slots; step t attends to slots 0..t. As in the
   Flax examples, `init(..., decode=True)` only creates the zero cache.
   `k=None` caches values only (attention without a content term) and
   returns None for the keys.
+
+  `slots` [b, t] (decode=SLOTS) writes token i of row r to slot
+  slots[r, i] instead, several tokens per call, and each attends to the
+  slots up to its own: rows advance, or go back, on their own (aligned
+  decoding). A slot >= max_len writes nothing (padding).
   """
   b, t, heads, d = v.shape
+  if slots is not None:
+    ck = None if k is None else module.variable(
+        'cache', 'cached_key', jnp.zeros, (b, max_len) + k.shape[2:],
+        k.dtype)
+    cv = module.variable('cache', 'cached_value', jnp.zeros,
+                         (b, max_len, heads, d), v.dtype)
+    rows = jnp.arange(b)[:, None]
+    if ck is not None:
+      ck.value = ck.value.at[rows, slots].set(k.astype(ck.value.dtype),
+                                              mode='drop')
+    cv.value = cv.value.at[rows, slots].set(v.astype(cv.value.dtype),
+                                            mode='drop')
+    mask = jnp.arange(max_len)[None, None, None, :] <= slots[:, None, :, None]
+    return None if ck is None else ck.value, cv.value, mask
   if t != 1:
     raise ValueError(f'decode=True takes one token per step, got length {t}.')
   initialized = module.has_variable('cache', 'cached_value')
@@ -469,9 +498,12 @@ class Decoder(nn.Module):
     """Positions of `tokens`: `positions` if given (packed rows restart
     them per document), else 0, 1, ...; while decoding, the number of
     tokens seen."""
-    if not decode:
+    if decode == SLOTS or not decode:
       if positions is not None:
         return positions
+      if decode:
+        raise ValueError(f'decode={SLOTS!r} needs the token positions (they '
+                         'are the cache slots).')
       return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     pos = self.decode_position(tokens.shape[1])
     return jnp.broadcast_to(pos + jnp.arange(tokens.shape[1]), tokens.shape)
@@ -483,7 +515,8 @@ class Decoder(nn.Module):
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
     if cfg.position == 'learned':
-      x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dtype)
+      x = x + jnp.take(self.pos_embedding, positions, axis=0,
+                       mode='clip').astype(dtype)
     return x
 
   def block(self, i: int, x: Array, positions: Array, decode: bool = False,
