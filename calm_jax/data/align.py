@@ -194,3 +194,32 @@ def align_example(prompt: str, target: str, anchor: Any, aug: Any
   ids, known = aug_stream(aug, prompt, target)
   counts = counts_of(known, anchor_reads(anchor, prompt, target))
   return Aligned(ids, counts, int(np.sum(known <= len(prompt))))
+
+
+# ------------------------------------------------------------------ batches
+#
+# An aligned batch carries, for each augmenting model `name`, its stream
+# beside the anchor's: `aug/<name>/inputs` [b, s] (its token ids),
+# `aug/<name>/counts` [b, t] (per anchor input: how many of them it reads;
+# in packed rows counted from the start of the row), `aug/<name>/prompt_mask`
+# [b, s] (1 at its BOS and prompt tokens) and, in packed rows,
+# `aug/<name>/segment_ids` and `aug/<name>/positions` [b, s].
+PREFIX = 'aug/'
+FIELDS = ('inputs', 'counts', 'prompt_mask', 'segment_ids', 'positions')
+
+
+def key(name: str, field: str) -> str:
+  """The batch key of augmenting model `name`'s `field`."""
+  return f'{PREFIX}{name}/{field}'
+
+
+def model_inputs(batch: Any) -> dict[str, dict[str, Any]] | None:
+  """`ComposedLM`'s `aug_inputs` from an aligned batch, or None if the
+  batch has no aligned streams."""
+  out: dict[str, dict[str, Any]] = {}
+  for k, v in batch.items():
+    if not k.startswith(PREFIX):
+      continue
+    name, field = k[len(PREFIX):].rsplit('/', 1)
+    out.setdefault(name, {})['tokens' if field == 'inputs' else field] = v
+  return out or None
