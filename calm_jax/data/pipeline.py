@@ -42,6 +42,20 @@ Each process writes its own `process_<i>-of-<n>.json`. Without orbax,
 
 Evaluation (`eval_batches`) is a short deterministic list of padded numpy
 batches carrying what greedy decoding and exact match need.
+
+Aligned streams (`aligned`: augmenting model name -> its tokenizer, for
+`composition.align='chars'`). Every row then also carries, per name, the
+augmenting model's own reading of the same text (`calm_jax.data.align`):
+`aug/<name>/inputs` [aug_seq_len] (its BOS, prompt and target tokens, no
+EOS, padded with its pad id), `aug/<name>/counts` [seq_len] (how many of
+them each anchor input may read, counted from the start of the row; 0 at
+padding), `aug/<name>/prompt_mask` [aug_seq_len] (its BOS and prompt) and,
+packed, `aug/<name>/segment_ids` and `aug/<name>/positions` [aug_seq_len]
+(the segment of the anchor piece each token belongs to; positions restart
+at 0 per piece). A document longer than a row is then cut by its *text*, at
+character boundaries, into pieces that fit both `seq_len` anchor positions
+and `aug_seq_len` positions of every stream; each piece is aligned on its
+own, and every piece's stream starts with the augmenting BOS.
 """
 
 from __future__ import annotations
@@ -56,10 +70,15 @@ import grain
 import ml_collections
 import numpy as np
 
+from calm_jax.data import align
 from calm_jax.data import files
 from calm_jax.data import tokenizers
 
 Batch = dict[str, np.ndarray]
+# Augmenting model name -> its tokenizer: the streams a row carries besides
+# the anchor's (see the module docstring); None: the anchor's only.
+AugTokenizers = Mapping[str, tokenizers.Tokenizer]
+AUG_SEQ_LEN_FIELD = 'data.aug_seq_len'
 
 
 def _text(value: Any) -> str:
@@ -81,8 +100,96 @@ def _is_text(value: Any) -> bool:
 CACHED = 'cached/'
 
 
+def _aug_len(seq_len: int, aug_seq_len: int) -> int:
+  """The length of every augmenting row (`aug_seq_len`, 0: `seq_len`)."""
+  if not isinstance(aug_seq_len, (int, np.integer)) or aug_seq_len < 0:
+    raise ValueError(f'{AUG_SEQ_LEN_FIELD}={aug_seq_len!r} must be an int '
+                     '>= 0 (0: data.seq_len).')
+  return int(aug_seq_len) or seq_len
+
+
+def _aug_too_long(example: Mapping[str, Any], name: str, needed: int,
+                  aug_len: int, aug_seq_len: int, field: str) -> ValueError:
+  shown = f'{field}={aug_seq_len}' + (
+      '' if aug_seq_len else f' (0: data.seq_len, {aug_len})')
+  return ValueError(
+      f'{shown} is too short: an example needs {needed} positions of '
+      f'augmenting model {name!r}\'s stream (its BOS + prompt + target '
+      f'tokens). Raise {field} to at least {needed}. Example prompt: '
+      f'{_text(example["prompt"])!r}.')
+
+
+def _check_aug_fits(example: Mapping[str, Any], aligned: AugTokenizers,
+                    aug_len: int, aug_seq_len: int, field: str) -> None:
+  """Raises the aug_seq_len error if a stream of `example` is too long
+  (tokenizes only; no alignment)."""
+  prompt, target = _text(example['prompt']), _text(example['target'])
+  for name, tok in aligned.items():
+    needed = 1 + len(tok.encode(prompt)) + len(tok.encode(target))
+    if needed > aug_len:
+      raise _aug_too_long(example, name, needed, aug_len, aug_seq_len, field)
+
+
+def _aug_fields(name: str, aligned_: align.Aligned, drop_bos: bool = False
+                ) -> Batch:
+  """One piece's stream of augmenting model `name`, unpadded: its ids, the
+  counts of the anchor positions (all but the anchor BOS's with
+  `drop_bos`) and its prompt mask (its BOS and prompt tokens)."""
+  m = len(aligned_.ids)
+  counts = aligned_.counts[1:] if drop_bos else aligned_.counts
+  return {align.key(name, 'inputs'): np.asarray(aligned_.ids, np.int32),
+          align.key(name, 'counts'): np.asarray(counts, np.int32),
+          align.key(name, 'prompt_mask'): (
+              np.arange(m) < max(aligned_.prompt_count, 1)).astype(np.int32)}
+
+
+def _pad_aug(fields: Mapping[str, np.ndarray], aligned: AugTokenizers,
+             seq_len: int, aug_len: int) -> Batch:
+  """`_aug_fields` padded: the streams to `aug_len` (the tokenizer's pad
+  id, prompt mask 0), the counts to `seq_len` (0)."""
+  out = {}
+  for name, tok in aligned.items():
+    ids = fields[align.key(name, 'inputs')]
+    counts = fields[align.key(name, 'counts')]
+    inputs = np.full(aug_len, tok.pad_id, np.int32)
+    inputs[:len(ids)] = ids
+    padded_counts = np.zeros(seq_len, np.int32)
+    padded_counts[:len(counts)] = counts
+    mask = np.zeros(aug_len, np.int32)
+    mask[:len(ids)] = fields[align.key(name, 'prompt_mask')]
+    out[align.key(name, 'inputs')] = inputs
+    out[align.key(name, 'counts')] = padded_counts
+    out[align.key(name, 'prompt_mask')] = mask
+  return out
+
+
+def _aligned_example(example: Mapping[str, Any],
+                     tokenizer: tokenizers.Tokenizer, anchor_positions: int,
+                     aligned: AugTokenizers, aug_len: int, aug_seq_len: int,
+                     field: str) -> Batch:
+  """The unpadded streams of a whole example ([BOS] prompt target), each
+  checked against `aug_len`; `anchor_positions` is the anchor's input
+  count, which the counts must match."""
+  prompt, target = _text(example['prompt']), _text(example['target'])
+  out: Batch = {}
+  for name, tok in aligned.items():
+    a = align.align_example(prompt, target, tokenizer, tok)
+    if len(a.ids) > aug_len:
+      raise _aug_too_long(example, name, len(a.ids), aug_len, aug_seq_len,
+                          field)
+    if len(a.counts) != anchor_positions:
+      raise ValueError(
+          f'Alignment of {name!r}: {len(a.counts)} counts for '
+          f'{anchor_positions} anchor positions; the anchor tokenizer '
+          'encodes the text inconsistently.')
+    out.update(_aug_fields(name, a))
+  return out
+
+
 def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
-                   seq_len: int, seq_len_field: str = 'data.seq_len') -> Batch:
+                   seq_len: int, seq_len_field: str = 'data.seq_len', *,
+                   aligned: AugTokenizers | None = None, aug_seq_len: int = 0,
+                   aug_seq_len_field: str = AUG_SEQ_LEN_FIELD) -> Batch:
   """Turns a {'prompt', 'target'} example into fixed-length model inputs.
 
   tokens = [BOS] + prompt + target + [EOS], padded to seq_len + 1, then
@@ -90,6 +197,10 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
   exactly where `targets` holds a target token or the EOS. `prompt_len`
   (= 1 + len(prompt)) is the number of leading input positions that hold BOS
   and the prompt, i.e. where greedy decoding starts.
+
+  `aligned` adds each augmenting model's stream (module docstring), padded
+  to `aug_seq_len` (0: `seq_len`); one longer than that raises, naming
+  `aug_seq_len_field`.
   """
   prompt = tokenizer.encode(_text(example['prompt']))
   target = tokenizer.encode(_text(example['target']))
@@ -113,6 +224,11 @@ def encode_example(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
       'weights': weights,
       'prompt_len': np.int32(prompt_len),
   }
+  if aligned is not None:
+    aug_len = _aug_len(seq_len, aug_seq_len)
+    fields = _aligned_example(example, tokenizer, len(tokens) - 1, aligned,
+                              aug_len, aug_seq_len, aug_seq_len_field)
+    out.update(_pad_aug(fields, aligned, seq_len, aug_len))
   # Precomputed per-example arrays (cached augmenting states) pass through.
   out.update({k: v for k, v in example.items() if k.startswith(CACHED)})
   return out
@@ -124,10 +240,120 @@ def is_document(example: Mapping[str, Any]) -> bool:
   return not _text(example['prompt'])
 
 
+def _cut_document(text: str, tokenizer: tokenizers.Tokenizer, seq_len: int,
+                  aligned: AugTokenizers, aug_len: int, seq_len_field: str,
+                  aug_seq_len_field: str) -> list[str]:
+  """A document's text cut into pieces that each fit a row: at most
+  `seq_len` anchor positions (the first piece's BOS included) and
+  `aug_len` positions of every augmenting stream (its BOS included), each
+  piece tokenized on its own.
+
+  Cuts fall between characters, so no token (a byte of a multi-byte
+  character) is split across pieces. Each piece is as long as fits,
+  estimated from the whole text's tokens and shortened until its own tokens
+  fit; with a subword tokenizer among them it then ends after the last
+  whitespace in its second half, if any, so that no word is split (a
+  subword token is known only once the whitespace after its word is read,
+  `calm_jax.data.align`).
+  """
+  toks = [tokenizer] + list(aligned.values())
+  whole = [align.spans(tok, text) for tok in toks]
+  if (1 + len(whole[0].ids) <= seq_len
+      and all(1 + len(w.ids) <= aug_len for w in whole[1:])):
+    return [text]
+  words = not all(align.prefix_stable(tok) for tok in toks)
+
+  def fit(c: int, e: int, budgets: list[int], first: bool) -> int:
+    """The end, at most e, of a piece from c whose own tokens fit."""
+    while True:
+      piece = text[c:e]
+      ends = []
+      for tok, budget in zip(toks, budgets):
+        sp = align.spans(tok, piece)
+        if len(sp.ids) > budget:
+          ends.append(c + (int(sp.floor[budget - 1]) if budget > 0 else 0))
+      if not ends:
+        return e
+      e = min(min(ends), e - 1)
+      if e < c or (e == c and not first):
+        raise ValueError(
+            f'{seq_len_field}={seq_len} / {aug_seq_len_field}={aug_len}: '
+            f'a document cannot be cut into rows: the character {c} '
+            f'({text[c]!r}) alone needs more positions than a row holds. '
+            'Raise them.')
+
+  pieces: list[str] = []
+  c = 0
+  while c < len(text):
+    first = not pieces
+    budgets = [seq_len - first] + [aug_len - 1] * (len(toks) - 1)
+    # Estimate: the whole text's tokens from c on, as many as fit.
+    e = len(text)
+    for w, budget in zip(whole, budgets):
+      j0 = int(np.searchsorted(w.ceil, c, side='right'))
+      if j0 + budget < len(w.ids):
+        e = min(e, int(w.floor[j0 + budget - 1]) if budget > 0 else c)
+    e = fit(c, max(e, min(c + 1, len(text)) if budgets[0] > 0 else c),
+            budgets, first)
+    if words and c < e < len(text) and not (
+        text[e - 1].isspace() and not text[e].isspace()):
+      # Back to the start of the last word, if that keeps half the piece.
+      w = e - 1
+      while w > c and not (text[w - 1].isspace() and not text[w].isspace()):
+        w -= 1
+      if w > c and 2 * (w - c) >= e - c:
+        e = fit(c, w, budgets, first)
+    pieces.append(text[c:e])
+    c = e
+  return pieces
+
+
+def _aligned_document_pieces(text: str, tokenizer: tokenizers.Tokenizer,
+                             seq_len: int, aligned: AugTokenizers,
+                             aug_len: int, seq_len_field: str,
+                             aug_seq_len_field: str) -> list[Batch]:
+  """`document_pieces` of a document with aligned streams: the text is cut
+  (`_cut_document`) and each piece aligned on its own. The anchor tokens are
+  [BOS] + the pieces' tokens + [EOS], cut where the pieces meet (targets run
+  on into the next piece, as without `aligned`); every piece's stream
+  starts with the augmenting BOS, and a later piece, which has no anchor
+  BOS, drops that position's count."""
+  texts = _cut_document(text, tokenizer, seq_len, aligned, aug_len,
+                        seq_len_field, aug_seq_len_field)
+  piece_ids = [tokenizer.encode(t) for t in texts]
+  keep = [i for i in range(len(texts)) if i == 0 or piece_ids[i]]
+  tokens = np.asarray([tokenizer.bos_id] + [t for i in keep
+                                            for t in piece_ids[i]]
+                      + [tokenizer.eos_id], np.int32)
+  pieces = []
+  start = 0
+  for i in keep:
+    n = len(piece_ids[i]) + (i == 0)
+    chunk = tokens[start:start + n + 1]
+    prompt_mask = np.zeros(n, np.int32)
+    prompt_mask[0] = i == 0  # The document's BOS.
+    piece = {'inputs': chunk[:-1], 'targets': chunk[1:],
+             'weights': np.ones(n, np.float32), 'prompt_mask': prompt_mask}
+    for name, tok in aligned.items():
+      a = align.align_example('', texts[i], tokenizer, tok)
+      if len(a.counts) != 1 + len(piece_ids[i]):
+        raise ValueError(
+            f'Alignment of {name!r}: {len(a.counts)} counts for '
+            f'{1 + len(piece_ids[i])} anchor positions; the anchor '
+            'tokenizer encodes the text inconsistently.')
+      piece.update(_aug_fields(name, a, drop_bos=i > 0))
+    pieces.append(piece)
+    start += n
+  return pieces
+
+
 def document_pieces(example: Mapping[str, Any],
                     tokenizer: tokenizers.Tokenizer, seq_len: int,
                     seq_len_field: str = 'data.seq_len',
-                    ids: tuple[list[int], list[int]] | None = None
+                    ids: tuple[list[int], list[int]] | None = None, *,
+                    aligned: AugTokenizers | None = None,
+                    aug_seq_len: int = 0,
+                    aug_seq_len_field: str = AUG_SEQ_LEN_FIELD
                     ) -> list[Batch]:
   """An example as variable-length pieces of at most `seq_len` positions.
 
@@ -137,12 +363,19 @@ def document_pieces(example: Mapping[str, Any],
   example is one piece, and one that does not fit raises the
   `encode_example` error. `ids` (the prompt's and the target's token ids)
   skips tokenizing when the caller did it for many examples at once.
+
+  `aligned`: each piece also has, per augmenting model, its unpadded stream
+  (`aug/<name>/inputs` and `prompt_mask`, at most `aug_seq_len` long, 0:
+  `seq_len`) and the anchor positions' `aug/<name>/counts` (from the
+  piece's start); a document is then cut by its text so that every piece
+  fits both lengths (`_aligned_document_pieces`).
   """
   prompt, target = ids if ids is not None else (
       tokenizer.encode(_text(example['prompt'])),
       tokenizer.encode(_text(example['target'])))
   tokens = np.asarray([tokenizer.bos_id] + prompt + target +
                       [tokenizer.eos_id], np.int32)
+  aug_len = 0 if aligned is None else _aug_len(seq_len, aug_seq_len)
   if prompt:
     if len(tokens) > seq_len + 1:
       encode_example(example, tokenizer, seq_len, seq_len_field)  # Raises.
@@ -150,8 +383,16 @@ def document_pieces(example: Mapping[str, Any],
     weights = np.zeros(n, np.float32)
     weights[len(prompt):] = 1.0  # From the last prompt token's prediction.
     prompt_mask = (np.arange(n) <= len(prompt)).astype(np.int32)
-    return [{'inputs': tokens[:-1], 'targets': tokens[1:],
-             'weights': weights, 'prompt_mask': prompt_mask}]
+    piece = {'inputs': tokens[:-1], 'targets': tokens[1:],
+             'weights': weights, 'prompt_mask': prompt_mask}
+    if aligned is not None:
+      piece.update(_aligned_example(example, tokenizer, n, aligned, aug_len,
+                                    aug_seq_len, aug_seq_len_field))
+    return [piece]
+  if aligned is not None:
+    return _aligned_document_pieces(_text(example['target']), tokenizer,
+                                    seq_len, aligned, aug_len, seq_len_field,
+                                    aug_seq_len_field)
   pieces = []
   for start in range(0, len(tokens) - 1, seq_len):
     chunk = tokens[start:start + seq_len + 1]
@@ -164,9 +405,11 @@ def document_pieces(example: Mapping[str, Any],
   return pieces
 
 
-def pad_piece(piece: Mapping[str, np.ndarray], seq_len: int, pad_id: int
+def pad_piece(piece: Mapping[str, np.ndarray], seq_len: int, pad_id: int, *,
+              aligned: AugTokenizers | None = None, aug_seq_len: int = 0
               ) -> Batch:
-  """A piece as a padded row, with the `prompt_len` of its prompt mask."""
+  """A piece as a padded row, with the `prompt_len` of its prompt mask
+  (and, `aligned`, its streams padded to `aug_seq_len`, 0: `seq_len`)."""
   n = len(piece['inputs'])
   row = {'inputs': np.full(seq_len, pad_id, np.int32),
          'targets': np.full(seq_len, pad_id, np.int32),
@@ -174,14 +417,22 @@ def pad_piece(piece: Mapping[str, np.ndarray], seq_len: int, pad_id: int
   for k in row:
     row[k][:n] = piece[k]
   row['prompt_len'] = np.int32(piece['prompt_mask'].sum())
+  if aligned is not None:
+    row.update(_pad_aug(piece, aligned, seq_len,
+                        _aug_len(seq_len, aug_seq_len)))
   return row
 
 
 def fits(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
-         seq_len: int) -> bool:
-  """Whether `encode_example` can hold the example in `seq_len`."""
+         seq_len: int, *, aligned: AugTokenizers | None = None,
+         aug_seq_len: int = 0) -> bool:
+  """Whether `encode_example` can hold the example in `seq_len` (and its
+  `aligned` streams in `aug_seq_len`, 0: `seq_len`)."""
   try:
     encode_example(example, tokenizer, seq_len)
+    if aligned is not None:
+      _check_aug_fits(example, aligned, _aug_len(seq_len, aug_seq_len),
+                      aug_seq_len, AUG_SEQ_LEN_FIELD)
   except ValueError:
     return False
   return True
@@ -189,19 +440,27 @@ def fits(example: Mapping[str, Any], tokenizer: tokenizers.Tokenizer,
 
 def check_fits(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
                seq_len: int, seq_len_field: str,
-               documents_fit: bool = False) -> None:
+               documents_fit: bool = False, *,
+               aligned: AugTokenizers | None = None, aug_seq_len: int = 0,
+               aug_seq_len_field: str = AUG_SEQ_LEN_FIELD) -> None:
   """Raises the `encode_example` error for the first example of `source`
   longer than `seq_len`, before any training; encodes every example once.
 
   `documents_fit`: examples without a prompt are cut into pieces (packed
-  rows), so only prompt/completion examples are checked.
+  rows), so only prompt/completion examples are checked. `aligned`: each
+  augmenting stream is checked against `aug_seq_len` (0: `seq_len`) too,
+  naming `aug_seq_len_field`.
   """
+  aug_len = 0 if aligned is None else _aug_len(seq_len, aug_seq_len)
   for i in range(len(source)):
     example = source[i]
     if documents_fit and is_document(example):
       continue
     try:
       encode_example(example, tokenizer, seq_len, seq_len_field)
+      if aligned is not None:
+        _check_aug_fits(example, aligned, aug_len, aug_seq_len,
+                        aug_seq_len_field)
     except ValueError as e:
       origin = example.get('origin') if hasattr(example, 'get') else None
       if origin is None:
@@ -220,45 +479,85 @@ PACKED_FIELDS = ('inputs', 'targets', 'weights', 'prompt_mask')
 PACK_BLOCK_PER_ROW = 8
 
 
-def pack_pieces(pieces: Sequence[Batch], seq_len: int, pad_id: int
+def pack_pieces(pieces: Sequence[Batch], seq_len: int, pad_id: int, *,
+                aligned: AugTokenizers | None = None, aug_seq_len: int = 0
                 ) -> list[Batch]:
   """First-fit packing: each piece goes into the first row with room.
 
   Rows hold PACKED_FIELDS plus `segment_ids` (1, 2, ... per piece, 0 for
   padding) and `positions` (restarting at 0 in every piece), in the order
   the rows were opened.
+
+  `aligned`: the pieces carry their streams (`document_pieces`); a row has
+  room for a piece only if every stream also fits in `aug_seq_len` (0:
+  `seq_len`), and rows carry every stream's fields (module docstring), the
+  counts offset by the stream tokens of the row's earlier pieces.
   """
+  names = list(aligned or ())
+  aug_len = 0 if aligned is None else _aug_len(seq_len, aug_seq_len)
+  capacity = [seq_len] + [aug_len] * len(names)
   rows: list[list[Batch]] = []
-  space: list[int] = []
+  space: list[list[int]] = []
   for piece in pieces:
-    n = len(piece['inputs'])
+    need = [len(piece['inputs'])] + [
+        len(piece[align.key(name, 'inputs')]) for name in names]
     for r, free in enumerate(space):
-      if n <= free:
+      if all(n <= f for n, f in zip(need, free)):
         rows[r].append(piece)
-        space[r] -= n
+        space[r] = [f - n for n, f in zip(need, free)]
         break
     else:
       rows.append([piece])
-      space.append(seq_len - n)
-  out = []
-  for row in rows:
-    packed = {'inputs': np.full(seq_len, pad_id, np.int32),
-              'targets': np.full(seq_len, pad_id, np.int32),
-              'weights': np.zeros(seq_len, np.float32),
-              'prompt_mask': np.zeros(seq_len, np.int32),
-              'segment_ids': np.zeros(seq_len, np.int32),
-              'positions': np.zeros(seq_len, np.int32)}
-    offset = 0
-    for i, piece in enumerate(row, 1):
-      n = len(piece['inputs'])
-      cut = slice(offset, offset + n)
-      for k in PACKED_FIELDS:
-        packed[k][cut] = piece[k]
-      packed['segment_ids'][cut] = i
-      packed['positions'][cut] = np.arange(n)
-      offset += n
-    out.append(packed)
+      space.append([c - n for n, c in zip(need, capacity)])
+  out = [_pack_row(row, seq_len, pad_id) for row in rows]
+  if aligned is not None:
+    for packed, row in zip(out, rows):
+      for name, tok in aligned.items():
+        packed.update(_pack_stream(row, name, seq_len, aug_len, tok.pad_id))
   return out
+
+
+def _pack_stream(row: Sequence[Batch], name: str, seq_len: int, aug_len: int,
+                 pad_id: int) -> Batch:
+  """The fields of augmenting stream `name` of a packed row's pieces."""
+  k = functools.partial(align.key, name)
+  packed = {k('inputs'): np.full(aug_len, pad_id, np.int32),
+            k('counts'): np.zeros(seq_len, np.int32),
+            k('prompt_mask'): np.zeros(aug_len, np.int32),
+            k('segment_ids'): np.zeros(aug_len, np.int32),
+            k('positions'): np.zeros(aug_len, np.int32)}
+  offset = aug_offset = 0
+  for i, piece in enumerate(row, 1):
+    n, m = len(piece['inputs']), len(piece[k('inputs')])
+    cut = slice(aug_offset, aug_offset + m)
+    packed[k('inputs')][cut] = piece[k('inputs')]
+    packed[k('prompt_mask')][cut] = piece[k('prompt_mask')]
+    packed[k('segment_ids')][cut] = i
+    packed[k('positions')][cut] = np.arange(m)
+    packed[k('counts')][offset:offset + n] = piece[k('counts')] + aug_offset
+    offset += n
+    aug_offset += m
+  return packed
+
+
+def _pack_row(row: Sequence[Batch], seq_len: int, pad_id: int) -> Batch:
+  """The anchor fields of a packed row's pieces."""
+  packed = {'inputs': np.full(seq_len, pad_id, np.int32),
+            'targets': np.full(seq_len, pad_id, np.int32),
+            'weights': np.zeros(seq_len, np.float32),
+            'prompt_mask': np.zeros(seq_len, np.int32),
+            'segment_ids': np.zeros(seq_len, np.int32),
+            'positions': np.zeros(seq_len, np.int32)}
+  offset = 0
+  for i, piece in enumerate(row, 1):
+    n = len(piece['inputs'])
+    cut = slice(offset, offset + n)
+    for k in PACKED_FIELDS:
+      packed[k][cut] = piece[k]
+    packed['segment_ids'][cut] = i
+    packed['positions'][cut] = np.arange(n)
+    offset += n
+  return packed
 
 
 class _Rows(grain.experimental.FlatMapTransform):
@@ -271,24 +570,31 @@ class _Rows(grain.experimental.FlatMapTransform):
 
 
 def _pack_block(examples: Sequence[Any], tokenizer: tokenizers.Tokenizer,
-                seq_len: int) -> list[Batch]:
+                seq_len: int, aligned: AugTokenizers | None = None,
+                aug_seq_len: int = 0) -> list[Batch]:
   """A block of examples, tokenized together (one batch call of the
-  tokenizer when it has one), as packed rows."""
+  tokenizer when it has one), as packed rows. (`aligned` streams are
+  aligned example by example, `align.align_example`.)"""
   texts = [_text(ex[k]) for ex in examples for k in ('prompt', 'target')]
   batch_encode = getattr(tokenizer, 'encode_batch', None)
   ids = (batch_encode(texts) if batch_encode is not None
          else [tokenizer.encode(t) for t in texts])
   pieces = [p for i, ex in enumerate(examples)
             for p in document_pieces(ex, tokenizer, seq_len,
-                                     ids=(ids[2 * i], ids[2 * i + 1]))]
-  return pack_pieces(pieces, seq_len, tokenizer.pad_id)
+                                     ids=(ids[2 * i], ids[2 * i + 1]),
+                                     aligned=aligned,
+                                     aug_seq_len=aug_seq_len)]
+  return pack_pieces(pieces, seq_len, tokenizer.pad_id, aligned=aligned,
+                     aug_seq_len=aug_seq_len)
 
 
 def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
                   seq_len: int, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1,
                   pack: bool = False, num_threads: int = 4,
-                  prefetch_buffer_size: int = 256) -> grain.IterDataset:
+                  prefetch_buffer_size: int = 256,
+                  aligned: AugTokenizers | None = None,
+                  aug_seq_len: int = 0) -> grain.IterDataset:
   """Infinite, shuffled, per-process training batches from `source`.
 
   `source` is any random-access sequence (e.g. a TFDS data source). Process
@@ -301,8 +607,15 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   at a time). `iter()` of
   the result is a checkpointable `grain.DatasetIterator` (see the module
   docstring).
+
+  `aligned` (augmenting model name -> tokenizer) adds each model's stream
+  of the same text, `aug/<name>/...` (module docstring), [batch_size,
+  aug_seq_len] (0: seq_len) and counts [batch_size, seq_len]; packed rows
+  have room for a piece only where every stream fits too.
   """
   _check_positive('data.seq_len', seq_len)
+  if aligned is not None:
+    _aug_len(seq_len, aug_seq_len)
   _check_positive('batch_size', batch_size)
   _check_positive('shard_count', shard_count)
   if not 0 <= shard_index < shard_count:
@@ -320,7 +633,8 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   ds = ds.shuffle(seed=seed).repeat()  # Epoch e is shuffled with (seed, e).
   if not pack:
     ds = ds.map(functools.partial(
-        encode_example, tokenizer=tokenizer, seq_len=seq_len))
+        encode_example, tokenizer=tokenizer, seq_len=seq_len,
+        aligned=aligned, aug_seq_len=aug_seq_len))
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     return ds.batch(batch_size, drop_remainder=True)
@@ -328,7 +642,8 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   # first-fit in grain's reader threads; the rows then come out one by one.
   ds = ds.batch(PACK_BLOCK_PER_ROW * batch_size, batch_fn=list)
   ds = ds.map(functools.partial(_pack_block, tokenizer=tokenizer,
-                                seq_len=seq_len))
+                                seq_len=seq_len, aligned=aligned,
+                                aug_seq_len=aug_seq_len))
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=min(
           prefetch_buffer_size, 16)))
@@ -338,7 +653,9 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
 
 def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
                  seq_len: int, batch_size: int,
-                 num_examples: int | None = None) -> list[Batch]:
+                 num_examples: int | None = None,
+                 aligned: AugTokenizers | None = None,
+                 aug_seq_len: int = 0) -> list[Batch]:
   """The first `num_examples` examples of `source` (all if None), batched.
 
   Order is the source order; a document longer than `seq_len` fills several
@@ -347,7 +664,9 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   so every batch has one shape and metrics divide by `valid.sum()`. Besides
   the training fields, each batch has `valid` (bool [B]), and for every text
   field `f` of the examples (`prompt`, `target`, ...) an `f_text` column
-  (object [B], '' for padding) for the metrics.
+  (object [B], '' for padding) for the metrics. `aligned` adds each
+  augmenting model's padded stream (`encode_example`; a padding row's holds
+  its BOS, read by the anchor's BOS).
   """
   _check_positive('batch_size', batch_size)
   n = len(source)
@@ -359,10 +678,14 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   for i in range(n):
     example = source[i]
     if is_document(example):  # Possibly several rows, for the loss.
-      pieces = [pad_piece(p, seq_len, tokenizer.pad_id)
-                for p in document_pieces(example, tokenizer, seq_len)]
+      pieces = [pad_piece(p, seq_len, tokenizer.pad_id, aligned=aligned,
+                          aug_seq_len=aug_seq_len)
+                for p in document_pieces(example, tokenizer, seq_len,
+                                         aligned=aligned,
+                                         aug_seq_len=aug_seq_len)]
     else:
-      pieces = [encode_example(example, tokenizer, seq_len)]
+      pieces = [encode_example(example, tokenizer, seq_len, aligned=aligned,
+                               aug_seq_len=aug_seq_len)]
     for row in pieces:
       row['valid'] = np.bool_(True)
       # Every text field rides along as `<field>_text` (target, prompt, and
@@ -372,7 +695,8 @@ def eval_batches(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
           row[f'{name}_text'] = _text(value)
       rows.append(row)
   n = len(rows)
-  pad = encode_example({'prompt': '', 'target': ''}, tokenizer, seq_len)
+  pad = encode_example({'prompt': '', 'target': ''}, tokenizer, seq_len,
+                       aligned=aligned, aug_seq_len=aug_seq_len)
   pad['weights'][:] = 0.0
   pad['targets'][:] = tokenizer.pad_id  # Drop the EOS of the empty target.
   pad['valid'] = np.bool_(False)
