@@ -9,7 +9,9 @@ trains:
   models      each frozen model's directory (absolute, and relative to the
               run) and a fingerprint of its config and weights index, or
               the seed of a randomly initialised stand-in;
-  tokenizer   the spec and fingerprint of the tokenizer it reads.
+  tokenizer   the spec and fingerprint of the tokenizer it reads (the
+              anchor's); with `align` 'chars', each augmenting model's
+              entry records its own `tokenizer` too.
 
 `load` rebuilds `(model, params, tokenizer)` from the file alone; models or
 a tokenizer given explicitly replace the recorded ones only if their
@@ -115,7 +117,8 @@ def _ref_json(ref: ModelRef, run_dir: str) -> dict[str, Any]:
 
 def write(run_dir: str, *, row: str, seed: int, model: Any,
           refs: Mapping[str, ModelRef], tokenizer: Any,
-          frozen_dtype: str = 'float32') -> str:
+          frozen_dtype: str = 'float32',
+          aug_tokenizers: Mapping[str, Any] | None = None) -> str:
   """Writes `run_dir/composition.json` for a `ComposedLM` being trained.
 
   `refs` maps 'anchor' and 'aug_<name>' to where each frozen model comes
@@ -133,8 +136,11 @@ def write(run_dir: str, *, row: str, seed: int, model: Any,
       'anchor': _ref_json(refs['anchor'], run_dir),
       'augmenting': [
           dict(name=a.name, pairs=[list(p) for p in a.pairs],
-               **_ref_json(refs[f'aug_{a.name}'], run_dir))
+               **_ref_json(refs[f'aug_{a.name}'], run_dir),
+               **({'tokenizer': tokenizers.record(aug_tokenizers[a.name])}
+                  if aug_tokenizers else {}))
           for a in model.augmenting],
+      'align': model.align,
       'bridge': bridge,
       'prompt_only': bool(model.prompt_only),
       'tokenizer': tokenizers.record(tokenizer),
@@ -255,6 +261,14 @@ def load(path: str, *, anchor: str | None = None,
                                             max_len=info.get('max_len'))
     return transformer.cast(arch, params, dtype)
 
+  aug_toks = {}
+  for entry in info['augmenting']:
+    if 'tokenizer' in entry:
+      aug_toks[entry['name']] = _recorded_tokenizer(
+          entry['tokenizer'], f"augmenting model {entry['name']!r}")
+  if aug_toks:
+    info['aug_tokenizers'] = aug_toks
+
   anchor_cfg, anchor_params = frozen(info['anchor'], anchor, 'anchor',
                                      '--anchor')
   params = {'anchor': anchor_params}
@@ -274,5 +288,20 @@ def load(path: str, *, anchor: str | None = None,
       b['name'], b['cross_heads'], b['options'], f'{FILE}: bridge')
   model = composition_lib.ComposedLM(
       anchor_cfg, tuple(augs), bridge=bridge,
-      prompt_only=info.get('prompt_only', False))
+      prompt_only=info.get('prompt_only', False),
+      align=info.get('align', composition_lib.ALIGN_NONE))
   return model, params, tok, info
+
+
+def _recorded_tokenizer(record: Mapping[str, Any], what: str) -> Any:
+  """The tokenizer a composition file records for `what`, unchanged."""
+  spec = record['spec']
+  try:
+    tok = tokenizers.get_tokenizer(spec)
+  except ValueError as e:
+    raise ValueError(f'{FILE}: the tokenizer of the {what} ({spec!r}) cannot '
+                     f'be loaded ({e}).') from e
+  if tok.fingerprint != record['fingerprint']:
+    raise ValueError(f'{FILE}: the tokenizer of the {what} at {spec!r} has '
+                     'changed since the composition was trained.')
+  return tok

@@ -61,6 +61,9 @@ def data_config(dataset: str, **overrides: Any) -> ConfigDict:
   # Pack several short examples into each training row (segment ids keep
   # them apart); documents longer than a row are cut into rows.
   c.pack = False
+  # Augmenting tokens per row when composition.align='chars' (each
+  # augmenting model reads its own stream); 0: data.seq_len.
+  c.aug_seq_len = 0
   # Your own data (jsonl, text: files or globs, comma-separated; tfds:
   # split specs such as 'train[:95%]'); '' eval = a held-out fraction.
   c.train = ''
@@ -135,6 +138,12 @@ def model_config(arch: dict[str, Any], pretrain: ConfigDict,
   # pretrained here).
   c.vanilla_split = ''
   c.vanilla_checkpoint = ''
+  # Augmenting models only: the tokenizer it reads. '' = its checkpoint's
+  # own (tokenizer files, or the one its model.json records) when it has
+  # one, else data.tokenizer; or a name ('byte', 'char:N') or a tokenizer
+  # directory. Another tokenizer than data.tokenizer (the anchor's) needs
+  # composition.align='chars' ('auto' chooses it).
+  c.tokenizer = ''
   return c
 
 
@@ -157,6 +166,12 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # Compute m_A's states on D_C once, store them in WORKDIR/aug_cache and
   # read them every step instead of running m_A.
   c.cache_augmenting = False
+  # 'none': every model reads the anchor's token ids (one tokenizer);
+  # 'chars': each augmenting model reads the text in its own tokenizer and
+  # the anchor reads its tokens once their characters are read
+  # (calm_jax/data/align.py); 'auto': 'chars' when some augmenting model's
+  # tokenizer is not data.tokenizer, else 'none'.
+  c.align = 'auto'
   c.update(overrides)
   return c
 
@@ -242,8 +257,10 @@ def bridge_config(c: ConfigDict) -> composition_lib.BridgeConfig:
       c.bridge, c.cross_heads, options, f'composition.{c.bridge}')
 
 
-def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
-  """Refuses a model whose own tokenizer is not `tok` (the data's).
+def check_model_tokenizer(tok: Any, path: str, field: str,
+                          tok_field: str = 'data.tokenizer') -> None:
+  """Refuses a model whose own tokenizer is not `tok` (set by `tok_field`:
+  the data's, or an augmenting model's own).
 
   A Hugging Face checkpoint's tokenizer files, or the tokenizer a calm_jax
   model directory records, are compared by their token-to-id maps: equal
@@ -266,11 +283,16 @@ def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
       raise ValueError(
           f'{field}={path!r} does not record its tokenizer (a model '
           'directory of an older calm_jax, trained on byte or char ids), '
-          f'and data.tokenizer={tok.spec!r} is neither; set data.tokenizer '
+          f'and {tok_field}={tok.spec!r} is neither; set {tok_field} '
           "to the one it was trained with, e.g. 'byte'.")
     theirs = record.get('spec', '?')
     diff = ('' if record.get('fingerprint') == tok.fingerprint else
             f'it was trained on {theirs!r}')
+  if diff and tok_field != 'data.tokenizer':
+    raise ValueError(
+        f'{field}={path!r} reads the ids of another tokenizer than '
+        f'{tok_field}={tok.spec!r} ({diff}). A model must be fed its own '
+        f"tokenizer's ids: set {tok_field}={theirs!r}, or '' (its own).")
   if diff:
     raise ValueError(
         f'{field}={path!r} reads the ids of another tokenizer than '
@@ -278,6 +300,42 @@ def check_model_tokenizer(tok: Any, path: str, field: str) -> None:
         "own tokenizer's ids, and composed models must share one: set "
         f"data.tokenizer={theirs!r} (or 'anchor'), and compose models "
         'trained with the same tokenizer.')
+
+
+def aug_tokenizer_spec(config: ConfigDict, name: str) -> str:
+  """`models.augmenting.<name>.tokenizer` resolved: a name or a path.
+
+  '' is the model checkpoint's own tokenizer when it has or records one,
+  else `data.tokenizer`.
+  """
+  m = config.models.augmenting[name]
+  spec = (m.get('tokenizer', '') or '').strip()
+  if spec:
+    return tokenizers.resolve_spec(spec)
+  if m.checkpoint and os.path.isdir(m.checkpoint):
+    if tokenizers.has_tokenizer(m.checkpoint):
+      return os.path.abspath(m.checkpoint)
+    recorded = (checkpoints.read_model_json(m.checkpoint).get('tokenizer')
+                or {})
+    if isinstance(recorded, dict) and recorded.get('spec'):
+      return recorded['spec']
+  return config.data.tokenizer
+
+
+def aug_tokenizers(config: ConfigDict) -> dict[str, Any]:
+  """{name: tokenizer} of every augmenting model (a resolved config)."""
+  return {name: tokenizers.get_tokenizer(
+      m.get('tokenizer', '') or config.data.tokenizer,
+      field=f'models.augmenting.{name}.tokenizer')
+          for name, m in config.models.augmenting.items()}
+
+
+def aligned_tokenizers(config: ConfigDict) -> dict[str, Any] | None:
+  """The augmenting tokenizers when the composition aligns streams
+  (composition.align='chars', resolved), else None."""
+  if config.composition.get('align', 'none') != 'chars':
+    return None
+  return aug_tokenizers(config)
 
 
 def check_has_tokenizer(path: str, field: str) -> None:
@@ -331,10 +389,13 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
   and tokenizer are this config's; otherwise reusing it would silently
   train on another model than the config describes.
   """
-  tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  data_tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  augs = aug_tokenizers(config)
   for field, path, m in cached_models(config, workdir):
     if not checkpoints.model_exists(path):
       continue
+    tok = augs.get(field.rsplit('.', 1)[-1], data_tok) if (
+        field.startswith('models.augmenting.')) else data_tok
     cached = checkpoints.read_model_file(path,
                                          f'{field} (cached in the workdir)')
     wanted = transformer.DecoderConfig.from_dict(m.arch.to_dict(),
@@ -364,7 +425,9 @@ def check_workdir(config: ConfigDict, workdir: str) -> None:
             f'{made.get(k)!r}, and this config has {want.get(k)!r}; use a '
             'fresh --workdir, or delete that directory to pretrain anew.')
     try:
-      check_model_tokenizer(tok, path, f'{field} (cached in the workdir)')
+      check_model_tokenizer(tok, path, f'{field} (cached in the workdir)',
+                            'data.tokenizer' if tok is data_tok
+                            else f'{field}.tokenizer')
     except ValueError as e:
       raise ValueError(f'{e} Or use a fresh --workdir, or delete {path}.'
                        ) from None
@@ -400,6 +463,20 @@ def resolve(config: ConfigDict) -> ConfigDict:
     out.frozen_dtype = frozen_dtype_for(jax.default_backend())
   out.data.tokenizer = tokenizers.resolve_spec(
       out.data.get('tokenizer', ''), out.models.anchor.checkpoint)
+  # Each augmenting model's tokenizer, and whether the streams align.
+  differ = False
+  for name, m in out.models.augmenting.items():
+    if 'tokenizer' not in m:
+      continue
+    m.tokenizer = aug_tokenizer_spec(out, name)
+    if m.tokenizer != out.data.tokenizer:
+      try:
+        differ |= (tokenizers.get_tokenizer(m.tokenizer).fingerprint !=
+                   tokenizers.get_tokenizer(out.data.tokenizer).fingerprint)
+      except ValueError:
+        differ = True  # Validation names the field.
+  if out.composition.get('align', None) == 'auto':
+    out.composition.align = 'chars' if differ else 'none'
   if out.data.get('seq_len', None) == 0:
     roles = [('models.anchor', out.models.anchor)] + [
         (f'models.augmenting.{n}', m)
@@ -472,17 +549,35 @@ def validate_models(config: ConfigDict, check_split: SplitCheck,
                      'augmenting model.')
   roles = [('models.anchor', config.models.anchor)] + [
       (f'models.augmenting.{n}', m) for n, m in config.models.augmenting.items()]
-  tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  data_tok = tokenizers.get_tokenizer(config.data.tokenizer)
+  toks = {'models.anchor': data_tok}
+  toks.update({f'models.augmenting.{name}': tok
+               for name, tok in aug_tokenizers(config).items()})
+  align = config.composition.get('align', 'none')
+  for field, tok in toks.items():
+    if tok.fingerprint != data_tok.fingerprint and align != 'chars':
+      raise ValueError(
+          f'{field}.tokenizer={tok.spec!r} is not data.tokenizer='
+          f'{data_tok.spec!r} (the anchor\'s; '
+          f'{tokenizers.difference(data_tok, tok)}), and '
+          f'composition.align={align!r} feeds every model the anchor\'s ids; '
+          "set composition.align='chars' (each model reads the text in its "
+          'own tokenizer, aligned by characters).')
   for field, path in model_checkpoints(config):
-    check_model_tokenizer(tok, path, field)
+    role = field.rsplit('.', 1)[0]
+    tok = toks.get(role, data_tok)
+    check_model_tokenizer(tok, path, field, 'data.tokenizer' if (
+        tok is data_tok) else f'{role}.tokenizer')
   seq_len = config.data.seq_len
   for field, m in roles:
+    tok = toks[field]
+    what = ('data.tokenizer' if tok is data_tok else f'{field}.tokenizer')
     arch = decoder_config(m, field)
     where = f'{field}.checkpoint' if m.checkpoint else f'{field}.arch'
     if arch.vocab_size < tok.vocab_size:
       raise ValueError(
           f'{where}: the embedding table has {arch.vocab_size} rows, fewer '
-          f'than the ids of data.tokenizer={tok.spec!r} ({tok.vocab_size}); '
+          f'than the ids of {what}={tok.spec!r} ({tok.vocab_size}); '
           + (f'set {field}.arch.vocab_size to at least {tok.vocab_size}.'
              if not m.checkpoint else
              'use a checkpoint trained with this tokenizer.'))
@@ -523,6 +618,21 @@ def validate_composition(config: ConfigDict) -> None:
   if not isinstance(penalty, (int, float)) or not penalty >= 0:
     raise ValueError(f'composition.write_penalty={penalty!r} must be a '
                      'number >= 0 (0: no penalty, the paper).')
+  align = c.get('align', 'none')
+  if align not in ('none', 'chars'):
+    raise ValueError(f"composition.align={align!r} must be 'auto', 'none' "
+                     "or 'chars'.")
+  if align == 'chars':
+    if c.cache_augmenting:
+      raise ValueError(
+          "composition.cache_augmenting=True stores m_A's states per anchor "
+          "token; with composition.align='chars' m_A reads its own stream. "
+          'Set composition.cache_augmenting=False.')
+    if c.bridge == 'ours' and c.ours.recency_bias:
+      raise ValueError(
+          'composition.ours.recency_bias measures distances in one token '
+          "stream; composition.align='chars' has two. Set "
+          'composition.ours.recency_bias=False.')
   if c.cache_augmenting and config.data.get('pack', False):
     raise ValueError("composition.cache_augmenting=True stores m_A's states "
                      'per example, which packed rows do not keep; set '

@@ -109,6 +109,13 @@ class Row:
   model: nn.Module
   params: Any
   composed: bool = False  # Composed models also take `prompt_len`.
+  # Aligned compositions: {augmenting model: its tokenizer}; they decode
+  # with calm_jax.aligned_decoding from the prompts' text.
+  aligned: dict[str, Any] | None = None
+  # A model that reads another tokenizer than the anchor (m_A alone): its
+  # tokenizer, and its eval batches by split (in its own ids).
+  tokenizer: Any = None
+  splits: dict[str, Any] | None = None
 
   def model_kwargs(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
     return {'prompt_len': batch['prompt_len']} if self.composed else {}
@@ -119,6 +126,16 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
             ) -> list[str]:
   """The completions of one eval batch's prompts (every row, padding too)."""
+  if row.aligned:
+    from calm_jax import aligned_decoding  # Deferred: aligned rows only.
+    prompts = [v.decode() if isinstance(v, bytes) else str(v)
+               for v in np.asarray(b['prompt_text'])]
+    budget = min(max_new_tokens, decoding.max_len_of(row.model) -
+                 int(np.max(b['prompt_len'])))
+    return aligned_decoding.generate(
+        row.model, row.params, prompts, anchor_tokenizer=tokenizer,
+        aug_tokenizers=row.aligned, max_new_tokens=budget, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p)['texts']
   # The prompt alone (BOS + prompt), right-padded.
   positions = np.arange(b['inputs'].shape[1])[None]
   prompts = np.where(positions < b['prompt_len'][:, None], b['inputs'],
@@ -257,8 +274,10 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
   metrics = metrics or {}
   results = {'rows': {}, 'splits': list(splits)}
   for row in rows:
+    own = row.splits or {}
     results['rows'][row.name] = {
-        split: evaluate_row(row, batches, tokenizer=tokenizer, mesh=mesh,
+        split: evaluate_row(row, own.get(split, batches),
+                            tokenizer=row.tokenizer or tokenizer, mesh=mesh,
                             max_new_tokens=max_new_tokens,
                             metric=metrics.get(split, 'exact_match'),
                             sandbox=sandbox, sampling=sampling, seed=seed)

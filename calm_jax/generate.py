@@ -159,11 +159,23 @@ def _generate():
   elif compositions.find(_COMPOSITION.value) is None:
     model, params, tok = _legacy(augmenting)
   else:
-    model, params, tok, _ = compositions.load(
+    model, params, tok, info = compositions.load(
         _COMPOSITION.value, anchor=_ANCHOR.value, augmenting=augmenting,
         tokenizer=_TOKENIZER.value, step=_STEP.value)
     if _PROMPT_ONLY.value is not None:
       model = model.clone(prompt_only=_PROMPT_ONLY.value)
+    if model.aligned:
+      # Each augmenting model reads the text in its own tokenizer: the
+      # aligned decoder re-tokenizes as the text grows (no token stream).
+      from calm_jax import aligned_decoding  # Deferred: aligned only.
+      out = aligned_decoding.generate(
+          model, params, [_PROMPT.value], anchor_tokenizer=tok,
+          aug_tokenizers=info['aug_tokenizers'],
+          max_new_tokens=_MAX_NEW.value, rng=jax.random.key(_SEED.value),
+          temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+          top_p=_TOP_P.value)
+      sys.stdout.write(_PROMPT.value + out['texts'][0] + '\n')
+      return
   composed = isinstance(model, composition_lib.ComposedLM)
   max_len = decoding.max_len_of(model)
   prompt = [tok.bos_id] + tok.encode(_PROMPT.value)

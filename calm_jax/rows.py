@@ -60,6 +60,12 @@ class Context:
       default_factory=dict)
   # (role, model config) -> the directory `extra_model` reads it from.
   model_path: Callable[[str, ml_collections.ConfigDict], str] | None = None
+  # Aligned streams ({augmenting model: its tokenizer}, composition.align=
+  # 'chars'); None: every model reads the anchor's ids.
+  aligned: dict[str, Any] | None = None
+  # Augmenting model name -> the eval splits in its own tokenizer (for
+  # scoring m_A alone when it reads another tokenizer than the anchor).
+  own_splits: Callable[[str], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -130,9 +136,11 @@ def _calm(ctx: Context, name: str, *, augmenting=None, frozen=None,
   task = tasks.composition_task(
       frozen, ctx.anchor, augmenting, bridge=bridge or ctx.bridge,
       prompt_only=c.prompt_only if prompt_only is None else prompt_only,
-      write_penalty=c.write_penalty, name=name)
+      write_penalty=c.write_penalty, name=name,
+      align=c.get('align', 'none'))
   return Built(task, lambda trained: [evaluation.Row(
-      name, task.model, {**frozen, **trained}, composed=True)],
+      name, task.model, {**frozen, **trained}, composed=True,
+      aligned=ctx.aligned)],
                refs={**ctx.refs, **(refs or {})} if ctx.refs else None)
 
 
@@ -157,9 +165,18 @@ def m_b(ctx: Context) -> Built:
 @row('m_A', frozen=True)
 def m_a(ctx: Context) -> Built:
   names = len(ctx.augmenting) > 1
+
+  def own(a):
+    # m_A on its own tokenizer's ids, when that is not the anchor's.
+    if not ctx.aligned or ctx.own_splits is None:
+      return {}
+    return {'tokenizer': ctx.aligned[a.name],
+            'splits': ctx.own_splits(a.name)}
+
   return Built(None, lambda _: [
       evaluation.Row(f'm_A ({a.name})' if names else 'm_A',
-                     transformer.Decoder(a.config), ctx.frozen[f'aug_{a.name}'])
+                     transformer.Decoder(a.config), ctx.frozen[f'aug_{a.name}'],
+                     **own(a))
       for a in ctx.augmenting])
 
 

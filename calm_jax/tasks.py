@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import aug_cache
+from calm_jax.data import align as align_lib
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import lora as lora_lib
 from calm_jax.models import transformer
@@ -106,6 +107,7 @@ def composed_apply(model: composition_lib.ComposedLM, params: Params,
                      positions=batch.get('positions'),
                      segment_ids=batch.get('segment_ids'),
                      aug_states=aug_cache.states_from_batch(batch),
+                     aug_inputs=align_lib.model_inputs(batch),
                      mutable=mutable)
 
 
@@ -113,7 +115,7 @@ def composition_task(frozen: Params, anchor: transformer.DecoderConfig,
                      augmenting: tuple[composition_lib.Augmenting, ...], *,
                      bridge: composition_lib.BridgeConfig,
                      prompt_only: bool = False, write_penalty: float = 0.0,
-                     name: str = 'calm') -> Task:
+                     name: str = 'calm', align: str = 'none') -> Task:
   """CALM: anchor and augmenting trees frozen, the bridges trainable.
 
   `write_penalty` (ours; 0 is the paper) adds that weight times the mean
@@ -121,13 +123,19 @@ def composition_task(frozen: Params, anchor: transformer.DecoderConfig,
   the loss (`xent` stays the cross-entropy; `penalty` is logged beside it).
   """
   model = composition_lib.ComposedLM(anchor, augmenting, bridge=bridge,
-                                     prompt_only=prompt_only)
+                                     prompt_only=prompt_only, align=align)
 
   def init_trainable(rng):
     # Only the composition subtree leaves this function, so under jit XLA
     # drops the work of initialising the (discarded) frozen models.
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32))
+    aug_inputs = None
+    if model.aligned:
+      aug_inputs = {a.name: {'tokens': tokens, 'counts': jnp.ones_like(tokens),
+                             'prompt_mask': jnp.ones_like(tokens)}
+                    for a in augmenting}
+    params = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32),
+                        aug_inputs=aug_inputs)
     return {'composition': params['params']['composition']}
 
   def loss(p, b):

@@ -46,6 +46,7 @@ from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax import tasks
+from calm_jax.data import bpe
 from calm_jax.models import composition as composition_lib
 from calm_jax.models import transformer
 
@@ -408,15 +409,83 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   own run directories.
   """
   # ---- 1. validation, before any compute.
-  config = validate(config)
   workdir = paths.absolute(workdir)
-  config_lib.check_workdir(config, workdir)
+  wanted = _bpe_tokenizers(config)
+  if wanted:
+    # Checked with bytes in their place until they are trained (below).
+    validate(_with_bytes(config, wanted))
+  else:
+    config = validate(config)
+    config_lib.check_workdir(config, workdir)
   launched = locks.launcher_run()  # Before anything is made.
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with locks.hold(os.path.join(workdir, locks.WORKDIR_LOCK),
                   f'--workdir={workdir}',
                   enabled=jax.process_index() == 0 and launched is None):
+    if wanted:
+      config = validate(_train_tokenizers(config, wanted, workdir))
+      config_lib.check_workdir(config, workdir)
     return _train_and_evaluate(config, workdir, launched)
+
+
+def _bpe_tokenizers(config: ConfigDict) -> dict[str, int]:
+  """{augmenting model: N} of the 'bpe:N' tokenizers to train here."""
+  wanted = {}
+  for name, m in config.models.augmenting.items():
+    field = f'models.augmenting.{name}.tokenizer'
+    n = bpe.parse(m.get('tokenizer', ''), field)
+    if n is None:
+      continue
+    if m.checkpoint:
+      raise ValueError(
+          f"{field}='bpe:{n}' trains a tokenizer for a model pretrained "
+          f'here, but models.augmenting.{name}.checkpoint is set (it reads '
+          f"its own); set {field}=''.")
+    wanted[name] = n
+  return wanted
+
+
+def _text(value: Any) -> str:
+  """A TFDS text feature (bytes or a 0-d array) or a str, as str."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _with_bytes(config: ConfigDict, wanted: dict[str, int]) -> ConfigDict:
+  """`config` with bytes for the tokenizers still to train (and aligned
+  streams, which they will need)."""
+  config = ConfigDict(config.to_dict())
+  for name in wanted:
+    config.models.augmenting[name].tokenizer = 'byte'
+  if config.composition.get('align', 'auto') == 'auto':
+    config.composition.align = 'chars'
+  return config
+
+
+def _train_tokenizers(config: ConfigDict, wanted: dict[str, int],
+                      workdir: str) -> ConfigDict:
+  """`config` with each 'bpe:N' augmenting tokenizer trained (once, on that
+  model's pretraining split, in WORKDIR/tokenizers/) and named by its
+  directory."""
+  config = ConfigDict(config.to_dict())
+  data = data_lib.Data(
+      config_lib.resolve(_with_bytes(config, wanted)).data, workdir)
+  for name, n in wanted.items():
+    m = config.models.augmenting[name]
+    directory = os.path.join(workdir, 'tokenizers', f'{name}_bpe{n}')
+    if not os.path.exists(os.path.join(directory, 'tokenizer.json')):
+      source = data.source(m.pretrain.split,
+                           f'models.augmenting.{name}.pretrain.split')
+      texts = (''.join(_text(source[i][k]) for k in ('prompt', 'target'))
+               for i in range(len(source)))
+      if jax.process_index() == 0:
+        bpe.train(texts, directory, n)
+        logging.info('[data] %s: a byte-level BPE of %d ids trained on %s '
+                     '-> %s', name, n, m.pretrain.split, directory)
+      multihost_utils.sync_global_devices(f'bpe:{name}')
+    m.tokenizer = directory
+  return config
 
 
 def _train_and_evaluate(config: ConfigDict, workdir: str,
@@ -440,7 +509,16 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
   logging.info('[data] %s, tokenizer %s, %d tokens per row%s',
                config.data.dataset, config.data.tokenizer, config.data.seq_len,
                ', packed' if config.data.get('pack', False) else '')
-  data = data_lib.Data(config.data, workdir)
+  aligned = config_lib.aligned_tokenizers(config)
+  if aligned:
+    logging.info('[data] aligned by characters: %s', ', '.join(
+        f'{n} reads {t.spec}' for n, t in aligned.items()))
+  data = data_lib.Data(config.data, workdir, aligned=aligned)
+  # An augmenting model with its own tokenizer pretrains (and is scored
+  # alone) on its own ids.
+  own_data = {name: data.with_tokenizer(tok.spec)
+              for name, tok in (aligned or {}).items()
+              if tok.fingerprint != data.tokenizer.fingerprint}
   metrics = dict(config.eval.get('metrics', None) or {})
   sandbox = dict(config.eval.get('sandbox', None) or {})
   splits = {s: data.eval(s, config.eval.batch_size, config.eval.num_examples,
@@ -465,7 +543,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
   archs = {}
   for name, m in config.models.augmenting.items():
     archs[name], frozen[f'aug_{name}'] = frozen_model(
-        f'aug_{name}', f'models.augmenting.{name}', m, **kw)
+        f'aug_{name}', f'models.augmenting.{name}', m,
+        **{**kw, 'data': own_data.get(name, data)})
     refs[f'aug_{name}'] = compositions.ModelRef(
         model_path(f'aug_{name}', m, workdir))
   augmenting = tuple(dataclasses.replace(a, config=archs[a.name])
@@ -478,7 +557,13 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
       place=lambda arch, p: jax.device_put(
           p, decoder_shardings(arch, mesh, rules)),
       refs=refs,
-      model_path=lambda role, m: model_path(role, m, workdir))
+      model_path=lambda role, m: model_path(role, m, workdir),
+      aligned=aligned,
+      own_splits=lambda name: {
+          s: own_data[name].eval(s, config.eval.batch_size,
+                                 config.eval.num_examples,
+                                 metric=metrics.get(s, 'exact_match'))
+          for s in config.eval.splits} if name in own_data else {})
 
   def train_data(task: Task, row_name: str, split: str
                  ) -> data_lib.TrainData:
@@ -520,7 +605,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
         compositions.write(run_dir, row=row_name, seed=seed,
                            model=row.task.model, refs=row.refs,
                            tokenizer=data.tokenizer,
-                           frozen_dtype=config.frozen_dtype)
+                           frozen_dtype=config.frozen_dtype,
+                           aug_tokenizers=aligned)
       trained, _ = run_training(
           row.task, train_cfg, run_dir=run_dir,
           data=train_data(row.task, row_name, row.split), mesh=mesh,

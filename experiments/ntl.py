@@ -20,6 +20,13 @@ low-resource text (`mono_eval`).
   python -m calm_jax.main --config=experiments/ntl.py --workdir=DIR
   python -m calm_jax.main --config=experiments/ntl.py:smoke --workdir=DIR
 
+Two tokenizers (`aligned`, `aligned_smoke`): the anchor reads bytes, m_A a
+byte-level BPE trained here on its own corpus (`bpe:N`), and the
+composition aligns the two token streams by characters
+(composition.align='chars', calm_jax/data/align.py).
+
+  python -m calm_jax.main --config=experiments/ntl.py:aligned --workdir=DIR
+
 On a TPU pod, point `models.*.checkpoint` at real checkpoints (a calm_jax
 model directory or a Hugging Face one): the data is then tokenized with the
 anchor's tokenizer (`data.tokenizer` '' = 'anchor'), which every model must
@@ -34,8 +41,10 @@ from calm_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = config_lib.parse_variant(arg, ('default', 'smoke'))
-  smoke = variant == 'smoke'
+  variant = config_lib.parse_variant(
+      arg, ('default', 'smoke', 'aligned', 'aligned_smoke'))
+  smoke = variant.endswith('smoke')
+  aligned = variant.startswith('aligned')
 
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -94,6 +103,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           batch_size=16 if smoke else 32, learning_rate=3e-3,
           eval_every=0, log_every=10 if smoke else 250),
       every_k=2)
+  if aligned:
+    # m_A reads its own vocabulary: a byte-level BPE of N ids trained on
+    # its pretraining split (mono_train) before it is pretrained.
+    n = 512 if smoke else 2048
+    config.models.augmenting.ntl.tokenizer = f'bpe:{n}'
+    config.models.augmenting.ntl.arch.vocab_size = n
 
   # --------------------------------------------------------- composition
   config.composition = config_lib.composition_config()

@@ -182,9 +182,17 @@ class ComposeTest(absltest.TestCase):
     padded = fixtures.gpt2(os.path.join(root, 'padded'), self.tok, vocab=384,
                            context=64)
     cases = [
-        ('aug', other_aug, {},
+        # Its own tokenizer is not the anchor's: aligned by default
+        # (composition.align='auto'), refused when told not to align.
+        ('aug', other_aug, {'composition.align': 'none'},
+         r"models\.augmenting\.aug\.tokenizer=.*other_aug.* is not "
+         r"data\.tokenizer=.*320 and 320 tokens.* set "
+         r"composition\.align='chars'"),
+        ('aug', other_aug, {'data.tokenizer': self.tok,
+                            'models.augmenting.aug.tokenizer': self.tok},
          r"models\.augmenting\.aug\.checkpoint=.*other_aug' reads the ids of "
-         r'another tokenizer .*320 and 320 tokens.* set data\.tokenizer='),
+         r"another tokenizer than models\.augmenting\.aug\.tokenizer=.*320 "
+         r'and 320 tokens'),
         ('aug', no_tok, {},
          r'models\.augmenting\.aug\.checkpoint=.*no_tok\' holds no tokenizer'),
         ('aug', small, {},

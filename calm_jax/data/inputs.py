@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
+from calm_jax.data import align
 from calm_jax.data import files
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
@@ -30,9 +31,10 @@ CACHED = pipeline.CACHED
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-  """The entries of `batch` a model reads (MODEL_KEYS and cached states)."""
+  """The entries of `batch` a model reads (MODEL_KEYS, cached states and
+  aligned augmenting streams)."""
   return {k: v for k, v in batch.items()
-          if k in MODEL_KEYS or k.startswith(CACHED)}
+          if k in MODEL_KEYS or k.startswith((CACHED, align.PREFIX))}
 
 
 def split_names(dataset: str) -> list[str]:
@@ -50,6 +52,10 @@ def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
   if not isinstance(data_cfg.seq_len, int) or data_cfg.seq_len <= 1:
     raise ValueError(f'data.seq_len must be an int >= 2, got '
                      f'{data_cfg.seq_len!r}.')
+  aug_len = data_cfg.get('aug_seq_len', 0)
+  if not isinstance(aug_len, int) or isinstance(aug_len, bool) or aug_len < 0:
+    raise ValueError(f'data.aug_seq_len={aug_len!r} must be an int >= 0 (0: '
+                     'data.seq_len).')
   pack = data_cfg.get('pack', False)
   if not isinstance(pack, bool):
     raise ValueError(f'data.pack={pack!r} must be True or False.')
@@ -72,6 +78,10 @@ class TrainData:
   tokenizer: tokenizers.Tokenizer
   seq_len: int
   pack: bool = False
+  # Aligned streams: {augmenting model: its tokenizer} (None: one stream),
+  # each row of them `aug_seq_len` long.
+  aligned: Mapping[str, tokenizers.Tokenizer] | None = None
+  aug_seq_len: int = 0
 
   def iterator(self, global_batch_size: int, seed: int):
     """A checkpointable grain iterator of this process's share of batches."""
@@ -83,19 +93,47 @@ class TrainData:
     return iter(pipeline.train_dataset(
         self.source, tokenizer=self.tokenizer, seq_len=self.seq_len,
         batch_size=per_process, seed=seed, pack=self.pack,
-        shard_index=jax.process_index(), shard_count=jax.process_count()))
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        **self._aligned_kw()))
+
+  def _aligned_kw(self) -> dict[str, Any]:
+    if not self.aligned:
+      return {}
+    return {'aligned': self.aligned,
+            'aug_seq_len': self.aug_seq_len or self.seq_len}
 
 
 class Data:
-  """Datasets of one experiment, prepared under `data.data_dir`."""
+  """Datasets of one experiment, prepared under `data.data_dir`.
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, workdir: str):
+  `aligned` ({augmenting model: tokenizer}) adds each augmenting model's
+  own token stream to every batch, aligned to the anchor's by characters
+  (calm_jax/data/align.py), `data.aug_seq_len` tokens per row.
+  """
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, workdir: str,
+               aligned: Mapping[str, tokenizers.Tokenizer] | None = None):
     validate_config(data_cfg)
     self.config = data_cfg
+    self.workdir = workdir
     self.data_dir = data_cfg.data_dir or os.path.join(workdir, 'tfds')
     self.tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
     self.pack = bool(data_cfg.get('pack', False))
+    self.aligned = dict(aligned) if aligned else None
     self._eval: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
+
+  def with_tokenizer(self, spec: str) -> 'Data':
+    """The same datasets read with another tokenizer, one stream (e.g. to
+    pretrain an augmenting model on its own ids)."""
+    cfg = ml_collections.ConfigDict(self.config.to_dict())
+    cfg.tokenizer = spec
+    return Data(cfg, self.workdir)
+
+  def _aligned_kw(self, seq_len: int) -> dict[str, Any]:
+    if not self.aligned:
+      return {}
+    return {'aligned': self.aligned,
+            'aug_seq_len': self.config.get('aug_seq_len', 0) or seq_len}
 
   def source(self, split: str, field: str = 'train.split') -> Sequence[Any]:
     return pipeline.make_source(self.config.dataset, split, self.config,
@@ -116,11 +154,19 @@ class Data:
         pipeline.check_fits(source, self.tokenizer,
                             seq_len or self.config.seq_len,
                             seq_len_field or 'data.seq_len',
-                            documents_fit=self.pack)
-    elif seq_len and seq_len < self.config.seq_len:
-      pipeline.check_fits(source, self.tokenizer, seq_len, seq_len_field)
+                            documents_fit=self.pack,
+                            **self._aligned_kw(seq_len or
+                                               self.config.seq_len))
+    elif (seq_len and seq_len < self.config.seq_len) or self.aligned:
+      pipeline.check_fits(source, self.tokenizer,
+                          seq_len or self.config.seq_len,
+                          seq_len_field or 'data.seq_len',
+                          documents_fit=self.pack,
+                          **self._aligned_kw(seq_len or self.config.seq_len))
+    kw = self._aligned_kw(seq_len or self.config.seq_len)
     return TrainData(source, self.tokenizer, seq_len or self.config.seq_len,
-                     pack=self.pack)
+                     pack=self.pack, aligned=kw.get('aligned'),
+                     aug_seq_len=kw.get('aug_seq_len', 0))
 
   def eval(self, split: str, batch_size: int, num_examples: int = 0,
            metric: str = 'loss') -> list[dict[str, np.ndarray]]:
@@ -136,7 +182,8 @@ class Data:
       source = self.source(split, 'eval.splits')
       if split in pipeline.dataset_spec(self.config.dataset).fit_to_seq_len:
         kept = [source[i] for i in range(len(source)) if pipeline.fits(
-            source[i], self.tokenizer, self.config.seq_len)]
+            source[i], self.tokenizer, self.config.seq_len,
+            **self._aligned_kw(self.config.seq_len))]
         logging.info('%s: %d of %d examples fit data.seq_len=%d with this '
                      'tokenizer; the others are left out.', split,
                      len(kept), len(source), self.config.seq_len)
@@ -165,7 +212,8 @@ class Data:
       batches = pipeline.eval_batches(
           source, tokenizer=self.tokenizer,
           seq_len=self.config.seq_len, batch_size=batch_size,
-          num_examples=num_examples or None)
+          num_examples=num_examples or None,
+          **self._aligned_kw(self.config.seq_len))
       self._eval[key] = batches
     return self._eval[key]
 
