@@ -191,13 +191,14 @@ class ComposeTest(absltest.TestCase):
         ('aug', other_aug, {'data.tokenizer': self.tok,
                             'models.augmenting.aug.tokenizer': self.tok},
          r"models\.augmenting\.aug\.checkpoint=.*other_aug' reads the ids of "
-         r"another tokenizer than models\.augmenting\.aug\.tokenizer=.*320 "
-         r'and 320 tokens'),
+         r'another tokenizer than data\.tokenizer=.*320 and 320 tokens.* '
+         r'set data\.tokenizer='),
         ('aug', no_tok, {},
          r'models\.augmenting\.aug\.checkpoint=.*no_tok\' holds no tokenizer'),
         ('aug', small, {},
          r'models\.augmenting\.aug\.checkpoint: the embedding table has 200 '
-         r'rows, fewer than the ids of data\.tokenizer=.* \(320\)'),
+         r'rows, fewer than the ids of models\.augmenting\.aug\.tokenizer='
+         r'.* \(320\)'),
         ('aug', self.aug, {'data.tokenizer': 'byte'},
          r"models\.anchor\.checkpoint=.*anchor' reads the ids of another "
          r"tokenizer than data\.tokenizer='byte'"),

@@ -323,10 +323,10 @@ class SelfAttention(nn.Module):
       k, v, mask = update_cache(self, k, v, cfg.max_len, slots)
       if self.local:
         # Each query's own slot: this step's, or its position.
-        i = jnp.sum(mask[0, 0, 0]) - 1 if slots is None else slots[
-            :, None, :, None]
-        mask = mask & (jnp.arange(cfg.max_len) > i - cfg.sliding_window)[
-            None, None, None, :]
+        i = (jnp.sum(mask[0, 0, 0]) - 1 if slots is None
+             else slots[:, None, :, None])
+        mask = mask & (jnp.arange(cfg.max_len)[None, None, None, :]
+                       > i - cfg.sliding_window)
       out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
                                   cfg.query_scale)
     else:
