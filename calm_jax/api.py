@@ -58,7 +58,7 @@ def compose(anchor: ModelLike,
             augmenting: Mapping[str, tuple[ModelLike, Pairs]], *,
             seed: int = 0, bridge: str = 'paper', cross_heads: int = 0,
             prompt_only: bool = False, dtype: str = 'float32',
-            max_len: int | None = None, **options: Any
+            max_len: int | None = None, align: str = 'auto', **options: Any
             ) -> tuple[composition_lib.ComposedLM, dict[str, Any]]:
   """A new composition of `anchor` with `augmenting` ({name: (model,
   pairs)}), its bridges initialised with `seed` (it computes exactly the
@@ -67,10 +67,15 @@ def compose(anchor: ModelLike,
   `bridge` names the bridge ('paper', or 'ours' with `options` such as
   `recency_bias=True`, see `calm_jax.models.bridges`); `dtype` is what the
   frozen models are held in; `max_len` caps Hugging Face checkpoints'
-  context. Models given as directories must hold or record the same
-  tokenizer (their token-to-id maps are compared); every embedding table
-  must be as large as the anchor's tokenizer.
+  context. Models given as directories hold or record their tokenizers;
+  when an augmenting model's is not the anchor's (token-to-id maps are
+  compared), `align='auto'` composes them aligned by characters (each
+  model reads the text in its own tokenizer, `calm_jax.data.align`; decode
+  with `calm_jax.aligned_decoding`), `'none'` refuses. Every embedding
+  table must be as large as its model's tokenizer.
   """
+  if align not in ('auto', 'none', 'chars'):
+    raise ValueError(f"align={align!r} must be 'auto', 'none' or 'chars'.")
   if not augmenting:
     raise ValueError('augmenting is empty; give {name: (model, pairs)}.')
   anchor_cfg, anchor_params = _load(anchor, 'anchor', dtype, max_len)
@@ -82,6 +87,7 @@ def compose(anchor: ModelLike,
     except ValueError:  # A directory that neither holds nor records one.
       tok = None
   augs = []
+  aligned_toks = {}
   for name, spec in augmenting.items():
     if not isinstance(spec, tuple) or len(spec) != 2:
       raise ValueError(f'augmenting[{name!r}] must be (model, pairs), got '
@@ -89,13 +95,31 @@ def compose(anchor: ModelLike,
     model, pairs = spec
     field = f'augmenting[{name!r}]'
     cfg, params[f'aug_{name}'] = _load(model, field, dtype, max_len)
+    own = None
     if tok is not None and isinstance(model, (str, os.PathLike)):
+      try:
+        own = load_tokenizer(os.fspath(model))
+      except ValueError:
+        own = None
+    if own is not None and own.fingerprint != tok.fingerprint:
+      if align == 'none':
+        raise ValueError(
+            f"{field} reads another tokenizer than the anchor "
+            f'({tokenizers.difference(tok, own)}); pass align=\'chars\' (each '
+            'model reads the text in its own tokenizer).')
+      if align == 'auto':
+        align = 'chars'
+      aligned_toks[name] = own
+      need = own.vocab_size
+    elif tok is not None and isinstance(model, (str, os.PathLike)):
       config_lib.check_model_tokenizer(tok, os.fspath(model), field)
-    need = tok.vocab_size if tok is not None else anchor_cfg.vocab_size
+      need = tok.vocab_size
+    else:
+      need = tok.vocab_size if tok is not None else anchor_cfg.vocab_size
     if cfg.vocab_size < need:
       raise ValueError(
-          f'{field} has {cfg.vocab_size} token ids, fewer than the anchor\'s '
-          f'tokenizer ({need}): composed models must share a tokenizer.')
+          f'{field} has {cfg.vocab_size} token ids, fewer than its '
+          f'tokenizer ({need}).')
     if pairs is None or isinstance(pairs, int):
       pairs = composition_lib.select_pairs(
           cfg.num_layers, anchor_cfg.num_layers,
@@ -107,11 +131,16 @@ def compose(anchor: ModelLike,
   model = composition_lib.ComposedLM(
       anchor_cfg, tuple(augs), prompt_only=prompt_only,
       bridge=composition_lib.BridgeConfig.make(bridge, cross_heads, options,
-                                               'bridge'))
+                                               'bridge'),
+      align='chars' if align == 'chars' else 'none')
 
   def init(rng):
-    variables = model.init(rng, jnp.zeros((1, 8), jnp.int32),
-                           prompt_len=jnp.ones((1,), jnp.int32))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    aug_inputs = ({a.name: {'tokens': tokens, 'counts': jnp.ones_like(tokens),
+                            'prompt_mask': jnp.ones_like(tokens)}
+                   for a in augs} if model.aligned else None)
+    variables = model.init(rng, tokens, prompt_len=jnp.ones((1,), jnp.int32),
+                           aug_inputs=aug_inputs)
     return nn.meta.unbox(variables['params']['composition'])
 
   params['composition'] = jax.jit(init)(jax.random.key(seed))

@@ -18,6 +18,7 @@ import tempfile
 from absl import flags
 from absl.testing import absltest
 
+import calm_jax
 from calm_jax import checkpoints
 from calm_jax import compositions
 from calm_jax import train
@@ -51,6 +52,12 @@ class AlignedComposeTest(absltest.TestCase):
                                seed_text='zebra quokka axolotl ' * 50)
     anchor = fixtures.llama(d('anchor'), tok, context=64)
     aug = fixtures.gpt2(d('aug'), other, context=64)
+    # In Python: composed aligned, or refused when told not to align.
+    model, _ = calm_jax.compose(anchor, {'aug': (aug, 2)})
+    self.assertTrue(model.aligned)
+    with self.assertRaisesRegex(ValueError, "another tokenizer than the "
+                                r"anchor .*align='chars'"):
+      calm_jax.compose(anchor, {'aug': (aug, 2)}, align='none')
     config = compose_experiment.get_config('smoke')
     config.models.anchor.checkpoint = anchor
     config.models.augmenting.aug.checkpoint = aug
