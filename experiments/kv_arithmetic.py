@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_num_math_train=2000 if smoke else 50_000,
       num_kv_math_compose=1000 if smoke else 10_000,
       num_eval=64 if smoke else 256,
+      # NUM-MATH examples (the anchor's own data) mixed into D_C; 0 is the
+      # paper's D_C, KV-MATH alone.
+      num_math_in_compose=0,
       seed=0,
   ))
 

@@ -267,6 +267,26 @@ class ConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, rf'data\.kv\.{field}'):
       kv.make_config(**fields)
 
+  def test_num_math_in_compose(self):
+    fields = dict(kv.config_fields(SMOKE), num_math_in_compose=64)
+    config = kv.make_config(**fields)
+    compose = kv.generate_split(config, 'kv_math_compose')
+    splits = _smoke_splits()
+    num_math = [ex for ex in compose if ex['task'] == 'num_math']
+    kv_math = [ex for ex in compose if ex['task'] == 'kv_math']
+    # The paper's D_C is unchanged; the anchor's own first 64 examples are
+    # added, shuffled in (not all at the end).
+    by_prompt = lambda exs: sorted(exs, key=lambda ex: ex['prompt'])
+    self.assertEqual(by_prompt(kv_math), by_prompt(splits['kv_math_compose']))
+    self.assertEqual(by_prompt(num_math),
+                     by_prompt(splits['num_math_train'][:64]))
+    self.assertNotEqual(compose[-64:], num_math)
+    # Nothing the NUM-MATH evaluation asks is among them.
+    self.assertFalse({ex['prompt'] for ex in num_math}
+                     & {ex['prompt'] for ex in splits['num_math_eval']})
+    with self.assertRaisesRegex(ValueError, r'data\.kv\.num_math_in_compose'):
+      kv.make_config(**dict(fields, num_math_in_compose=10**6))
+
   def test_too_many_eval_examples(self):
     config = kv.make_config(
         num_keys=4, key_max_len=2, max_value=4, min_operands=2,

@@ -64,6 +64,7 @@ _SPLIT_SPECS = {
 # key map and every other split unchanged.
 _STREAMS = {name: i + 2 for i, name in enumerate(SPLITS)}
 _KEYS_STREAM, _KEY_SPLIT_STREAM = 0, 1
+_MIX_STREAM = 1000
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,6 +99,11 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   num_num_math_train: int = 250_000
   num_kv_math_compose: int = 25_000
   num_eval: int = 2_000  # Per evaluation split.
+  # NUM-MATH examples of the anchor's own training data (the first ones of
+  # `num_math_train`) mixed into D_C (`kv_math_compose`), shuffled in. Not
+  # the paper's D_C (KV-MATH only): it shows the bridges what the anchor
+  # already does, so that they learn to leave it alone.
+  num_math_in_compose: int = 0
 
 
 _BASE_FIELDS = frozenset(
@@ -202,6 +208,9 @@ def validate_config(config: KvArithmeticConfig) -> None:
                 'num_kv_math_compose', 'num_eval'):
     if getattr(config, field) < 1:
       fail(field, 'must be >= 1.')
+  if not 0 <= config.num_math_in_compose <= config.num_num_math_train:
+    fail('num_math_in_compose', 'must be in [0, data.kv.num_num_math_train='
+         f'{config.num_num_math_train}]: they are taken from num_math_train.')
 
 
 def _named_config(name: str, description: str, **fields) -> KvArithmeticConfig:
@@ -451,6 +460,12 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
       examples.append(example)
       if len(examples) == count:
         break
+  if split == 'kv_math_compose' and config.num_math_in_compose:
+    examples += generate_split(config, 'num_math_train', key_map=key_map)[
+        :config.num_math_in_compose]
+    order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
+        len(examples))
+    examples = [examples[i] for i in order]
   return examples
 
 
