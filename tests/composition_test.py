@@ -41,7 +41,7 @@ def _noisy(params, seed=1, scale=0.2):
 
 # Every option of our bridge on: its parameters are a superset.
 OURS_ALL = C.BridgeConfig.make('ours', options=dict(
-    recency_bias=True, proj_hidden=8, gate=True))
+    recency_bias=True, proj_hidden=8, gate=True, source_gate=True))
 
 
 def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
@@ -244,6 +244,37 @@ class CompositionTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(jax.grad(loss)(params)['gate'])[0]),
                        0.0)  # And it trains.
 
+  def test_source_gate_silences_a_position_from_m_a_state(self):
+    bridge = B.OursBridge(d_model=32, num_heads=4, source_gate=True,
+                          recency_bias=True, recency_max_slope=50.0,
+                          anchor_queries=False)
+    t = 5
+    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
+    positions = jnp.arange(t)[None]
+    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
+                                       positions=positions)['params'])
+    # Starts half open on every head, and silent (zero output projection).
+    self.assertEqual(float(jnp.abs(params['source_gate']['kernel']).max()),
+                     0.0)
+    params['out'] = _noisy(params['out'])
+    apply = lambda p, h: bridge.apply({'params': p}, anchor_h, h,
+                                      positions=positions)
+    half = apply(params, aug_h)
+    # A bias of -inf closes it: nothing is written, whatever m_A holds.
+    shut = dict(params, source_gate=dict(
+        params['source_gate'], bias=jnp.full((4,), -1e4)))
+    self.assertLess(float(jnp.abs(apply(shut, aug_h)).max()), 1e-6)
+    # Fully open doubles what the half-open gate lets through.
+    wide = dict(params, source_gate=dict(
+        params['source_gate'], bias=jnp.full((4,), 1e4)))
+    np.testing.assert_allclose(apply(wide, aug_h), 2 * half, rtol=1e-5,
+                               atol=1e-6)
+    # The gate reads m_A's state at each position: it is trained.
+    grad = jax.grad(lambda p: (apply(p, aug_h) ** 2).sum())(params)
+    self.assertGreater(float(jnp.abs(grad['source_gate']['kernel']).sum()),
+                       0.0)
+
   def test_recency_bias_is_the_closed_form_and_learnt(self):
     bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True)
     t = 6
@@ -314,13 +345,14 @@ class CompositionTest(parameterized.TestCase):
                dict(num_heads=4, recency_bias=True, anchor_queries=False),
                dict(num_heads=4, recency_bias=True, anchor_queries=False,
                     proj_hidden=24),
-               dict(num_heads=4, gate=True)):
+               dict(num_heads=4, gate=True),
+               dict(num_heads=4, source_gate=True)):
       params = B.OursBridge(d_model=32, **kw).init(
           jax.random.key(0), anchor_h, aug_h, positions=positions)['params']
       heads = kw.pop('num_heads')
       want = C.BridgeConfig.make('ours', heads, dict(
           dict(recency_bias=False, anchor_queries=True, proj_hidden=0,
-               gate=False), **kw))
+               gate=False, source_gate=False), **kw))
       self.assertEqual(C.bridge_config_of({'a_0_1': nn.meta.unbox(params)}),
                        want)
 

@@ -21,6 +21,11 @@ at CPU scale (docs/design.md, docs/research/):
   gate               a tanh gate per bridge, closed at init (Flamingo's):
                      the output projection starts random instead of zero,
                      and the gate opens as the bridge earns it.
+  source_gate        a sigmoid gate per m_A position and head, read off m_A's
+                     own state, on the values the heads read: a bridge can
+                     fall silent at positions where m_A has nothing to add
+                     (e.g. the anchor's own digits) with one direction of
+                     m_A's state, instead of cancelling its write.
 
 Writing into the anchor's embeddings is not a bridge option but a layer
 pair: anchor layer -1 (`composition.validate_pairs`).
@@ -50,6 +55,7 @@ class OursBridge(nn.Module):
   anchor_queries: bool = True
   proj_hidden: int = 0
   gate: bool = False
+  source_gate: bool = False
 
   @staticmethod
   def check_options(options: Mapping[str, Any], field: str) -> None:
@@ -79,6 +85,16 @@ class OursBridge(nn.Module):
       proj = proj + dense(self.d_model, -1, ('mlp', 'embed'),
                           'mlp_out')(hidden)
     v = dense((h, d), -1, paper_bridge.HEADS, 'value')(proj)
+    if self.source_gate:
+      # Starts at 1/2 everywhere; the zero-initialised output keeps the
+      # bridge silent at init either way.
+      open_ = jax.nn.sigmoid(nn.DenseGeneral(
+          h, dtype=jnp.float32, name='source_gate',
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, ('embed', 'heads')),
+          bias_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, ('heads',)))(proj))
+      v = v * open_[..., None]
     if self.anchor_queries:
       query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
       q = dense((h, d), -1, paper_bridge.HEADS, 'query')(query_in)
