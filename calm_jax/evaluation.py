@@ -275,6 +275,10 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
   results = {'rows': {}, 'splits': list(splits)}
   for row in rows:
     own = row.splits or {}
+    if row.tokenizer is not None:
+      # Its losses are per token of another tokenizer than the table's.
+      results.setdefault('own_tokenizer', {})[row.name] = os.path.basename(
+          str(row.tokenizer.spec).rstrip('/'))
     results['rows'][row.name] = {
         split: evaluate_row(row, own.get(split, batches),
                             tokenizer=row.tokenizer or tokenizer, mesh=mesh,
@@ -318,6 +322,7 @@ def aggregate(per_seed: dict[str, list[dict[str, dict[str, float]]]],
   return {'rows': rows, 'splits': list(splits), 'metrics': metrics}
 
 
+
 _LABELS = {'accuracy': 'exact match %', 'chrf': 'chrF', 'pass_rate':
            'pass rate %', 'pass@1': 'pass@1 %', 'loss': 'loss'}
 
@@ -354,6 +359,10 @@ def format_table(results: dict[str, Any]) -> str:
   note = '; '.join(notes[m] for m in used)
   lines.append(note[0].upper() + note[1:] + ' (mean ± std over seeds). Loss '
                'is the mean target-token cross-entropy.')
+  for name, tok in sorted(results.get('own_tokenizer', {}).items()):
+    lines.append(f'{name} reads its own tokenizer ({tok}): its losses are '
+                 "per token of that tokenizer, not comparable with the other "
+                 "rows' (its chrF and exact match are).")
   # Per-group breakdowns (e.g. chrF per language), one table per split.
   for s in splits:
     key = METRICS[metrics[s]]
@@ -400,6 +409,11 @@ def merge_results(old: dict[str, Any] | None, new: dict[str, Any]
     merged[key] = {**old.get(key, {}), **new.get(key, {})}
   merged['frozen_params'] = new.get('frozen_params',
                                     old.get('frozen_params', {}))
+  own = {**{k: v for k, v in old.get('own_tokenizer', {}).items()
+            if k not in new['rows']}, **new.get('own_tokenizer', {})}
+  merged.pop('own_tokenizer', None)
+  if own:
+    merged['own_tokenizer'] = own
   return merged, True
 
 

@@ -584,6 +584,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
         train, source=aug_cache.CachedSource(train.source, directory))
 
   per_seed: dict[str, list[dict[str, Any]]] = {}
+  own_tokenizer: dict[str, str] = {}  # Rows scored in their own tokenizer.
   sizes = {}
   plan = _plan(config)
   progress = _Progress(plan)
@@ -619,6 +620,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
         mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
         metrics=metrics, sandbox=sandbox,
         sampling=config.eval.get('sampling', None), seed=seed)
+    own_tokenizer.update(scored.get('own_tokenizer', {}))
     for name, scores in scored['rows'].items():
       per_seed.setdefault(name, []).append(scores)
       logging.info('[%s] seed %d: %s', name, seed, ', '.join(
@@ -629,6 +631,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
 
   # ---- 5. the table.
   results = evaluation.aggregate(per_seed, list(config.eval.splits), metrics)
+  if own_tokenizer:
+    results['own_tokenizer'] = own_tokenizer
   results['trainable_params'] = sizes
   results['frozen_params'] = {k: transformer.count_params(v)
                               for k, v in frozen.items()}

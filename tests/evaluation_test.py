@@ -142,6 +142,21 @@ class ReportTest(absltest.TestCase):
     self.assertIn('| m_A | 1 | 50.0 ± 0.0 | 1.000 |',
                   evaluation.format_table(r))
 
+  def test_a_row_in_its_own_tokenizer_is_named_and_merged(self):
+    r = _results()
+    r['own_tokenizer'] = {'m_B': 'ntl_bpe2048'}
+    self.assertIn('m_B reads its own tokenizer (ntl_bpe2048): its losses are '
+                  'per token', evaluation.format_table(r))
+    self.assertNotIn('own tokenizer', evaluation.format_table(_results()))
+    # Another invocation that rescored m_B in the table's tokenizer drops
+    # the note; one that left m_B alone keeps it.
+    rescored = evaluation.merge_results(r, _results())[0]
+    self.assertNotIn('own_tokenizer', rescored)
+    only_calm = _results()
+    del only_calm['rows']['m_B']
+    kept = evaluation.merge_results(r, only_calm)[0]
+    self.assertEqual(kept['own_tokenizer'], {'m_B': 'ntl_bpe2048'})
+
   def test_write_results_keeps_row_order(self):
     workdir = self.create_tempdir().full_path
     evaluation.write_results(_results(), workdir)
