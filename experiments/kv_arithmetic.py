@@ -15,6 +15,13 @@ non-linear f_proj. It exists because at this scale the anchor's first block
 already does arithmetic: values written after it, or at the last of several
 letters, are not used. docs/design.md names each deviation from the paper;
 docs/research/ holds the measurements behind them.
+
+`single_token_mixed` is `single_token` with a fourth deviation, in the
+data: 2000 of the anchor's own NUM-MATH examples mixed into D_C (17%), and
+twice the steps. Trained on KV-MATH alone, the bridges overwrite the
+anchor's embeddings at every position (writes ~40x their norm) and its
+own arithmetic is lost; shown the anchor's own task, they learn to write
+the digits back as they were.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from calm_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = config_lib.parse_variant(arg, ('default', 'smoke', 'single_token'))
+  variant = config_lib.parse_variant(
+      arg, ('default', 'smoke', 'single_token', 'single_token_mixed'))
   smoke = variant == 'smoke'
 
   config = ml_collections.ConfigDict()
@@ -147,8 +155,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   config.mesh = config_lib.mesh_config()
-  if variant == 'single_token':
+  if variant.startswith('single_token'):
     _single_token(config)
+  if variant == 'single_token_mixed':
+    _mixed(config)
   return config
 
 
@@ -197,3 +207,12 @@ def _single_token(config: ml_collections.ConfigDict) -> None:
   aug.pretrain.seq_len = 24
   # The dev loss still falls at 2000 steps (docs/research/).
   config.train.steps = 4000
+
+
+def _mixed(config: ml_collections.ConfigDict) -> None:
+  """The anchor's own data in D_C, so that the bridges keep its skill."""
+  # 2000 NUM-MATH examples of num_math_train (the anchor's pretraining
+  # data; never num_math_eval) shuffled into the 10,000 of KV-MATH.
+  config.data.kv.num_math_in_compose = 2000
+  # At 4000 steps KV-MATH and NUM-MATH are both still rising.
+  config.train.steps = 8000

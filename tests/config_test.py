@@ -32,6 +32,12 @@ class ValidateTest(absltest.TestCase):
     train.validate(single)
     self.assertEqual(single.models.augmenting.kv.pairs,
                      ((0, -1), (1, -1), (2, -1), (3, -1)))
+    mixed = kv_arithmetic.get_config('single_token_mixed')
+    train.validate(mixed)
+    self.assertEqual(single.data.kv.num_math_in_compose, 0)
+    self.assertEqual(mixed.data.kv.num_math_in_compose, 2000)
+    self.assertEqual(mixed.composition.to_dict(),
+                     single.composition.to_dict())
 
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
