@@ -322,7 +322,6 @@ def aggregate(per_seed: dict[str, list[dict[str, dict[str, float]]]],
   return {'rows': rows, 'splits': list(splits), 'metrics': metrics}
 
 
-
 _LABELS = {'accuracy': 'exact match %', 'chrf': 'chrF', 'pass_rate':
            'pass rate %', 'pass@1': 'pass@1 %', 'loss': 'loss'}
 
