@@ -35,7 +35,8 @@ class ValidateTest(absltest.TestCase):
     mixed = kv_arithmetic.get_config('single_token_mixed')
     train.validate(mixed)
     self.assertEqual(single.data.kv.num_math_in_compose, 0)
-    self.assertEqual(mixed.data.kv.num_math_in_compose, 2000)
+    self.assertEqual(mixed.data.kv.num_math_in_compose, 5000)
+    self.assertEqual(mixed.train.steps, 16000)
     self.assertEqual(mixed.composition.to_dict(),
                      single.composition.to_dict())
 
