@@ -158,7 +158,8 @@ def composition_config(**overrides: Any) -> ConfigDict:
   # Ablation: the augmenting model reads the prompt only.
   c.prompt_only = False
   # Options of bridge 'ours' (read only when bridge='ours'): recency_bias,
-  # recency_max_slope, anchor_queries, proj_hidden, gate, source_gate.
+  # recency_max_slope, anchor_queries, proj_hidden, gate, source_gate,
+  # anchor_gate.
   c.ours = ConfigDict(composition_lib.bridge_defaults('ours'))
   # Ours (0: the paper): adds weight x the mean over tokens of the squared
   # norm of what the bridges write into the anchor's stream to the loss.

@@ -41,7 +41,8 @@ def _noisy(params, seed=1, scale=0.2):
 
 # Every option of our bridge on: its parameters are a superset.
 OURS_ALL = C.BridgeConfig.make('ours', options=dict(
-    recency_bias=True, proj_hidden=8, gate=True, source_gate=True))
+    recency_bias=True, proj_hidden=8, gate=True, source_gate=True,
+    anchor_gate=True))
 
 
 def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
@@ -275,6 +276,41 @@ class CompositionTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(grad['source_gate']['kernel']).sum()),
                        0.0)
 
+  def test_anchor_gate_silences_a_position_from_the_anchor_state(self):
+    bridge = B.OursBridge(d_model=32, num_heads=4, anchor_gate=True,
+                          recency_bias=True, recency_max_slope=50.0,
+                          anchor_queries=False)
+    t = 5
+    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
+    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
+    positions = jnp.arange(t)[None]
+    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
+                                       positions=positions)['params'])
+    self.assertEqual(float(jnp.abs(params['anchor_gate']['kernel']).max()),
+                     0.0)
+    params['out'] = _noisy(params['out'])
+    apply = lambda p, a: bridge.apply({'params': p}, a, aug_h,
+                                      positions=positions)
+    half = apply(params, anchor_h)
+    wide = dict(params, anchor_gate=dict(
+        params['anchor_gate'], bias=jnp.full((4,), 1e4)))
+    np.testing.assert_allclose(apply(wide, anchor_h), 2 * half, rtol=1e-5,
+                               atol=1e-6)
+    # A gate that reads one direction of the anchor's state shuts the
+    # positions whose state points along it, and only those.
+    direction = jnp.zeros((32,)).at[0].set(1.0)
+    marked = anchor_h.at[0, 2].set(10.0 * direction)
+    shut = dict(params, anchor_gate=dict(
+        kernel=jnp.broadcast_to(-1e4 * direction[:, None], (32, 4)),
+        bias=jnp.full((4,), 1e4)))
+    out = apply(shut, marked)
+    self.assertLess(float(jnp.abs(out[0, 2]).max()), 1e-6)
+    self.assertGreater(float(jnp.abs(out[0, 3]).max()), 1e-3)
+    # The gate reads the anchor's state: it is trained.
+    grad = jax.grad(lambda p: (apply(p, anchor_h) ** 2).sum())(params)
+    self.assertGreater(float(jnp.abs(grad['anchor_gate']['kernel']).sum()),
+                       0.0)
+
   def test_recency_bias_is_the_closed_form_and_learnt(self):
     bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True)
     t = 6
@@ -346,13 +382,14 @@ class CompositionTest(parameterized.TestCase):
                dict(num_heads=4, recency_bias=True, anchor_queries=False,
                     proj_hidden=24),
                dict(num_heads=4, gate=True),
-               dict(num_heads=4, source_gate=True)):
+               dict(num_heads=4, source_gate=True),
+               dict(num_heads=4, anchor_gate=True)):
       params = B.OursBridge(d_model=32, **kw).init(
           jax.random.key(0), anchor_h, aug_h, positions=positions)['params']
       heads = kw.pop('num_heads')
       want = C.BridgeConfig.make('ours', heads, dict(
           dict(recency_bias=False, anchor_queries=True, proj_hidden=0,
-               gate=False, source_gate=False), **kw))
+               gate=False, source_gate=False, anchor_gate=False), **kw))
       self.assertEqual(C.bridge_config_of({'a_0_1': nn.meta.unbox(params)}),
                        want)
 

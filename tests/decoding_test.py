@@ -60,7 +60,7 @@ def _model(kind):
     elif kind == 'composed_content_free':
       ours = dict(recency_bias=True, recency_max_slope=8.0,
                   anchor_queries=False, proj_hidden=16, gate=True,
-                  source_gate=True)
+                  source_gate=True, anchor_gate=True)
     bridge = (C.BridgeConfig.make('ours', options=ours) if ours
               else C.BridgeConfig())
     model = C.ComposedLM(ANCHOR, (C.Augmenting('a', AUG, pairs),),

@@ -26,6 +26,12 @@ at CPU scale (docs/design.md, docs/research/):
                      fall silent at positions where m_A has nothing to add
                      (e.g. the anchor's own digits) with one direction of
                      m_A's state, instead of cancelling its write.
+  anchor_gate        a sigmoid gate per anchor position and head, read off
+                     the anchor's own (RMS-normalised) state at the bridge's
+                     query side, on what each head writes: the anchor, not
+                     m_A, says where it takes help (the paper's anchor
+                     queries play that part through attention; with
+                     `anchor_queries=False` nothing else does).
 
 Writing into the anchor's embeddings is not a bridge option but a layer
 pair: anchor layer -1 (`composition.validate_pairs`).
@@ -56,6 +62,7 @@ class OursBridge(nn.Module):
   proj_hidden: int = 0
   gate: bool = False
   source_gate: bool = False
+  anchor_gate: bool = False
 
   @staticmethod
   def check_options(options: Mapping[str, Any], field: str) -> None:
@@ -134,6 +141,16 @@ class OursBridge(nn.Module):
                                                    return_probs=True,
                                                    bias=bias)
     self.sow('intermediates', 'attention', probs)
+    if self.anchor_gate:
+      # Starts at 1/2 everywhere, like source_gate.
+      gate_in = transformer.Norm('rmsnorm', 1e-6, name='gate_norm')(anchor_h)
+      open_ = jax.nn.sigmoid(nn.DenseGeneral(
+          h, dtype=jnp.float32, name='anchor_gate',
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, ('embed', 'heads')),
+          bias_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, ('heads',)))(gate_in))
+      out = out * open_[..., None]
     if not self.gate:
       return dense(self.d_model, (-2, -1), paper_bridge.OUT, 'out',
                    nn.initializers.zeros)(out)

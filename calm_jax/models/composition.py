@@ -193,9 +193,10 @@ def bridge_config_of(params: Mapping[str, Any]) -> BridgeConfig:
                  anchor_queries='query' in bridge,
                  proj_hidden=(bridge['mlp_in']['kernel'].shape[-1]
                               if 'mlp_in' in bridge else 0),
-                 gate='gate' in bridge, source_gate='source_gate' in bridge)
+                 gate='gate' in bridge, source_gate='source_gate' in bridge,
+                 anchor_gate='anchor_gate' in bridge)
   if options == dict(recency_bias=False, anchor_queries=True, proj_hidden=0,
-                     gate=False, source_gate=False):
+                     gate=False, source_gate=False, anchor_gate=False):
     return BridgeConfig('paper', heads)
   return BridgeConfig.make('ours', heads, options)
 
