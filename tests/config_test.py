@@ -27,7 +27,6 @@ class ValidateTest(absltest.TestCase):
 
   def test_smoke_and_default_configs_are_valid(self):
     train.validate(smoke())
-    train.validate(kv_arithmetic.get_config(''))
     single = kv_arithmetic.get_config('single_token')
     train.validate(single)
     self.assertEqual(single.models.augmenting.kv.pairs,
@@ -39,6 +38,33 @@ class ValidateTest(absltest.TestCase):
     self.assertEqual(mixed.train.steps, 16000)
     self.assertEqual(mixed.composition.to_dict(),
                      single.composition.to_dict())
+
+  def test_default_is_the_headline_and_full_has_every_row(self):
+    default = kv_arithmetic.get_config('')
+    full = kv_arithmetic.get_config('full')
+    single = kv_arithmetic.get_config('single_token')
+    for config in (default, full):
+      train.validate(config)
+      self.assertEqual(config.composition.bridge, 'ours')
+      self.assertTrue(config.composition.ours.anchor_gate)
+      self.assertEqual(config.data.kv.num_math_in_compose, 5000)
+      self.assertEqual(config.data.kv.key_max_len, 1)
+      self.assertEqual(config.models.augmenting.kv.pairs,
+                       single.models.augmenting.kv.pairs)
+    # The default table: the rows the targets are about, one seed.
+    self.assertEqual(default.rows, ('m_A', 'm_B', 'calm', 'calm_paper',
+                                    'lora', 'calm_random_aug'))
+    self.assertEqual(default.seeds, (0,))
+    self.assertLen(full.rows, 12)
+    self.assertEqual(full.seeds, (0, 1, 2))
+    self.assertEqual(full.train.to_dict(), default.train.to_dict())
+    # The paper's own setting, scaled down, is a named variant.
+    letters = kv_arithmetic.get_config('letters')
+    train.validate(letters)
+    self.assertEqual(letters.composition.bridge, 'paper')
+    self.assertEqual((letters.data.kv.key_min_len,
+                      letters.data.kv.key_max_len), (2, 6))
+    self.assertEqual(letters.data.kv.num_math_in_compose, 0)
 
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
