@@ -52,8 +52,8 @@ class ValidateTest(absltest.TestCase):
       self.assertEqual(config.models.augmenting.kv.pairs,
                        single.models.augmenting.kv.pairs)
     # The default table: the rows the targets are about, one seed.
-    self.assertEqual(default.rows, ('m_A', 'm_B', 'calm', 'calm_paper',
-                                    'lora', 'calm_random_aug'))
+    self.assertEqual(default.rows, ('m_A', 'm_B', 'calm', 'calm_random_aug',
+                                    'calm_paper', 'lora'))
     self.assertEqual(default.seeds, (0,))
     self.assertLen(full.rows, 12)
     self.assertEqual(full.seeds, (0, 1, 2))
