@@ -93,15 +93,7 @@ class OursBridge(nn.Module):
                           'mlp_out')(hidden)
     v = dense((h, d), -1, paper_bridge.HEADS, 'value')(proj)
     if self.source_gate:
-      # Starts at 1/2 everywhere; the zero-initialised output keeps the
-      # bridge silent at init either way.
-      open_ = jax.nn.sigmoid(nn.DenseGeneral(
-          h, dtype=jnp.float32, name='source_gate',
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.zeros, ('embed', 'heads')),
-          bias_init=nn.with_logical_partitioning(
-              nn.initializers.zeros, ('heads',)))(proj))
-      v = v * open_[..., None]
+      v = v * _gate(h, 'source_gate', proj)[..., None]
     if self.anchor_queries:
       query_in = transformer.Norm('rmsnorm', 1e-6, name='q_norm')(anchor_h)
       q = dense((h, d), -1, paper_bridge.HEADS, 'query')(query_in)
@@ -142,15 +134,8 @@ class OursBridge(nn.Module):
                                                    bias=bias)
     self.sow('intermediates', 'attention', probs)
     if self.anchor_gate:
-      # Starts at 1/2 everywhere, like source_gate.
       gate_in = transformer.Norm('rmsnorm', 1e-6, name='gate_norm')(anchor_h)
-      open_ = jax.nn.sigmoid(nn.DenseGeneral(
-          h, dtype=jnp.float32, name='anchor_gate',
-          kernel_init=nn.with_logical_partitioning(
-              nn.initializers.zeros, ('embed', 'heads')),
-          bias_init=nn.with_logical_partitioning(
-              nn.initializers.zeros, ('heads',)))(gate_in))
-      out = out * open_[..., None]
+      out = out * _gate(h, 'anchor_gate', gate_in)[..., None]
     if not self.gate:
       return dense(self.d_model, (-2, -1), paper_bridge.OUT, 'out',
                    nn.initializers.zeros)(out)
@@ -158,3 +143,15 @@ class OursBridge(nn.Module):
     alpha = self.param('gate', nn.with_logical_partitioning(
         nn.initializers.zeros, (None,)), (1,))
     return jnp.tanh(alpha) * out
+
+
+def _gate(heads: int, name: str, x: Array) -> Array:
+  """A sigmoid gate per position and head read off `x`, 1/2 everywhere at
+  init (the zero-initialised output keeps the bridge silent either way).
+  Called inside a compact module: the layer is its child `name`."""
+  return jax.nn.sigmoid(nn.DenseGeneral(
+      heads, dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.zeros, ('embed', 'heads')),
+      bias_init=nn.with_logical_partitioning(
+          nn.initializers.zeros, ('heads',)))(x))
