@@ -54,6 +54,20 @@ def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
   return model, params, tokens
 
 
+def _gated_bridge(**gate):
+  """A content-free bridge with `gate` on, its inputs over 5 positions and
+  its initial params."""
+  bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True,
+                        recency_max_slope=50.0, anchor_queries=False, **gate)
+  t = 5
+  anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
+  aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
+  positions = jnp.arange(t)[None]
+  params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
+                                     positions=positions)['params'])
+  return bridge, anchor_h, aug_h, positions, params
+
+
 class DecoderTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -246,15 +260,8 @@ class CompositionTest(parameterized.TestCase):
                        0.0)  # And it trains.
 
   def test_source_gate_silences_a_position_from_m_a_state(self):
-    bridge = B.OursBridge(d_model=32, num_heads=4, source_gate=True,
-                          recency_bias=True, recency_max_slope=50.0,
-                          anchor_queries=False)
-    t = 5
-    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
-    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
-    positions = jnp.arange(t)[None]
-    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
-                                       positions=positions)['params'])
+    bridge, anchor_h, aug_h, positions, params = _gated_bridge(
+        source_gate=True)
     # Starts half open on every head, and silent (zero output projection).
     self.assertEqual(float(jnp.abs(params['source_gate']['kernel']).max()),
                      0.0)
@@ -277,15 +284,8 @@ class CompositionTest(parameterized.TestCase):
                        0.0)
 
   def test_anchor_gate_silences_a_position_from_the_anchor_state(self):
-    bridge = B.OursBridge(d_model=32, num_heads=4, anchor_gate=True,
-                          recency_bias=True, recency_max_slope=50.0,
-                          anchor_queries=False)
-    t = 5
-    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
-    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
-    positions = jnp.arange(t)[None]
-    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
-                                       positions=positions)['params'])
+    bridge, anchor_h, aug_h, positions, params = _gated_bridge(
+        anchor_gate=True)
     self.assertEqual(float(jnp.abs(params['anchor_gate']['kernel']).max()),
                      0.0)
     params['out'] = _noisy(params['out'])
