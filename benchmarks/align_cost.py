@@ -79,6 +79,8 @@ def main(argv):
   del argv
   cores = sorted(os.sched_getaffinity(0))
   os.sched_setaffinity(0, cores[:max(1, min(_THREADS.value, len(cores)))])
+  from calm_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.retain_freed_memory()  # As calm_jax.main does.
   import json
   import statistics
   import tempfile

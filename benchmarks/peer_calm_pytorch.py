@@ -109,7 +109,7 @@ def main(argv):
   if steps < 1:
     raise app.UsageError('--steps must be at least 1.')
   # Before torch (and numpy's BLAS) size their thread pools.
-  train_step._pin_threads(threads)  # pylint: disable=protected-access
+  retained = train_step.setup_process(threads)
   import importlib
   import importlib.metadata
   import json
@@ -235,7 +235,7 @@ def main(argv):
       'mfu': round(flops / step_s / peak, 4),
       'peak_gflops': round(peak / 1e9, 1),
       'trainable_params': sum(p.numel() for p in params),
-      'threads': threads,
+      'threads': threads, 'retain_freed_memory': retained,
       'torch': torch.__version__,
       'calm_pytorch': getattr(CALM_pytorch, '__version__', None)
                       or importlib.metadata.version('CALM-Pytorch'),

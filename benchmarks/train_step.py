@@ -34,6 +34,9 @@ _PAIRS = flags.DEFINE_string(
 _CACHE_AUG = flags.DEFINE_bool(
     'cache_augmenting', False, "CALM reads m_A's states from the batch "
     '(composition.cache_augmenting: computed once per dataset, not per step).')
+_PROFILE = flags.DEFINE_string(
+    'profile_dir', '', 'Also trace 3 steps of each mode with jax.profiler '
+    'into this directory and print where their time goes (`op_profile`).')
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
                            'Dtype of the frozen models (CALM and LoRA).')
@@ -48,10 +51,16 @@ SIZES = {
 }
 
 
-def _pin_threads(n: int) -> None:
-  """Restricts this process to n cores before XLA sizes its thread pool."""
+def setup_process(n: int) -> bool:
+  """Restricts this process to n cores before XLA (or torch) sizes its
+  thread pool, and sets glibc's malloc as `calm_jax.main` does (freed
+  memory kept for reuse: `calm_jax/host_memory.py`); returns whether that
+  setting applies. The peer's benchmark calls it too: both frameworks run
+  under the same allocator settings."""
   cores = sorted(os.sched_getaffinity(0))
   os.sched_setaffinity(0, cores[:max(1, min(n, len(cores)))])
+  from calm_jax import host_memory  # Light: ctypes only.
+  return host_memory.retain_freed_memory()
 
 
 def parse_pairs(text: str, aug, anchor) -> tuple[tuple[int, int], ...]:
@@ -108,7 +117,7 @@ def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
 
 def main(argv):
   del argv
-  _pin_threads(_THREADS.value)
+  retained = setup_process(_THREADS.value)
   import json
   import resource
   import statistics
@@ -232,9 +241,66 @@ def main(argv):
         'pairs': [list(p) for p in pairs] if mode == 'calm' else None,
         'cache_augmenting': _CACHE_AUG.value and mode == 'calm',
         'frozen_dtype': _DTYPE.value, 'remat': _REMAT.value,
-        'threads': _THREADS.value,
+        'threads': _THREADS.value, 'retain_freed_memory': retained,
         'device': jax.devices()[0].platform}), flush=True)
+    if _PROFILE.value:
+      trace_dir = os.path.join(_PROFILE.value, mode)
+      jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+      for _ in range(3):
+        state, metrics = step(state, task.frozen, batch)
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      print(json.dumps({'mode': mode, 'op_profile': op_profile(
+          trace_dir, steps=3, hlo=compiled.as_text())}), flush=True)
     del state
+
+
+def op_profile(trace_dir: str, steps: int, hlo: str = '', top: int = 8
+               ) -> dict[str, object]:
+  """Where a traced step's time goes, from jax.profiler's perfetto trace.
+
+  XLA's CPU runtime records one event per executed op (thunk) on the thread
+  that ran it. Returns ms per step: `wall` (the executions), `busy` (summed
+  over threads), `threads` (busy ms of each thread that ran ops), `kinds`
+  (ops by kind: `ynn_fusion` are YNNPACK dots, `*_fusion` XLA's loops) and
+  the `top` single ops, each with the jax op it came from (HLO metadata).
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  files = sorted(glob.glob(os.path.join(trace_dir, '**',
+                                        '*perfetto_trace.json.gz'),
+                           recursive=True))
+  if not files:
+    return {'error': f'no perfetto trace under {trace_dir}'}
+  events = json.load(gzip.open(files[-1]))
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  spans = [e for e in events if e.get('ph') == 'X']
+  wall = sum(e['dur'] for e in spans
+             if e['name'] == 'ThunkExecutor::Execute (wait for completion)')
+  ops = [e for e in spans if not e['name'].startswith('$') and not any(
+      w in e['name'] for w in ('Thunk', 'Slinky', 'Pjit', 'Execute',
+                               'Threadpool', 'end: '))]
+  per_op, kinds, threads = (collections.Counter() for _ in range(3))
+  for e in ops:
+    per_op[e['name']] += e['dur']
+    kinds[re.sub(r'\.\d+$', '', e['name'])] += e['dur']
+    threads[e.get('tid')] += e['dur']
+  ms = lambda us: round(us / steps / 1e3, 2)
+
+  def origin(name):
+    m = re.search('%' + re.escape(name) + r' = .*?op_name="([^"]*)"', hlo)
+    return m.group(1)[-90:] if m else ''
+
+  return {
+      'wall_ms': ms(wall), 'busy_ms': ms(sum(threads.values())),
+      'threads_ms': sorted((ms(v) for v in threads.values() if ms(v) > 0.1),
+                           reverse=True),
+      'kinds_ms': {k: ms(v) for k, v in kinds.most_common(top)},
+      'top_ops_ms': [[k, ms(v), origin(k)] for k, v in per_op.most_common(top)],
+  }
 
 
 def _matmul_peak(jax, jnp, statistics, time, n: int = 1024) -> float:

@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from calm_jax import distributed
+from calm_jax import host_memory
 from calm_jax import logs
 from calm_jax import train
 
@@ -28,6 +29,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before JAX starts its CPU threads: XLA's per-step buffers stay mapped.
+  host_memory.retain_freed_memory()
   logs.quiet_libraries()
   # Bad input is one FATAL line naming the field (CALM_TRACEBACK=1 shows
   # the traceback).
