@@ -1,10 +1,13 @@
 """Tests for calm_jax.data: tokenizer, key-value arithmetic, grain pipelines."""
 
 import ast
+import collections
 import dataclasses
+import itertools
 import json
 import operator
 import re
+from unittest import mock
 
 from absl import flags
 from absl.testing import absltest
@@ -435,6 +438,36 @@ class PipelineTest(absltest.TestCase):
     resumed = iter(self._train())
     resumed.set_state(state)
     self._assert_same([next(resumed) for _ in range(80)], expected)
+
+  def test_a_split_in_memory_is_read_in_order_and_decoded_once(self):
+    reads = collections.Counter()
+
+    class Counting(list):
+      def __getitem__(self, i):
+        reads[i] += 1
+        return list.__getitem__(self, i)
+
+    source = Counting(self.source)
+    in_memory = pipeline.train_dataset(
+        source, tokenizer=TOKENIZER, seq_len=SEQ_LEN, batch_size=8, seed=0)
+    # 80 batches of 8 cross the 512-example epoch boundary.
+    batches = list(itertools.islice(iter(in_memory), 80))
+    self.assertEqual(set(reads.values()), {1})
+    self.assertLen(reads, len(source))
+    # The same batches as a source too large to keep, read by threads.
+    with mock.patch.object(pipeline, 'MEMO_BYTES', 0):
+      self.assertFalse(pipeline.Memoized(source).fits())
+      streamed = list(itertools.islice(iter(self._train()), 80))
+    self._assert_same(batches, streamed)
+
+  def test_memoized_stops_keeping_at_its_budget(self):
+    memo = pipeline.Memoized(self.source, max_bytes=100)
+    self.assertEqual(memo[3], self.source[3])
+    self.assertLen(memo, len(self.source))
+    self.assertTrue(pipeline.Memoized(self.source).fits())
+    self.assertFalse(memo.fits())
+    kept = sum(x is not None for x in memo._kept)  # pylint: disable=W0212
+    self.assertBetween(kept, 1, 10)
 
   def test_epochs_reshuffle_and_cover(self):
     it = iter(self._train(batch_size=64))

@@ -588,6 +588,52 @@ def _pack_block(examples: Sequence[Any], tokenizer: tokenizers.Tokenizer,
                      aug_seq_len=aug_seq_len)
 
 
+# Decoded examples a training source keeps (`Memoized`): the key-value
+# splits are 5-40 MB decoded; a corpus larger than this is read from disk
+# past it, as it always was.
+MEMO_BYTES = 256 * 2**20
+
+
+class Memoized(Sequence):
+  """A random-access source that keeps each example it has decoded, up to
+  `max_bytes` of their values, so that later epochs skip the decoding.
+
+  Reading a record back from a TFDS data source (array_record + feature
+  decoding) is ~90 us; a training run reads the key-value splits 5-17
+  times over. Grain's reader threads share it: two of them decoding the
+  same index at once both store the same example.
+  """
+
+  def __init__(self, source: Sequence[Any], max_bytes: int | None = None):
+    self._source, self._bytes = source, 0
+    self._max_bytes = MEMO_BYTES if max_bytes is None else max_bytes
+    self._kept: list[Any] = [None] * len(source)
+
+  def __len__(self) -> int:
+    return len(self._kept)
+
+  def fits(self, sample: int = 16) -> bool:
+    """Whether all examples would fit the budget, judged from `sample`
+    examples spread over the source (decoded, and kept if they fit)."""
+    n = len(self)
+    seen = [_nbytes(self[i]) for i in range(0, n, max(1, n // sample))]
+    return sum(seen) / max(len(seen), 1) * n <= self._max_bytes
+
+  def __getitem__(self, index):
+    example = self._kept[index]
+    if example is None:
+      example = self._source[index]
+      if self._bytes < self._max_bytes:
+        self._kept[index] = example
+        self._bytes += _nbytes(example)
+    return example
+
+
+def _nbytes(example: Mapping[str, Any]) -> int:
+  return sum(len(v) if isinstance(v, (bytes, str)) else getattr(v, 'nbytes', 8)
+             for v in example.values())
+
+
 def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
                   seq_len: int, batch_size: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1,
@@ -621,7 +667,8 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} must be in [0, '
                      f'shard_count={shard_count}).')
-  ds = grain.MapDataset.source(source)
+  memo = Memoized(source)
+  ds = grain.MapDataset.source(memo)
   # Shard before shuffling so processes never share an example, whatever the
   # epoch's permutation.
   ds = ds[shard_index::shard_count]
@@ -635,6 +682,11 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
     ds = ds.map(functools.partial(
         encode_example, tokenizer=tokenizer, seq_len=seq_len,
         aligned=aligned, aug_seq_len=aug_seq_len))
+    if not aligned and memo.fits():
+      # A split that stays in memory is read in the calling thread: handing
+      # each example to a reader thread cost 3.3 ms of CPU per batch of 32
+      # against 0.9 ms here, once decoded (the state checkpointed is the same).
+      num_threads = prefetch_buffer_size = 0
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     return ds.batch(batch_size, drop_remainder=True)
