@@ -607,10 +607,11 @@ class Memoized(Sequence):
   def __init__(self, source: Sequence[Any], max_bytes: int | None = None):
     self._source, self._bytes = source, 0
     self._max_bytes = MEMO_BYTES if max_bytes is None else max_bytes
-    self._kept: list[Any] = [None] * len(source)
+    self._len = len(source)
+    self._kept: dict[int, Any] = {}  # Only what it holds: a corpus can be huge.
 
   def __len__(self) -> int:
-    return len(self._kept)
+    return self._len
 
   def fits(self, sample: int = 16) -> bool:
     """Whether all examples would fit the budget, judged from `sample`
@@ -620,7 +621,8 @@ class Memoized(Sequence):
     return sum(seen) / max(len(seen), 1) * n <= self._max_bytes
 
   def __getitem__(self, index):
-    example = self._kept[index]
+    index = int(index)
+    example = self._kept.get(index)
     if example is None:
       example = self._source[index]
       if self._bytes < self._max_bytes:
