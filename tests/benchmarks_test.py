@@ -57,6 +57,25 @@ class BenchmarksTest(absltest.TestCase):
                                 r'9 is out of range'):
       _run('train_step.py', '--steps=1', '--modes=calm', '--pairs=9:1')
 
+  def test_train_step_profile_says_where_the_time_goes(self):
+    trace_dir = self.create_tempdir().full_path
+    lines = _run('train_step.py', '--steps=1', '--modes=calm',
+                 f'--profile_dir={trace_dir}')
+    timing, profile = lines
+    self.assertIn('retain_freed_memory', timing)
+    prof = profile['op_profile']
+    self.assertGreater(prof['wall_ms'], 0)
+    self.assertGreater(prof['busy_ms'], 0)
+    self.assertNotEmpty(prof['threads_ms'])
+    # Ops by kind add up to at most the busy time; the slowest ops carry
+    # the jax op they came from.
+    self.assertLessEqual(sum(prof['kinds_ms'].values()),
+                         prof['busy_ms'] + 0.01 * len(prof['kinds_ms']))
+    self.assertGreater(prof['top_ops_ms'][0][1], 0)
+    self.assertTrue(any('jit(train_step)' in origin
+                        for _, _, origin in prof['top_ops_ms']),
+                    prof['top_ops_ms'])
+
   def test_versus_calm_pytorch(self):
     # Both frameworks on the same pairs, in one run, and the ratio.
     lines = _run('versus_peer.py', '--rounds=1', '--steps=1',
