@@ -54,18 +54,23 @@ def _composed(prompt_only=False, pairs=((1, 1), (3, 3))):
   return model, params, tokens
 
 
-def _gated_bridge(**gate):
-  """A content-free bridge with `gate` on, its inputs over 5 positions and
-  its initial params."""
-  bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True,
-                        recency_max_slope=50.0, anchor_queries=False, **gate)
-  t = 5
+def _bridge_inputs(bridge, t):
+  """Anchor (32 wide) and m_A (16 wide) states over `t` positions, the
+  positions, and `bridge`'s initial params on them."""
   anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
   aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
   positions = jnp.arange(t)[None]
   params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
                                      positions=positions)['params'])
-  return bridge, anchor_h, aug_h, positions, params
+  return anchor_h, aug_h, positions, params
+
+
+def _gated_bridge(**gate):
+  """A content-free bridge with `gate` on, its inputs over 5 positions and
+  its initial params."""
+  bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True,
+                        recency_max_slope=50.0, anchor_queries=False, **gate)
+  return (bridge, *_bridge_inputs(bridge, 5))
 
 
 class DecoderTest(parameterized.TestCase):
@@ -314,11 +319,7 @@ class CompositionTest(parameterized.TestCase):
   def test_recency_bias_is_the_closed_form_and_learnt(self):
     bridge = B.OursBridge(d_model=32, num_heads=4, recency_bias=True)
     t = 6
-    anchor_h = jax.random.normal(jax.random.key(0), (1, t, 32))
-    aug_h = jax.random.normal(jax.random.key(1), (1, t, 16))
-    positions = jnp.arange(t)[None]
-    params = nn.meta.unbox(bridge.init(jax.random.key(2), anchor_h, aug_h,
-                                       positions=positions)['params'])
+    anchor_h, aug_h, positions, params = _bridge_inputs(bridge, t)
     # Content-free logits leave only the bias: head h weighs slot s <= t by
     # exp(-slope_h * (t - s)), slopes starting at 1, 1/4, 1/16, 1/64.
     # (Geometric from 1 to 1/64 for any head count: no slope underflows.)
