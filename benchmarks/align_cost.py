@@ -31,6 +31,10 @@ import os
 from absl import app
 from absl import flags
 
+# This script's directory is sys.path[0] when it runs: process.py is its
+# neighbour, whatever the working directory.
+import process  # pylint: disable=g-import-not-at-top
+
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'Rows per batch.')
@@ -77,10 +81,7 @@ def _texts(n: int, chars: int) -> list[str]:
 
 def main(argv):
   del argv
-  cores = sorted(os.sched_getaffinity(0))
-  os.sched_setaffinity(0, cores[:max(1, min(_THREADS.value, len(cores)))])
-  from calm_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.retain_freed_memory()  # As calm_jax.main does.
+  process.setup(_THREADS.value)
   import json
   import statistics
   import tempfile

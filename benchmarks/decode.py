@@ -18,10 +18,12 @@ threads), with random weights: speed only, same batch, prompt and new
 tokens, no early stop.
 """
 
-import os
-
 from absl import app
 from absl import flags
+
+# This script's directory is sys.path[0] when it runs: process.py is its
+# neighbour, whatever the working directory.
+import process  # pylint: disable=g-import-not-at-top
 
 _CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'], 'Sizes.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
@@ -44,10 +46,7 @@ SIZES = {
 
 def main(argv):
   del argv
-  cores = sorted(os.sched_getaffinity(0))
-  os.sched_setaffinity(0, cores[:max(1, min(_THREADS.value, len(cores)))])
-  from calm_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.retain_freed_memory()  # As calm_jax.main does.
+  process.setup(_THREADS.value)
   import json
   import statistics
   import time

@@ -13,9 +13,9 @@ the same contention as the step and can come out low: mfu > 1 means so.
 
 `--config`, `--steps`, `--threads` and `--pairs` are train_step.py's own
 flags: this script imports train_step (whose import is light: os, sys, absl)
-to reuse `SIZES`, `_pin_threads`, `parse_pairs` and `useful_flops` rather
-than copy them, and absl allows one definition per flag name. train_step's
-other flags (`--modes`, `--remat`, ...) mean nothing here and are refused.
+to reuse `SIZES`, `parse_pairs` and `useful_flops` rather than copy them,
+and absl allows one definition per flag name. train_step's other flags
+(`--modes`, `--remat`, ...) mean nothing here and are refused.
 
 `--pairs` uses our convention: 0-based `aug_layer:anchor_layer`, the bridge
 is added to the anchor's residual stream right after anchor block j, reading
@@ -59,8 +59,9 @@ last two bullets, which make calm-pytorch do a little MORE work):
 from absl import app
 from absl import flags
 
-# This script's directory is sys.path[0] when it runs: train_step.py is its
-# neighbour, whatever the working directory.
+# This script's directory is sys.path[0] when it runs: train_step.py and
+# process.py are its neighbours, whatever the working directory.
+import process  # pylint: disable=g-import-not-at-top
 import train_step  # pylint: disable=g-import-not-at-top
 
 # train_step.py's flags this script uses; any other of its flags (--modes,
@@ -109,7 +110,7 @@ def main(argv):
   if steps < 1:
     raise app.UsageError('--steps must be at least 1.')
   # Before torch (and numpy's BLAS) size their thread pools.
-  retained = train_step.setup_process(threads)
+  retained = process.setup(threads)
   import importlib
   import importlib.metadata
   import json

@@ -20,6 +20,10 @@ import os
 from absl import app
 from absl import flags
 
+# This script's directory is sys.path[0] when it runs: process.py is its
+# neighbour, whatever the working directory.
+import process  # pylint: disable=g-import-not-at-top
+
 _CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'],
                             'Model and batch sizes.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
@@ -49,18 +53,6 @@ SIZES = {
                  aug=dict(d_model=32, num_layers=4, num_heads=2),
                  vocab=64, batch=4, seq=32),
 }
-
-
-def setup_process(n: int) -> bool:
-  """Restricts this process to n cores before XLA (or torch) sizes its
-  thread pool, and sets glibc's malloc as `calm_jax.main` does (freed
-  memory kept for reuse: `calm_jax/host_memory.py`); returns whether that
-  setting applies. The peer's benchmark calls it too: both frameworks run
-  under the same allocator settings."""
-  cores = sorted(os.sched_getaffinity(0))
-  os.sched_setaffinity(0, cores[:max(1, min(n, len(cores)))])
-  from calm_jax import host_memory  # Light: ctypes only.
-  return host_memory.retain_freed_memory()
 
 
 def parse_pairs(text: str, aug, anchor) -> tuple[tuple[int, int], ...]:
@@ -117,7 +109,7 @@ def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
 
 def main(argv):
   del argv
-  retained = setup_process(_THREADS.value)
+  retained = process.setup(_THREADS.value)
   import json
   import resource
   import statistics
