@@ -17,7 +17,7 @@ workdir:
 
   python launch/local.py --workers=2 \
     --config=experiments/kv_arithmetic.py:single_token --workdir=/tmp/kv \
-    [--config.train.steps=100 ...] [--dry-run]
+    [--config.train.steps=100 ...] [--dry_run]
 
 `--config` and its overrides are exactly those of `calm_jax.main` (the
 rows and seeds of each run are the launcher's). Each run logs to

@@ -55,6 +55,19 @@ def _numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
+class TokenAccuracyTest(absltest.TestCase):
+
+  def test_argmax_is_jnp_argmax_first_maximum_included(self):
+    logits = jax.random.normal(jax.random.key(0), (3, 5, 771))
+    # Ties: the first maximum wins, as in jnp.argmax.
+    logits = logits.at[0, 0].set(0.0).at[1, 2, 7].set(9.0).at[
+        1, 2, 3].set(9.0)
+    np.testing.assert_array_equal(tasks.argmax(logits),
+                                  jnp.argmax(logits, -1))
+    self.assertEqual(int(tasks.argmax(logits)[1, 2]), 3)
+    self.assertEqual(int(tasks.argmax(logits)[0, 0]), 0)
+
+
 class TrainLoopTest(absltest.TestCase):
   """run_training on a composition whose frozen models are random."""
 
