@@ -24,6 +24,9 @@ from absl import flags
 # neighbour, whatever the working directory.
 import process  # pylint: disable=g-import-not-at-top
 
+# No JAX in it: importing it pins nothing before process.setup does.
+from calm_jax import profiling  # pylint: disable=g-bad-import-order
+
 _CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'],
                             'Model and batch sizes.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
@@ -40,7 +43,7 @@ _CACHE_AUG = flags.DEFINE_bool(
     '(composition.cache_augmenting: computed once per dataset, not per step).')
 _PROFILE = flags.DEFINE_string(
     'profile_dir', '', 'Also trace 3 steps of each mode with jax.profiler '
-    'into this directory and print where their time goes (`op_profile`).')
+    'into this directory and print where their time goes (calm_jax/profiling.py).')
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
                            'Dtype of the frozen models (CALM and LoRA).')
@@ -242,57 +245,9 @@ def main(argv):
         state, metrics = step(state, task.frozen, batch)
       jax.block_until_ready(metrics)
       jax.profiler.stop_trace()
-      print(json.dumps({'mode': mode, 'op_profile': op_profile(
+      print(json.dumps({'mode': mode, 'op_profile': profiling.op_profile(
           trace_dir, steps=3, hlo=compiled.as_text())}), flush=True)
     del state
-
-
-def op_profile(trace_dir: str, steps: int, hlo: str = '', top: int = 8
-               ) -> dict[str, object]:
-  """Where a traced step's time goes, from jax.profiler's perfetto trace.
-
-  XLA's CPU runtime records one event per executed op (thunk) on the thread
-  that ran it. Returns ms per step: `wall` (the executions), `busy` (summed
-  over threads), `threads` (busy ms of each thread that ran ops), `kinds`
-  (ops by kind: `ynn_fusion` are YNNPACK dots, `*_fusion` XLA's loops) and
-  the `top` single ops, each with the jax op it came from (HLO metadata).
-  """
-  import collections
-  import glob
-  import gzip
-  import json
-  import re
-  files = sorted(glob.glob(os.path.join(trace_dir, '**',
-                                        '*perfetto_trace.json.gz'),
-                           recursive=True))
-  if not files:
-    return {'error': f'no perfetto trace under {trace_dir}'}
-  events = json.load(gzip.open(files[-1]))
-  events = events['traceEvents'] if isinstance(events, dict) else events
-  spans = [e for e in events if e.get('ph') == 'X']
-  wall = sum(e['dur'] for e in spans
-             if e['name'] == 'ThunkExecutor::Execute (wait for completion)')
-  ops = [e for e in spans if not e['name'].startswith('$') and not any(
-      w in e['name'] for w in ('Thunk', 'Slinky', 'Pjit', 'Execute',
-                               'Threadpool', 'end: '))]
-  per_op, kinds, threads = (collections.Counter() for _ in range(3))
-  for e in ops:
-    per_op[e['name']] += e['dur']
-    kinds[re.sub(r'\.\d+$', '', e['name'])] += e['dur']
-    threads[e.get('tid')] += e['dur']
-  ms = lambda us: round(us / steps / 1e3, 2)
-
-  def origin(name):
-    m = re.search('%' + re.escape(name) + r' = .*?op_name="([^"]*)"', hlo)
-    return m.group(1)[-90:] if m else ''
-
-  return {
-      'wall_ms': ms(wall), 'busy_ms': ms(sum(threads.values())),
-      'threads_ms': sorted((ms(v) for v in threads.values() if ms(v) > 0.1),
-                           reverse=True),
-      'kinds_ms': {k: ms(v) for k, v in kinds.most_common(top)},
-      'top_ops_ms': [[k, ms(v), origin(k)] for k, v in per_op.most_common(top)],
-  }
 
 
 def _matmul_peak(jax, jnp, statistics, time, n: int = 1024) -> float:

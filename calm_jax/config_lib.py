@@ -112,6 +112,10 @@ def train_config(**overrides: Any) -> ConfigDict:
   c.checkpoint_every = 500
   # Checkpoints kept in the workdir.
   c.keep_checkpoints = 2
+  # Steps traced with jax.profiler into RUN_DIR/profile after 10 warm-up
+  # steps, with the compiled step's HLO (0: none); summarise them with
+  # `python -m calm_jax.profiling --trace_dir=RUN_DIR/profile`.
+  c.profile_steps = 0
   c.update(overrides)
   return c
 

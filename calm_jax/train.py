@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from etils import epath
@@ -42,6 +42,7 @@ from calm_jax import evaluation
 from calm_jax import locks
 from calm_jax import metrics_writer
 from calm_jax import paths
+from calm_jax import profiling
 from calm_jax import provenance
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
@@ -233,10 +234,14 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
              if is_main and history_path.exists() else [])
   tokens_per_step = cfg.batch_size * data.seq_len
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  profile = _Profile(cfg.get('profile_steps', 0), start, end,
+                     os.path.join(run_dir, 'profile'), task.name, is_main)
   for step in range(start, end):
     batch = sharding.global_batch(data_lib.model_inputs(next(data_iter)),
                                   mesh)
     with jax.set_mesh(mesh):  # Activation constraints name its axes.
+      profile.before(step, state, lambda: train_step.lower(
+          state, task.frozen, batch).compile().as_text())
       state, metrics = train_step(state, task.frozen, batch)
     pending.append(metrics)
     done = step + 1
@@ -263,11 +268,49 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
         cfg.eval_every and done % cfg.eval_every == 0)):
       run_eval(done)
     ckpt.save(done, state, data_iter, force=done == end)
+  profile.before(end, state, None)
   ckpt.close()
   writer.close()
   if is_main and not history:  # Resumed at the end: nothing newer.
     paths.atomic_write_text(os.fspath(history_path), json.dumps(earlier))
   return state['params'], history
+
+
+class _Profile:
+  """`train.profile_steps` steps traced with jax.profiler into `directory`,
+  after profiling.PROFILE_AFTER warm-up steps, with the compiled step's HLO
+  and the step count beside the trace (`python -m calm_jax.profiling`)."""
+
+  def __init__(self, steps: int, start: int, end: int, directory: str,
+               name: str, is_main: bool):
+    self.first = start + profiling.PROFILE_AFTER if steps > 0 else None
+    self.last = None if self.first is None else min(self.first + steps, end)
+    if self.first is not None and self.first >= end:
+      logging.warning('[%s] train.profile_steps=%d: the run ends at step %d, '
+                      'before step %d where tracing would start; nothing '
+                      'is traced.', name, steps, end, self.first)
+      self.first = self.last = None
+    self.directory, self.name, self.is_main = directory, name, is_main
+
+  def before(self, step: int, state: Any, hlo: Callable[[], str] | None
+             ) -> None:
+    """Starts or stops the trace before `step` runs (`end`: after all)."""
+    if step == self.first and hlo is not None:
+      jax.block_until_ready(state)  # Earlier steps stay out of the trace.
+      if self.is_main:
+        os.makedirs(self.directory, exist_ok=True)
+        paths.atomic_write_text(
+            os.path.join(self.directory, profiling.HLO_FILE), hlo())
+        paths.atomic_write_text(os.path.join(self.directory, 'steps'),
+                                f'{self.last - self.first}\n')
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+    elif step == self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('[%s] traced steps %d-%d into %s (summary: python -m '
+                   'calm_jax.profiling --trace_dir=%s)', self.name,
+                   self.first + 1, self.last, self.directory, self.directory)
+      self.first = self.last = None
 
 
 def evaluate_loss(eval_step, params: Params, batches, mesh

@@ -28,6 +28,10 @@ The `calm_paper` row is the paper's bridge and pair rule on the same models
 and data. The default table has the rows the issue's targets are about,
 one seed; `full` has every row with three seeds.
 
+`generalist` is the default with an anchor that also learnt to rewrite the
+expression it is shown (NUM-COPY), and KV-SUBS prompts told apart from
+KV-MATH's by their last character: what CALM's KV-SUBS is then.
+
 Other variants: `letters` is the paper's own setting scaled down (2-6
 letter keys, the paper's bridge, KV-MATH alone in D_C), where CALM does not
 compose the two models at this scale; `single_token` (deviations 1-3, the
@@ -45,7 +49,7 @@ from calm_jax import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = config_lib.parse_variant(
       arg, ('default', 'full', 'smoke', 'letters', 'single_token',
-            'single_token_mixed'))
+            'single_token_mixed', 'generalist'))
   smoke = variant == 'smoke'
 
   config = ml_collections.ConfigDict()
@@ -167,12 +171,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   config.mesh = config_lib.mesh_config()
-  if variant in ('default', 'full') or variant.startswith('single_token'):
+  if variant in ('default', 'full', 'generalist') or variant.startswith(
+      'single_token'):
     _single_token(config)
   if variant == 'single_token_mixed':
     _mixed(config)
-  if variant in ('default', 'full'):
+  if variant in ('default', 'full', 'generalist'):
     _headline(config, full=variant == 'full')
+  if variant == 'generalist':
+    _generalist(config)
   return config
 
 
@@ -267,6 +274,29 @@ def _headline(config: ml_collections.ConfigDict, full: bool) -> None:
     config.rows = ('m_A', 'm_B', 'calm', 'calm_random_aug', 'calm_paper',
                    'lora')
     config.seeds = (0,)
+
+
+def _generalist(config: ml_collections.ConfigDict) -> None:
+  """The default with an anchor that can also rewrite what it is shown.
+
+  The paper's anchor is a generalist; ours knows NUM-MATH only, and KV-SUBS
+  asks the composed model for a rewriting it has never done (and, in the
+  paper's format, with KV-MATH's own prompts). Here a substitution prompt
+  ends with ':' and a third of the anchor's data is NUM-COPY ("3+5-2:" ->
+  "3+5-2"); D_C is the default's (KV-MATH and NUM-MATH, no copies), so
+  CALM's KV-SUBS measures whether what the bridges write at the keys serves
+  a task that was never in D_C.
+  """
+  kv = config.data.kv
+  kv.subs_prompt_end = ':'
+  kv.num_copy_in_math = 25_000
+  # NUM-COPY over 6 operands is 25 tokens with BOS/EOS.
+  config.models.anchor.pretrain.seq_len = 24
+  # A third of the batches are copies: 3000 steps keep the default's 2000
+  # steps' worth of NUM-MATH.
+  config.models.anchor.pretrain.steps = 3000
+  config.eval.splits = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval',
+                        'num_copy_eval')
 
 
 # Steps of the default composition (each row of its table).

@@ -66,6 +66,21 @@ class ValidateTest(absltest.TestCase):
                       letters.data.kv.key_max_len), (2, 6))
     self.assertEqual(letters.data.kv.num_math_in_compose, 0)
 
+  def test_generalist_is_the_default_with_a_copying_anchor(self):
+    default = kv_arithmetic.get_config('')
+    generalist = kv_arithmetic.get_config('generalist')
+    train.validate(generalist)
+    self.assertEqual(generalist.data.kv.subs_prompt_end, ':')
+    self.assertGreater(generalist.data.kv.num_copy_in_math, 0)
+    self.assertIn('num_copy_eval', generalist.eval.splits)
+    # Only the data and the anchor's pretraining differ: same bridge, same
+    # D_C size and composition training.
+    for field in ('composition', 'train', 'rows', 'seeds'):
+      self.assertEqual(generalist[field] if field in ('rows', 'seeds')
+                       else generalist[field].to_dict(),
+                       default[field] if field in ('rows', 'seeds')
+                       else default[field].to_dict(), field)
+
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
       kv_arithmetic.get_config('large')

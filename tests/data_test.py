@@ -3,6 +3,7 @@
 import ast
 import collections
 import dataclasses
+import hashlib
 import itertools
 import json
 import operator
@@ -24,6 +25,13 @@ SMOKE = kv.SMOKE_CONFIG
 SEQ_LEN = kv.max_example_chars(SMOKE) + 1
 TOKENIZER = tokenizers.ByteTokenizer()
 KEY_RE = re.compile(r'[a-z]+')
+# sha256 of each smoke split's examples (JSON), first 12 hex digits, as
+# kv_arithmetic version 1.1.0 (git e46885c) generated them.
+V1_1_0_SMOKE_DIGESTS = {
+    'kv_math_compose': '704ad506344f', 'kv_math_dev': '60ea872e7d1d',
+    'kv_math_eval': 'df6c4b8d0530', 'kv_subs_eval': 'c47442649ff1',
+    'kv_subs_train': 'e32777a5b818', 'num_math_eval': '92ff4f26fb98',
+    'num_math_train': 'f0e9410eb3a9'}
 
 
 def setUpModule():
@@ -175,6 +183,7 @@ class ExamplesTest(absltest.TestCase):
         'num_math_eval': ('num_math', SMOKE.num_eval),
         'kv_math_eval': ('kv_math', SMOKE.num_eval),
         'kv_math_dev': ('kv_math', SMOKE.num_eval),
+        'num_copy_eval': ('num_copy', SMOKE.num_eval),
     }
     self.assertEqual(set(self.splits), set(expected))
     for split, (task, size) in expected.items():
@@ -198,7 +207,8 @@ class ExamplesTest(absltest.TestCase):
                                     ('num_math_eval', 'num_math_train'),
                                     ('kv_math_eval', 'kv_math_compose'),
                                     ('kv_math_dev', 'kv_math_compose'),
-                                    ('kv_math_dev', 'kv_math_eval')]:
+                                    ('kv_math_dev', 'kv_math_eval'),
+                                    ('num_copy_eval', 'num_math_train')]:
       prompts = [ex['prompt'] for ex in self.splits[eval_split]]
       self.assertLen(set(prompts), len(prompts))
       train = {ex['prompt'] for ex in self.splits[train_split]}
@@ -225,6 +235,59 @@ class ExamplesTest(absltest.TestCase):
         subbed = KEY_RE.sub(lambda m: str(self.values[m.group()]),
                             ex['prompt'][:-1])
         self.assertEqual(int(ex['target']), _reference_eval(subbed))
+
+  def test_substitution_prompt_end_and_copies_in_the_anchors_data(self):
+    fields = dict(kv.config_fields(SMOKE), subs_prompt_end=':',
+                  num_copy_in_math=100)
+    config = kv.make_config(**fields)
+    splits = kv.generate_all(config)
+    math_train = splits['num_math_train']
+    self.assertLen(math_train, SMOKE.num_num_math_train + 100)
+    copies = [ex for ex in math_train if ex['task'] == 'num_copy']
+    self.assertLen(copies, 100)
+    for ex in copies + splits['num_copy_eval']:
+      self.assertEqual(ex['prompt'], ex['target'] + ':')
+    for split in ('kv_subs_train', 'kv_subs_eval'):
+      for ex in splits[split]:
+        self.assertTrue(ex['prompt'].endswith(':'), ex)
+        subbed = KEY_RE.sub(lambda m: str(self.values[m.group()]),
+                            ex['prompt'][:-1])
+        self.assertEqual(ex['target'], subbed)
+    for split in ('kv_math_eval', 'num_math_eval', 'kv_math_compose'):
+      self.assertTrue(all(ex['prompt'].endswith('=') for ex in splits[split]))
+    # The NUM-MATH examples and every other split are the paper format's
+    # (independent random streams), only KV-SUBS's prompt end differs.
+    by_prompt = lambda xs: sorted(xs, key=lambda ex: ex['prompt'])
+    self.assertEqual(
+        by_prompt(ex for ex in math_train if ex['task'] == 'num_math'),
+        by_prompt(self.splits['num_math_train']))
+    self.assertEqual(splits['kv_math_eval'], self.splits['kv_math_eval'])
+    self.assertEqual([ex['target'] for ex in splits['kv_subs_eval']],
+                     [ex['target'] for ex in self.splits['kv_subs_eval']])
+    self.assertEqual(splits['num_copy_eval'][0]['prompt'][-1], ':')
+    self.assertEmpty({ex['prompt'] for ex in splits['num_copy_eval']}
+                     & {ex['prompt'] for ex in copies})
+
+  def test_splits_of_version_1_1_0_are_unchanged(self):
+    # Fingerprints of the smoke config's splits before num_copy_eval and
+    # the copy fields were added (git e46885c): no example moved.
+    digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()[:12]
+    got = {s: digest(self.splits[s]) for s in sorted(self.splits)
+           if s != 'num_copy_eval'}
+    self.assertEqual(got, V1_1_0_SMOKE_DIGESTS)
+
+  def test_copies_need_their_own_prompt_end(self):
+    fields = kv.config_fields(SMOKE)
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.num_copy_in_math=5:.*'
+                                r'subs_prompt_end'):
+      kv.make_config(**dict(fields, num_copy_in_math=5))
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.subs_prompt_end=.a.:.*alphabet'):
+      kv.make_config(**dict(fields, subs_prompt_end='a'))
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.subs_prompt_end=.\+.'):
+      kv.make_config(**dict(fields, subs_prompt_end='+'))
 
   def test_precedence_and_negatives(self):
     self.assertEqual(kv.evaluate([2, 3, 4], ['+', '*']), 14)

@@ -19,6 +19,7 @@ from calm_jax import aug_cache
 from calm_jax import checkpoints
 from calm_jax import config_lib
 from calm_jax import data as data_lib
+from calm_jax import profiling
 from calm_jax import rows as rows_lib
 from calm_jax import sharding
 from calm_jax import tasks
@@ -130,6 +131,23 @@ class TrainLoopTest(absltest.TestCase):
     n_saved = sum(np.size(x) for x in jax.tree_util.tree_leaves(raw))
     n_comp = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
     self.assertLess(n_saved, 3 * n_comp + 10)  # params + Adam mu, nu + count.
+
+  def test_profile_steps_traces_those_steps_with_the_compiled_hlo(self):
+    self.config.train.steps = profiling.PROFILE_AFTER + 4
+    self.config.train.profile_steps = 2
+    run_dir = os.path.join(self.workdir, 'run')
+    self._run(run_dir)
+    trace_dir = os.path.join(run_dir, 'profile')
+    self.assertEqual(profiling.traced_steps(trace_dir), 2)
+    with open(os.path.join(trace_dir, profiling.HLO_FILE)) as f:
+      self.assertIn('ENTRY', f.read())
+    prof = profiling.op_profile(trace_dir, 2)
+    self.assertNotIn('error', prof)
+    # The two steps' own executions, each op traced back to the jax op.
+    self.assertGreater(prof['wall_ms'], 0.0)
+    self.assertTrue(prof['kinds_ms'])
+    self.assertTrue(any('train_step' in origin
+                        for _, _, origin in prof['top_ops_ms']), prof)
 
   def test_resume_gives_the_same_next_step_loss(self):
     _, full = self._run(os.path.join(self.workdir, 'full'))

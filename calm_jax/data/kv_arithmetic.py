@@ -7,6 +7,13 @@ integer value. Expressions of 3-6 operands with `+ - *` give three tasks:
   NUM-MATH  prompt "10+22*24="    target "538"        (m_B's skill)
   KV-MATH   prompt "abc+de*fgh="  target "538"        (the composed skill)
 
+KV-SUBS and KV-MATH share their prompts in the paper's format. With
+`subs_prompt_end` (e.g. ':') a substitution prompt ends with that
+character instead of '=', and `num_copy_in_math` NUM-COPY examples
+(prompt "10+22*24:", target "10+22*24") join the anchor's NUM-MATH data:
+an anchor that can rewrite an expression it is shown, so that a composed
+model can be asked for KV-SUBS (`num_copy_eval` scores the copying).
+
 Results follow standard precedence (`*` before `+`/`-`, left to right
 otherwise), may be negative, and are exact Python ints. The text is compact
 (no spaces) so that a byte tokenizer sees one token per character.
@@ -40,7 +47,8 @@ from calm_jax.data import tokenizers
 ALLOWED_OPERATORS = '+-*'
 
 TRAIN_SPLITS = ('kv_subs_train', 'num_math_train', 'kv_math_compose')
-EVAL_SPLITS = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval')
+EVAL_SPLITS = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval',
+               'num_copy_eval')
 # KV-MATH over held-out keys, disjoint from D_C and from kv_math_eval: what
 # training curves are watched on, so that no schedule is chosen on eval.
 DEV_SPLITS = ('kv_math_dev',)
@@ -58,13 +66,20 @@ _SPLIT_SPECS = {
                      ('kv_math_compose',)),
     'kv_math_dev': ('kv_math', 'held_out_keys', 'num_eval',
                     ('kv_math_compose', 'kv_math_eval')),
+    'num_copy_eval': ('num_copy', 'numbers', 'num_eval', ('num_math_train',)),
 }
 
 # Independent random streams, so that e.g. changing a split size leaves the
-# key map and every other split unchanged.
-_STREAMS = {name: i + 2 for i, name in enumerate(SPLITS)}
+# key map and every other split unchanged. Numbered in the splits' order of
+# version 1.1.0; a split added later takes a number of its own, so that no
+# existing split's examples change.
+_STREAMS = {name: i + 2 for i, name in enumerate(
+    ('kv_subs_train', 'num_math_train', 'kv_math_compose', 'kv_subs_eval',
+     'num_math_eval', 'kv_math_eval', 'kv_math_dev'))}
+_STREAMS['num_copy_eval'] = 1003
 _KEYS_STREAM, _KEY_SPLIT_STREAM = 0, 1
 _MIX_STREAM = 1000
+_COPY_STREAM, _COPY_MIX_STREAM = 1001, 1002
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,6 +119,13 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   # the paper's D_C (KV-MATH only): it shows the bridges what the anchor
   # already does, so that they learn to leave it alone.
   num_math_in_compose: int = 0
+  # The character that ends a substitution prompt (KV-SUBS, NUM-COPY): '='
+  # is the paper's format, where KV-SUBS and KV-MATH prompts are the same
+  # text; another (e.g. ':') tells the two tasks apart.
+  subs_prompt_end: str = '='
+  # NUM-COPY examples shuffled into `num_math_train` (the anchor's data):
+  # prompt "10+22*24" + subs_prompt_end, target "10+22*24".
+  num_copy_in_math: int = 0
 
 
 _BASE_FIELDS = frozenset(
@@ -146,7 +168,8 @@ def validate_config(config: KvArithmeticConfig) -> None:
 
   for field in FIELDS:
     if field not in ('operators', 'compose_key_fraction', 'unique_values',
-                     'key_alphabet') and not _is_int(getattr(config, field)):
+                     'key_alphabet', 'subs_prompt_end') and not _is_int(
+                         getattr(config, field)):
       fail(field, 'must be an int.')
   if not isinstance(config.unique_values, (bool, np.bool_)):
     fail('unique_values', 'must be True or False.')
@@ -211,6 +234,21 @@ def validate_config(config: KvArithmeticConfig) -> None:
   if not 0 <= config.num_math_in_compose <= config.num_num_math_train:
     fail('num_math_in_compose', 'must be in [0, data.kv.num_num_math_train='
          f'{config.num_num_math_train}]: they are taken from num_math_train.')
+  end = config.subs_prompt_end
+  if not isinstance(end, str) or len(end) != 1 or not end.isprintable() or (
+      end.isspace() or end.isdecimal() or end in ALLOWED_OPERATORS):
+    fail('subs_prompt_end', "must be one printable character other than "
+         f"whitespace, digits and {ALLOWED_OPERATORS!r}, e.g. ':' (or '=', "
+         "the paper's format).")
+  if end in alphabet:
+    fail('subs_prompt_end', 'is a character of data.kv.key_alphabet, so a '
+         "prompt could end inside a key; choose another, e.g. ':'.")
+  if config.num_copy_in_math < 0:
+    fail('num_copy_in_math', 'must be >= 0.')
+  if config.num_copy_in_math and end == '=':
+    fail('num_copy_in_math', "NUM-COPY prompts would read as NUM-MATH's "
+         "(both end with '='); set data.kv.subs_prompt_end to another "
+         "character, e.g. ':'.")
 
 
 def _named_config(name: str, description: str, **fields) -> KvArithmeticConfig:
@@ -373,17 +411,25 @@ def render(operands: Sequence[Any], operators: Sequence[str]) -> str:
 
 
 def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
-                 operators: Sequence[str]) -> dict[str, str]:
-  """One example of `task`; `keys` may be None for 'num_math'."""
+                 operators: Sequence[str], subs_prompt_end: str = '='
+                 ) -> dict[str, str]:
+  """One example of `task`; `keys` may be None for 'num_math' and
+  'num_copy'. Substitutions (KV-SUBS, NUM-COPY) end their prompt with
+  `subs_prompt_end`, the others with '='."""
+  end = '='
   if task == 'kv_subs':
     prompt, target = render(keys, operators), render(values, operators)
+    end = subs_prompt_end
+  elif task == 'num_copy':
+    prompt = target = render(values, operators)
+    end = subs_prompt_end
   elif task == 'num_math':
     prompt, target = render(values, operators), str(evaluate(values, operators))
   elif task == 'kv_math':
     prompt, target = render(keys, operators), str(evaluate(values, operators))
   else:
     raise ValueError(f'Unknown task {task!r}.')
-  return {'prompt': prompt + '=', 'target': target, 'task': task}
+  return {'prompt': prompt + end, 'target': target, 'task': task}
 
 
 def sample_expressions(
@@ -431,6 +477,16 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
   pool = _pool(key_map, pool_name)
   pool_size = config.max_value if pool is None else len(pool)
   rng = np.random.default_rng([config.seed, _STREAMS[split]])
+  return _generate(config, split, task, pool, pool_size, count, count_field,
+                   rng, key_map, exclude_prompts if avoid else None, avoid)
+
+
+def _generate(config: KvArithmeticConfig, split: str, task: str,
+              pool: np.ndarray | None, pool_size: int, count: int,
+              count_field: str, rng: np.random.Generator, key_map: KeyMap,
+              exclude_prompts: set[str] | None, avoid: str
+              ) -> list[dict[str, str]]:
+  """`count` examples of `task` drawn with `rng` (see generate_split)."""
 
   examples, seen, drawn = [], set(), 0
   max_draws = 20 * count + 10_000
@@ -452,7 +508,8 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
         idx = pool[row]
         keys = [key_map.keys[i] for i in idx]
         values = key_map.values[idx].tolist()
-      example = make_example(task, keys, values, ops)
+      example = make_example(task, keys, values, ops,
+                             config.subs_prompt_end)
       if avoid:
         if example['prompt'] in exclude_prompts or example['prompt'] in seen:
           continue
@@ -460,8 +517,20 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
       examples.append(example)
       if len(examples) == count:
         break
+  if split == 'num_math_train' and config.num_copy_in_math:
+    copies = _generate(
+        config, 'num_copy_in_math', 'num_copy', None, config.max_value,
+        config.num_copy_in_math, 'num_copy_in_math',
+        np.random.default_rng([config.seed, _COPY_STREAM]), key_map, None, '')
+    examples += copies
+    order = np.random.default_rng([config.seed, _COPY_MIX_STREAM]
+                                  ).permutation(len(examples))
+    examples = [examples[i] for i in order]
   if split == 'kv_math_compose' and config.num_math_in_compose:
-    examples += generate_split(config, 'num_math_train', key_map=key_map)[
+    # The first NUM-MATH examples, as without the anchor's copies
+    # (num_copy_in_math), which stay out of D_C.
+    math = dataclasses.replace(config, num_copy_in_math=0)
+    examples += generate_split(math, 'num_math_train', key_map=key_map)[
         :config.num_math_in_compose]
     order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
         len(examples))
@@ -495,7 +564,10 @@ def max_example_chars(config: KvArithmeticConfig) -> int:
   key_prompt = n * config.key_max_len + n  # n - 1 operators and '='.
   num_prompt = n * digits + n
   subs_target = n * digits + n - 1
-  return max(key_prompt + max(subs_target, result), num_prompt + result)
+  # NUM-COPY (num_math_train's copies, num_copy_eval) only where there are
+  # copies to train on: other configs keep their bound.
+  num_target = max(result, subs_target) if config.num_copy_in_math else result
+  return max(key_prompt + max(subs_target, result), num_prompt + num_target)
 
 
 # --------------------------------------------------------------------------
@@ -507,9 +579,11 @@ class KvArithmetic(generated.GeneratedText):
 
   BUILDER_CONFIGS = list(NAMED_CONFIGS)
   TEXT_FIELDS = ('prompt', 'target', 'task')
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': 'kv_math_dev split; data.kv.unique_values.'}
+                   '1.1.0': 'kv_math_dev split; data.kv.unique_values.',
+                   '1.2.0': 'num_copy_eval split; data.kv.subs_prompt_end '
+                            'and num_copy_in_math.'}
 
   def generate_splits(self) -> dict[str, list[dict[str, str]]]:
     validate_config(self.builder_config)

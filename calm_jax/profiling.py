@@ -1,0 +1,111 @@
+r"""Where a traced step's time goes, read from jax.profiler's own trace.
+
+A training run traces `train.profile_steps` steps into RUN_DIR/profile
+(after `PROFILE_AFTER` warm-up steps, with the compiled step's HLO beside
+the trace); benchmarks/train_step.py --profile_dir traces its own steps.
+Either directory summarises with
+
+  python -m calm_jax.profiling --trace_dir=W/runs/calm/seed_0/profile
+
+which prints `op_profile`'s JSON: ms per step by op kind and the top ops,
+each with the jax op it came from. TensorBoard's profile plugin and
+Perfetto (ui.perfetto.dev) read the same files.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+# Steps a run takes before its trace starts: compilation, the first
+# batches and the allocator's first growth stay out of it.
+PROFILE_AFTER = 10
+# The compiled step's optimized HLO, written beside a run's trace: op names
+# in the trace are its fusions.
+HLO_FILE = 'train_step.hlo.txt'
+
+
+def op_profile(trace_dir: str, steps: int, hlo: str = '', top: int = 8
+               ) -> dict[str, object]:
+  """Where a traced step's time goes, from jax.profiler's perfetto trace.
+
+  XLA's CPU runtime records one event per executed op (thunk) on the thread
+  that ran it. Returns ms per step: `wall` (the executions), `busy` (summed
+  over threads), `threads` (busy ms of each thread that ran ops), `kinds`
+  (ops by kind: `ynn_fusion` are YNNPACK dots, `*_fusion` XLA's loops) and
+  the `top` single ops, each with the jax op it came from (`hlo`: the
+  compiled HLO text; by default HLO_FILE in `trace_dir`, if there).
+  """
+  files = sorted(glob.glob(os.path.join(trace_dir, '**',
+                                        '*perfetto_trace.json.gz'),
+                           recursive=True))
+  if not files:
+    return {'error': f'no perfetto trace under {trace_dir}'}
+  if not hlo and os.path.exists(os.path.join(trace_dir, HLO_FILE)):
+    with open(os.path.join(trace_dir, HLO_FILE)) as f:
+      hlo = f.read()
+  events = json.load(gzip.open(files[-1]))
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  spans = [e for e in events if e.get('ph') == 'X']
+  wall = sum(e['dur'] for e in spans
+             if e['name'] == 'ThunkExecutor::Execute (wait for completion)')
+  ops = [e for e in spans if not e['name'].startswith('$') and not any(
+      w in e['name'] for w in ('Thunk', 'Slinky', 'Pjit', 'Execute',
+                               'Threadpool', 'end: '))]
+  per_op, kinds, threads = (collections.Counter() for _ in range(3))
+  for e in ops:
+    per_op[e['name']] += e['dur']
+    kinds[re.sub(r'\.\d+$', '', e['name'])] += e['dur']
+    threads[e.get('tid')] += e['dur']
+  ms = lambda us: round(us / steps / 1e3, 2)
+
+  def origin(name):
+    m = re.search('%' + re.escape(name) + r' = .*?op_name="([^"]*)"', hlo)
+    return m.group(1)[-90:] if m else ''
+
+  return {
+      'wall_ms': ms(wall), 'busy_ms': ms(sum(threads.values())),
+      'threads_ms': sorted((ms(v) for v in threads.values() if ms(v) > 0.1),
+                           reverse=True),
+      'kinds_ms': {k: ms(v) for k, v in kinds.most_common(top)},
+      'top_ops_ms': [[k, ms(v), origin(k)] for k, v in per_op.most_common(top)],
+  }
+
+
+def traced_steps(trace_dir: str) -> int:
+  """How many steps a run traced into `trace_dir` (its `steps` file)."""
+  path = os.path.join(trace_dir, 'steps')
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return int(f.read().split()[0])
+
+
+def main(argv) -> None:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  steps = _STEPS.value or traced_steps(_TRACE_DIR.value)
+  if not steps:
+    raise app.UsageError(
+        f'--trace_dir={_TRACE_DIR.value!r} does not say how many steps it '
+        'traced (no `steps` file); give --steps.')
+  print(json.dumps(op_profile(_TRACE_DIR.value, steps, top=_TOP.value),
+                   indent=1))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _TRACE_DIR = flags.DEFINE_string(
+      'trace_dir', None, 'A directory jax.profiler traced into (a run\'s '
+      'RUN_DIR/profile, or --profile_dir/MODE of train_step.py).')
+  _STEPS = flags.DEFINE_integer('steps', 0, 'Steps the trace holds; 0: '
+                                'what the run wrote in trace_dir/steps.')
+  _TOP = flags.DEFINE_integer('top', 12, 'Op kinds and single ops listed.')
+  flags.mark_flag_as_required('trace_dir')
+  app.run(main)
