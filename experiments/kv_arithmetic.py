@@ -290,6 +290,9 @@ def _generalist(config: ml_collections.ConfigDict) -> None:
   kv = config.data.kv
   kv.subs_prompt_end = ':'
   kv.num_copy_in_math = 25_000
+  # None of them in D_C (see docs/research/kv_arithmetic.md, *A generalist
+  # anchor*, for 2500 of them there, with train.seq_len=24).
+  kv.num_copy_in_compose = 0
   # NUM-COPY over 6 operands is 25 tokens with BOS/EOS.
   config.models.anchor.pretrain.seq_len = 24
   # A third of the batches are copies: 3000 steps keep the default's 2000

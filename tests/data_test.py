@@ -276,6 +276,25 @@ class ExamplesTest(absltest.TestCase):
            if s != 'num_copy_eval'}
     self.assertEqual(got, V1_1_0_SMOKE_DIGESTS)
 
+  def test_copies_in_compose_are_the_anchors_first_copies(self):
+    fields = dict(kv.config_fields(SMOKE), subs_prompt_end=':',
+                  num_copy_in_math=100, num_math_in_compose=50)
+    without = kv.generate_split(kv.make_config(**fields), 'kv_math_compose')
+    config = kv.make_config(**dict(fields, num_copy_in_compose=20))
+    compose = kv.generate_split(config, 'kv_math_compose')
+    copies = [ex for ex in compose if ex['task'] == 'num_copy']
+    self.assertLen(copies, 20)
+    anchors = [ex for ex in kv.generate_split(config, 'num_math_train')
+               if ex['task'] == 'num_copy']
+    self.assertTrue(all(ex in anchors for ex in copies))
+    by_prompt = lambda xs: sorted(xs, key=lambda ex: ex['prompt'])
+    self.assertEqual(by_prompt(ex for ex in compose
+                               if ex['task'] != 'num_copy'),
+                     by_prompt(without))
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.num_copy_in_compose=101:'):
+      kv.make_config(**dict(fields, num_copy_in_compose=101))
+
   def test_copies_need_their_own_prompt_end(self):
     fields = kv.config_fields(SMOKE)
     with self.assertRaisesRegex(ValueError,

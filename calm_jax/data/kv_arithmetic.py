@@ -126,6 +126,9 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   # NUM-COPY examples shuffled into `num_math_train` (the anchor's data):
   # prompt "10+22*24" + subs_prompt_end, target "10+22*24".
   num_copy_in_math: int = 0
+  # Of those copies, how many (the first ones) also join D_C, beside
+  # `num_math_in_compose` NUM-MATH examples.
+  num_copy_in_compose: int = 0
 
 
 _BASE_FIELDS = frozenset(
@@ -245,6 +248,9 @@ def validate_config(config: KvArithmeticConfig) -> None:
          "prompt could end inside a key; choose another, e.g. ':'.")
   if config.num_copy_in_math < 0:
     fail('num_copy_in_math', 'must be >= 0.')
+  if not 0 <= config.num_copy_in_compose <= config.num_copy_in_math:
+    fail('num_copy_in_compose', 'must be in [0, data.kv.num_copy_in_math='
+         f'{config.num_copy_in_math}]: they are taken from its copies.')
   if config.num_copy_in_math and end == '=':
     fail('num_copy_in_math', "NUM-COPY prompts would read as NUM-MATH's "
          "(both end with '='); set data.kv.subs_prompt_end to another "
@@ -518,24 +524,32 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
       if len(examples) == count:
         break
   if split == 'num_math_train' and config.num_copy_in_math:
-    copies = _generate(
-        config, 'num_copy_in_math', 'num_copy', None, config.max_value,
-        config.num_copy_in_math, 'num_copy_in_math',
-        np.random.default_rng([config.seed, _COPY_STREAM]), key_map, None, '')
-    examples += copies
+    examples += _copies(config, key_map)
     order = np.random.default_rng([config.seed, _COPY_MIX_STREAM]
                                   ).permutation(len(examples))
     examples = [examples[i] for i in order]
-  if split == 'kv_math_compose' and config.num_math_in_compose:
+  if split == 'kv_math_compose' and (config.num_math_in_compose or
+                                     config.num_copy_in_compose):
     # The first NUM-MATH examples, as without the anchor's copies
     # (num_copy_in_math), which stay out of D_C.
     math = dataclasses.replace(config, num_copy_in_math=0)
     examples += generate_split(math, 'num_math_train', key_map=key_map)[
         :config.num_math_in_compose]
+    if config.num_copy_in_compose:
+      examples += _copies(config, key_map)[:config.num_copy_in_compose]
     order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
         len(examples))
     examples = [examples[i] for i in order]
   return examples
+
+
+def _copies(config: KvArithmeticConfig, key_map: KeyMap
+            ) -> list[dict[str, str]]:
+  """The `num_copy_in_math` NUM-COPY examples of the anchor's data."""
+  return _generate(
+      config, 'num_copy_in_math', 'num_copy', None, config.max_value,
+      config.num_copy_in_math, 'num_copy_in_math',
+      np.random.default_rng([config.seed, _COPY_STREAM]), key_map, None, '')
 
 
 def generate_all(config: KvArithmeticConfig) -> dict[str, list[dict[str, str]]]:
