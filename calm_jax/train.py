@@ -298,7 +298,7 @@ class _Profile:
     if step == self.first and hlo is not None:
       jax.block_until_ready(state)  # Earlier steps stay out of the trace.
       if self.is_main:
-        os.makedirs(self.directory, exist_ok=True)
+        epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
         paths.atomic_write_text(
             os.path.join(self.directory, profiling.HLO_FILE), hlo())
         paths.atomic_write_text(os.path.join(self.directory, 'steps'),
