@@ -8,6 +8,8 @@ results table can always be traced to the command and the code that made it
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -33,6 +35,20 @@ def git_revision() -> str:
   return head.stdout.strip() + ('+dirty' if dirty else '')
 
 
+def diff_digest() -> str:
+  """sha256 (12 hex digits) of the checkout's uncommitted changes to
+  tracked files, '' when there are none or outside a git checkout: runs
+  that read the same `git` and `diff` ran the same code."""
+  try:
+    diff = subprocess.run(['git', '-C', _ROOT, 'diff', 'HEAD'],
+                          capture_output=True, check=False, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return ''
+  if diff.returncode or not diff.stdout:
+    return ''
+  return hashlib.sha256(diff.stdout).hexdigest()[:12]
+
+
 def run_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
@@ -42,6 +58,7 @@ def run_info() -> dict[str, Any]:
                  if sys.argv and sys.argv[0].endswith('main.py')
                  else shlex.join(sys.argv),
       'git': git_revision(),
+      'diff': diff_digest(),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
       'jax': jax.__version__,
@@ -49,3 +66,22 @@ def run_info() -> dict[str, Any]:
       'processes': jax.process_count(),
       'cpu_count': os.cpu_count(),
   }
+
+
+def code_versions(logs_dir: str, names: list[str]) -> dict[str, str]:
+  """The code each named run ran, `git` revision and `/diff` digest, from
+  its `<name>.run.json` in `logs_dir` (runs without one are left out).
+
+  launch/local.py's runs each import the checkout as they start, so an
+  edit made while a table runs reaches the runs that start after it.
+  """
+  out = {}
+  for name in names:
+    path = os.path.join(logs_dir, f'{name}.run.json')
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      info = json.load(f)
+    out[name] = info.get('git', '') + (
+        f"/{info['diff']}" if info.get('diff') else '')
+  return out

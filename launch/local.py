@@ -25,8 +25,12 @@ WORKDIR/logs/prepare.log, train_<row>[_seed<N>].log and score.log; the launcher 
 finished run and the wall time of each phase. Rerunning resumes like
 `calm_jax.main` does. Runs share the persistent XLA compilation cache in
 WORKDIR/xla_cache (unless JAX_COMPILATION_CACHE_DIR is set), so later seeds
-of a row skip compilation. On one host only: multi-host runs use
-`tpu_pod.sh` / `slurm_gpu.sh`, where JAX itself joins the processes.
+of a row skip compilation. Each run imports the checkout as it starts: if
+the code changes while the table runs, the launcher says so at the end
+and records each run's revision and uncommitted diff in WORKDIR/run.json
+(`code_versions`), which results/make.py reports. On one host only:
+multi-host runs use `tpu_pod.sh` / `slurm_gpu.sh`, where JAX itself joins
+the processes.
 """
 
 from __future__ import annotations
@@ -248,6 +252,14 @@ def main(argv: list[str]) -> int:
   info.update(command=shlex.join([os.path.basename(sys.executable)]
                                  + sys.argv), total_min=round(total, 1),
               workers=_WORKERS.value)
+  versions = provenance.code_versions(os.path.join(workdir, 'logs'),
+                                       [run.name for run in runs])
+  if len(set(versions.values())) > 1:
+    info['code_versions'] = versions
+    print('local.py: the code changed while this table ran (a run imports '
+          'the checkout as it starts): ' + '; '.join(
+              f'{v or "unknown"}: {", ".join(n for n in versions if versions[n] == v)}'
+              for v in dict.fromkeys(versions.values())), flush=True)
   with open(os.path.join(workdir, 'run.json'), 'w') as f:
     json.dump(info, f, indent=2)
   with open(os.path.join(workdir, 'results.md')) as f:

@@ -36,6 +36,12 @@ def write_md(name: str) -> str:
            f"{run.get('cpu_count', '?')} CPU cores"
            + (f", {run['total_min']} min in all" if 'total_min' in run
               else '') + ').', '',
+           *([f'Its runs did not all run the same code: '
+              f'{len(set(run["code_versions"].values()))} versions '
+              '(`code_versions` in the JSON: revision/uncommitted diff '
+              'per run).', '']
+             if len(set(run.get('code_versions', {}).values())) > 1
+             else []),
            evaluation.format_table(results), '']
   if os.path.exists(os.path.join(HERE, f'{name}.png')):
     lines += [f'![{name}]({name}.png)', '']

@@ -15,6 +15,7 @@ import textwrap
 from absl.testing import absltest
 
 from calm_jax import distributed
+from calm_jax import provenance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO_ROOT, 'launch', 'tpu_pod.sh')
@@ -214,6 +215,25 @@ class DistributedPlanTest(absltest.TestCase):
                                 r'\[0, JAX_NUM_PROCESSES=2\)'):
       distributed.plan('h:1', None, 2, env={'JAX_NUM_PROCESSES': '2'},
                        on_tpu_vm=False)
+
+
+class CodeVersionsTest(absltest.TestCase):
+
+  def test_runs_that_imported_different_code_are_told_apart(self):
+    logs = self.create_tempdir().full_path
+    for name, git, diff in (('prepare', 'abc', ''),
+                            ('train_calm_seed0', 'abc', ''),
+                            ('train_calm_seed1', 'abc+dirty', '0123456789ab')):
+      with open(os.path.join(logs, f'{name}.run.json'), 'w') as f:
+        json.dump({'git': git, 'diff': diff}, f)
+    versions = provenance.code_versions(
+        logs, ['prepare', 'train_calm_seed0', 'train_calm_seed1', 'score'])
+    self.assertEqual(versions, {'prepare': 'abc', 'train_calm_seed0': 'abc',
+                                'train_calm_seed1': 'abc+dirty/0123456789ab'})
+    digest = provenance.diff_digest()
+    self.assertRegex(digest, r'^([0-9a-f]{12})?$')
+    self.assertEqual(bool(digest), provenance.git_revision().endswith(
+        '+dirty'))
 
 
 class LocalTest(absltest.TestCase):
