@@ -483,8 +483,27 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
   pool = _pool(key_map, pool_name)
   pool_size = config.max_value if pool is None else len(pool)
   rng = np.random.default_rng([config.seed, _STREAMS[split]])
-  return _generate(config, split, task, pool, pool_size, count, count_field,
-                   rng, key_map, exclude_prompts if avoid else None, avoid)
+  examples = _generate(config, split, task, pool, pool_size, count,
+                       count_field, rng, key_map,
+                       exclude_prompts if avoid else None, avoid)
+  if split == 'num_math_train' and config.num_copy_in_math:
+    examples += _copies(config, key_map)
+    order = np.random.default_rng([config.seed, _COPY_MIX_STREAM]
+                                  ).permutation(len(examples))
+    examples = [examples[i] for i in order]
+  if split == 'kv_math_compose' and (config.num_math_in_compose or
+                                     config.num_copy_in_compose):
+    # The first NUM-MATH examples, as without the anchor's copies
+    # (num_copy_in_math), which stay out of D_C.
+    math = dataclasses.replace(config, num_copy_in_math=0)
+    examples += generate_split(math, 'num_math_train', key_map=key_map)[
+        :config.num_math_in_compose]
+    if config.num_copy_in_compose:
+      examples += _copies(config, key_map)[:config.num_copy_in_compose]
+    order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
+        len(examples))
+    examples = [examples[i] for i in order]
+  return examples
 
 
 def _generate(config: KvArithmeticConfig, split: str, task: str,
@@ -523,23 +542,6 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
       examples.append(example)
       if len(examples) == count:
         break
-  if split == 'num_math_train' and config.num_copy_in_math:
-    examples += _copies(config, key_map)
-    order = np.random.default_rng([config.seed, _COPY_MIX_STREAM]
-                                  ).permutation(len(examples))
-    examples = [examples[i] for i in order]
-  if split == 'kv_math_compose' and (config.num_math_in_compose or
-                                     config.num_copy_in_compose):
-    # The first NUM-MATH examples, as without the anchor's copies
-    # (num_copy_in_math), which stay out of D_C.
-    math = dataclasses.replace(config, num_copy_in_math=0)
-    examples += generate_split(math, 'num_math_train', key_map=key_map)[
-        :config.num_math_in_compose]
-    if config.num_copy_in_compose:
-      examples += _copies(config, key_map)[:config.num_copy_in_compose]
-    order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
-        len(examples))
-    examples = [examples[i] for i in order]
   return examples
 
 
