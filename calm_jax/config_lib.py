@@ -532,6 +532,10 @@ def validate_train(t: ConfigDict, field: str, check_split: SplitCheck,
                        f'{t[name]!r}.')
   if not t.learning_rate > 0:
     raise ValueError(f'{field}.learning_rate must be positive.')
+  profile = t.get('profile_steps', 0)
+  if not isinstance(profile, int) or profile < 0:
+    raise ValueError(f'{field}.profile_steps={profile!r} must be an int >= 0 '
+                     '(0: no trace).')
   row_len = t.get('seq_len', 0)
   if (not isinstance(row_len, int) or row_len == 1 or
       not 0 <= row_len <= seq_len):

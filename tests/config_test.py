@@ -81,6 +81,11 @@ class ValidateTest(absltest.TestCase):
                        default[field] if field in ('rows', 'seeds')
                        else default[field].to_dict(), field)
 
+  def test_negative_profile_steps(self):
+    c = smoke()
+    c.train.profile_steps = -3
+    self.assertInvalid(c, r'train\.profile_steps=-3 must be an int >= 0')
+
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
       kv_arithmetic.get_config('large')
