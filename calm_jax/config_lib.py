@@ -532,10 +532,14 @@ def validate_train(t: ConfigDict, field: str, check_split: SplitCheck,
                        f'{t[name]!r}.')
   if not t.learning_rate > 0:
     raise ValueError(f'{field}.learning_rate must be positive.')
-  profile = t.get('profile_steps', 0)
-  if not isinstance(profile, int) or profile < 0:
-    raise ValueError(f'{field}.profile_steps={profile!r} must be an int >= 0 '
-                     '(0: no trace).')
+  for name, least, meaning in (
+      ('log_every', 1, ''), ('eval_every', 0, ' (0: only at the end)'),
+      ('checkpoint_every', 1, ' (the last step is always saved)'),
+      ('keep_checkpoints', 1, ''), ('profile_steps', 0, ' (0: no trace)')):
+    value = t.get(name, least)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ValueError(f'{field}.{name}={value!r} must be an int >= {least}'
+                       f'{meaning}.')
   row_len = t.get('seq_len', 0)
   if (not isinstance(row_len, int) or row_len == 1 or
       not 0 <= row_len <= seq_len):

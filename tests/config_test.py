@@ -86,6 +86,22 @@ class ValidateTest(absltest.TestCase):
     c.train.profile_steps = -3
     self.assertInvalid(c, r'train\.profile_steps=-3 must be an int >= 0')
 
+  def test_loop_intervals(self):
+    # `done % log_every` divides by it; 0 checkpoints would save every step.
+    for field, value, least in (('log_every', 0, 1), ('log_every', -1, 1),
+                                ('eval_every', -5, 0),
+                                ('checkpoint_every', 0, 1),
+                                ('keep_checkpoints', 0, 1)):
+      with self.subTest(field=field, value=value):
+        c = smoke()
+        c.train[field] = value
+        self.assertInvalid(
+            c, rf'train\.{field}={value!r} must be an int >= {least}')
+    c = smoke()
+    c.models.anchor.pretrain.log_every = 0
+    self.assertInvalid(
+        c, r'models\.anchor\.pretrain\.log_every=0 must be an int >= 1')
+
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, r"variant 'large'.*smoke"):
       kv_arithmetic.get_config('large')
