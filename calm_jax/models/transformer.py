@@ -239,14 +239,26 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
     # Multi-head: plain [b, h, t, s] einsums, the mask broadcast where it is
     # used. A size-1 group axis (the grouped form below) and a materialised
     # mask cost XLA:CPU ~15% of the attention's time (forward and backward).
-    logits = _softcap(jnp.einsum('bthd,bshd->bhts', q, k,
+    # More than one query: q, k, v move to [b, h, t, d] first, so that every
+    # dot, forward and backward, is a batched matmul with its batch axes
+    # leading; from [b, t, h, d] each dot transposes its own operands (the
+    # `peer` anchor's attention dots alone: 48-52 against 25-33 GFLOP/s on
+    # an AVX2 host; docs/research/performance.md). One decoded query reads
+    # the cache where it lies.
+    heads_first = t > 1
+    if heads_first:
+      q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    qs, ks = ('bhtd', 'bhsd') if heads_first else ('bthd', 'bshd')
+    logits = _softcap(jnp.einsum(f'{qs},{ks}->bhts', q, k,
                                  preferred_element_type=jnp.float32) * scale,
                       softcap)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhts,bshd->bthd', probs, v)
+    out = jnp.einsum(f'bhts,{ks}->{qs}', probs, v)
+    if heads_first:
+      out = out.transpose(0, 2, 1, 3)
     return (out, probs) if return_probs else out
   q = q.reshape(b, t, kv, h // kv, d)
   logits = jnp.einsum('btkgd,bskd->bkgts', q, k,
