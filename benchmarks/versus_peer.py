@@ -17,7 +17,9 @@ slows both. It prints one JSON line per row and a markdown table:
 Also, on the spread row: calm_jax's full fine-tune of the anchor
 (`full_ft`, the yardstick of "CALM costs about 0.7x a fine-tune") and CALM
 with m_A's states cached (`cache_augmenting`, work calm-pytorch has no way
-to skip). MFU is the step's useful FLOPs (`train_step.useful_flops`, the
+to skip), and the spread row's matmuls each timed alone at their own shapes
+(`train_step.py --dots_alone`): the step's time were everything else free.
+MFU is the step's useful FLOPs (`train_step.useful_flops`, the
 same count for both) over the best dense float32 matmul throughput either
 framework measured in this run.
 """
@@ -84,7 +86,11 @@ def main(argv):
     runs: dict[str, list[dict]] = {}
     for _ in range(_ROUNDS.value):
       modes = 'calm,full_ft' if row == 'spread' else 'calm'
-      for r in _run('train_step.py', f'--modes={modes}', f'--pairs={pairs}'):
+      # On the spread row also the step's own matmuls, each timed alone:
+      # how close the step is to what XLA's dot kernels allow.
+      dots = ('--dots_alone', '--dot_top=0') if row == 'spread' else ()
+      for r in _run('train_step.py', f'--modes={modes}', f'--pairs={pairs}',
+                    *dots):
         runs.setdefault(r['mode'], []).append(r)
       runs.setdefault('calm_pytorch', []).extend(
           _run('peer_calm_pytorch.py', f'--pairs={pairs}'))
@@ -112,6 +118,12 @@ def main(argv):
     if 'full_ft' in step:
       line['full_ft_step_s'] = [r['step_s'] for r in runs['full_ft']]
       line['calm_over_full_ft'] = round(step['calm'] / step['full_ft'], 3)
+    if 'dots_alone_s' in runs['calm'][0]:
+      for m in ('calm', 'full_ft'):
+        alone = statistics.median(r['dots_alone_s'] for r in runs[m])
+        line[f'{m}_dots_alone_s'] = [r['dots_alone_s'] for r in runs[m]]
+        line[f'{m}_step_over_dots_alone'] = round(step[m] / alone, 3)
+        line[f'{m}_dot_bound_mfu'] = round(flops[m] / alone / peak, 3)
     if 'calm_cached' in step:
       line['calm_cached_step_s'] = [r['step_s'] for r in runs['calm_cached']]
       line['ratio_cached_tokens_per_s'] = round(
@@ -134,6 +146,15 @@ def main(argv):
             f"CALM / full fine-tune = {r['calm_over_full_ft']}x. CALM with "
             f"m_A's states cached: {r['calm_cached_step_s']} s/step, "
             f"{r['ratio_cached_tokens_per_s']}x calm-pytorch's tokens/s.")
+  for r in results:
+    if 'calm_dots_alone_s' in r:
+      print(f"\n{r['row']}: calm_jax's CALM step is "
+            f"{r['calm_step_over_dots_alone']}x its own matmuls each timed "
+            f"alone ({r['calm_dots_alone_s']} s), the full fine-tune's "
+            f"{r['full_ft_step_over_dots_alone']}x; "
+            f"were everything but those matmuls free, MFU would be "
+            f"{r['calm_dot_bound_mfu']} (CALM) and "
+            f"{r['full_ft_dot_bound_mfu']} (full fine-tune).")
   print(f"\nMFU against {max(r['peak_gflops'] for r in results)} GFLOP/s, "
         'the best dense float32 matmul either framework measured here.')
 

@@ -89,6 +89,76 @@ def op_profile(trace_dir: str, steps: int, hlo: str = '', top: int = 8
   }
 
 
+def dot_inventory(closed_jaxpr) -> dict[tuple, int]:
+  """The matmuls a traced function does: {signature: times it runs}.
+
+  `closed_jaxpr` is `jax.make_jaxpr(f)(*args)`; for a train step that holds
+  the forward's dots and the backward's transposed ones. Walks every
+  sub-jaxpr (jit, custom_vjp, remat, cond branches); a scan's body counts
+  `length` times, and a while loop's body once (its trip count is not in the
+  jaxpr). A signature is (lhs shape, rhs shape, lhs dtype, rhs dtype,
+  dimension_numbers, preferred_element_type): what `dot_call` rebuilds.
+  """
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+
+  counts: collections.Counter[tuple] = collections.Counter()
+
+  def subjaxprs(value):
+    if isinstance(value, core.ClosedJaxpr):
+      yield value.jaxpr
+    elif isinstance(value, core.Jaxpr):
+      yield value
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        yield from subjaxprs(v)
+
+  def walk(jaxpr, times: int) -> None:
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        lhs, rhs = (v.aval for v in eqn.invars)
+        counts[(tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype),
+                str(rhs.dtype), eqn.params['dimension_numbers'],
+                eqn.params.get('preferred_element_type'))] += times
+        continue
+      inner = times * (eqn.params['length']
+                       if eqn.primitive.name == 'scan' else 1)
+      for value in eqn.params.values():
+        for sub in subjaxprs(value):
+          walk(sub, inner)
+
+  walk(closed_jaxpr.jaxpr, 1)
+  return dict(counts)
+
+
+def dot_flops(signature: tuple) -> int:
+  """2 x lhs elements x rhs's free size, for one `dot_inventory` key.
+
+  lhs's elements are batch x its free size x the contracted size, so this is
+  the usual 2 x output elements x contracted size.
+  """
+  lhs, rhs, _, _, ((_, rhs_contract), (_, rhs_batch)), _ = signature
+  flops = 2
+  for size in lhs:
+    flops *= size
+  for axis, size in enumerate(rhs):
+    if axis not in rhs_contract and axis not in rhs_batch:
+      flops *= size
+  return flops
+
+
+def dot_call(signature: tuple):
+  """(jitted dot, its two random operands) for one `dot_inventory` key."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  lhs, rhs, lhs_dtype, rhs_dtype, dims, preferred = signature
+  rng = np.random.default_rng(0)
+  operands = [jax.numpy.asarray(rng.standard_normal(shape), dtype)
+              for shape, dtype in ((lhs, lhs_dtype), (rhs, rhs_dtype))]
+  fn = jax.jit(lambda a, b: jax.lax.dot_general(
+      a, b, dims, preferred_element_type=preferred))
+  return fn, operands
+
+
 def traced_steps(trace_dir: str) -> int:
   """How many steps a run traced into `trace_dir` (its `steps` file)."""
   path = os.path.join(trace_dir, 'steps')

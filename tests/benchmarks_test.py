@@ -41,6 +41,20 @@ class BenchmarksTest(absltest.TestCase):
     self.assertLess(by_mode['calm']['trainable_params'],
                     by_mode['full_ft']['trainable_params'])
 
+  def test_train_step_dots_alone(self):
+    lines = _run('train_step.py', '--steps=1', '--modes=calm,full_ft',
+                 '--dots_alone')
+    for line in lines:
+      self.assertGreater(line['dots_alone_s'], 0)
+      self.assertBetween(line['dot_bound_mfu'], 0, 100)
+      # The step's dots do at least the useful matmul work, and not much
+      # more than all of XLA's count (which also counts the elementwise ops).
+      self.assertGreaterEqual(line['dot_gflop'], 0.95 * line['useful_gflop'])
+      self.assertLessEqual(line['dot_gflop'], 1.05 * line['xla_gflop'])
+    calm, full_ft = lines
+    # A full fine-tune's backward makes weight gradients everywhere.
+    self.assertGreater(full_ft['dots'], calm['dots'])
+
   def test_train_step_with_explicit_pairs_and_cached_augmenting(self):
     plain, = _run('train_step.py', '--steps=1', '--modes=calm',
                   '--pairs=0:1,1:2,3:3')
@@ -90,6 +104,10 @@ class BenchmarksTest(absltest.TestCase):
       self.assertLen(line['calm_pytorch_step_s'], 1)
     self.assertGreater(spread['calm_over_full_ft'], 0)
     self.assertGreater(spread['ratio_cached_tokens_per_s'], 0)
+    # The spread row also times its matmuls alone; the paper row does not.
+    self.assertGreater(spread['calm_step_over_dots_alone'], 0)
+    self.assertGreater(spread['full_ft_dot_bound_mfu'], 0)
+    self.assertNotIn('calm_dots_alone_s', paper)
 
   def test_plan(self):
     env_free = lambda *a: _run('plan.py', *a, sizes='')
