@@ -74,6 +74,41 @@ class KernelsTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+class CausalBlocksTest(parameterized.TestCase):
+  """The XLA path's block-causal form: the same outputs and gradients."""
+
+  def test_block_counts(self):
+    blocks = transformer._causal_blocks  # pylint: disable=protected-access
+    self.assertEqual(blocks(256, 256), 4)
+    self.assertEqual(blocks(2048, 2048), 8)
+    self.assertEqual(blocks(64, 64), 1)  # Too short to gain.
+    self.assertEqual(blocks(256, 512), 1)  # A cache: not self-attention.
+    self.assertEqual(blocks(200, 200), 1)  # No whole blocks of 64.
+
+  @parameterized.parameters((0, None, False, False), (16, None, True, False),
+                            (0, 30.0, False, True))
+  def test_matches_the_whole_matrix(self, window, softcap, packed, bias):
+    q, k, v = _qkv(t=256, h=4, kv=4, d=16)
+    segment_ids = (jnp.asarray(np.repeat([[1, 2, 2, 0]], 64, 1).repeat(2, 0))
+                   if packed else None)
+    mask = transformer.causal_mask(256, segment_ids, window)
+    extra = (0.1 * jax.random.normal(jax.random.key(3), (1, 4, 256, 256))
+             if bias else None)
+
+    def loss(q, k, v, causal):
+      out = transformer.dot_product_attention(
+          q, k, v, mask, softcap, bias=extra, causal=causal)
+      return jnp.sum(out * jnp.cos(out)), out
+
+    grads = {}
+    for causal in (False, True):
+      (_, out), g = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+          q, k, v, causal)
+      grads[causal] = (out, *g)
+    for whole, blocked in zip(grads[False], grads[True]):
+      np.testing.assert_allclose(blocked, whole, atol=2e-5, rtol=2e-5)
+
+
 class ChooseTest(absltest.TestCase):
 
   def choose(self, requested, platform, dtype=jnp.bfloat16, length=256,

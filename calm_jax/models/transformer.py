@@ -219,15 +219,40 @@ class Norm(nn.Module):
     return (x * scale + bias).astype(dtype)
 
 
+def _causal_blocks(t: int, s: int) -> int:
+  """Query blocks for causal self-attention over t positions (1: whole).
+
+  Blocks of max(64, t / 8) positions, whole ones only: below 64 the dots get
+  too small to gain, and at most 8 keeps the program small.
+  """
+  if t != s or t < 128:
+    return 1
+  block = max(64, t // 8)
+  return t // block if t % block == 0 else 1
+
+
+def _block(x: Array, start: int, stop: int) -> Array:
+  """Rows [start, stop) and keys [0, stop) of a [..., t, s] mask or bias
+  (a size-1 axis is broadcast, so kept)."""
+  if x.shape[-2] != 1:
+    x = x[..., start:stop, :]
+  if x.shape[-1] != 1:
+    x = x[..., :stop]
+  return x
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
                           softcap: float | None = None,
                           scale: float | None = None,
                           return_probs: bool = False,
-                          bias: Array | None = None
+                          bias: Array | None = None,
+                          causal: bool = False
                           ) -> Array | tuple[Array, Array]:
   """q [b, t, h, d]; k, v [b, s, kv, d]; mask broadcastable to [b, h, t, s].
 
-  `bias` (broadcastable to [b, h, t, s]) is added to the logits.
+  `bias` (broadcastable to [b, h, t, s]) is added to the logits. `causal`:
+  the caller promises that `mask` lets no query read a later key (s == t),
+  so whole blocks above the diagonal may be skipped (`_causal_blocks`).
 
   Grouped-query attention shares each key/value head across h // kv query
   heads. Softmax runs in float32 whatever the compute dtype.
@@ -249,14 +274,31 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
     if heads_first:
       q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     qs, ks = ('bhtd', 'bhsd') if heads_first else ('bthd', 'bshd')
-    logits = _softcap(jnp.einsum(f'{qs},{ks}->bhts', q, k,
-                                 preferred_element_type=jnp.float32) * scale,
-                      softcap)
-    if bias is not None:
-      logits = logits + bias
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f'bhts,{ks}->{qs}', probs, v)
+
+    def attend(q, k, v, mask, bias):
+      logits = _softcap(jnp.einsum(f'{qs},{ks}->bhts', q, k,
+                                   preferred_element_type=jnp.float32)
+                        * scale, softcap)
+      if bias is not None:
+        logits = logits + bias
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      return jnp.einsum(f'bhts,{ks}->{qs}', probs, v), probs
+
+    blocks = (_causal_blocks(t, k.shape[2])
+              if causal and heads_first and not return_probs else 1)
+    if blocks == 1:
+      out, probs = attend(q, k, v, mask, bias)
+    else:
+      # Query block i reads keys [0, (i + 1) c): the blocks above the
+      # diagonal, all masked, are never computed (the `peer` anchor's
+      # attention forward and backward: 72 -> 59 ms with 4 blocks).
+      c, probs = t // blocks, None
+      out = jnp.concatenate([attend(
+          q[:, :, i * c:(i + 1) * c], k[:, :, :(i + 1) * c],
+          v[:, :, :(i + 1) * c], _block(mask, i * c, (i + 1) * c),
+          None if bias is None else _block(bias, i * c, (i + 1) * c))[0]
+                             for i in range(blocks)], axis=2)
     if heads_first:
       out = out.transpose(0, 2, 1, 3)
     return (out, probs) if return_probs else out
@@ -365,7 +407,7 @@ def causal_attention(cfg: DecoderConfig, q: Array, k: Array, v: Array,
                                 segment_ids=segment_ids)
   mask = causal_mask(q.shape[1], segment_ids, window)
   return dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
-                               cfg.query_scale)
+                               cfg.query_scale, causal=True)
 
 
 def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int,
