@@ -4,7 +4,8 @@
 
   xla     the einsum attention of `transformer.dot_product_attention`: runs
           everywhere, and does everything (soft-capping, sliding windows,
-          packed rows, decoding).
+          packed rows, decoding); over 128 positions or more it skips the
+          key blocks above the causal diagonal.
   cudnn   cuDNN's fused flash attention through
           `jax.nn.dot_product_attention(implementation='cudnn')`: GPUs, in
           bfloat16 or float16, causal (with or without a sliding window),
