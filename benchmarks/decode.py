@@ -2,7 +2,9 @@ r"""Decoding speed: the composed model against the anchor alone, both cached.
 
 Prints one JSON object per model: mode, new_tokens_per_s (generated tokens
 of the whole batch per second, median over repeats), s_per_call,
-batch, prompt_len, new_tokens.
+batch, prompt_len, new_tokens, and for every model but the anchor
+vs_anchor_paired (its tokens/s over the anchor's, median of the ratios of
+calls made in the same repeat: the models' calls take turns).
 
   python benchmarks/decode.py --config=peer --threads=2
 
@@ -81,21 +83,7 @@ def main(argv):
         r, jnp.zeros((1, 4), jnp.int32), **kw)['params']))
     return init(jax.random.key(0))
 
-  def report(mode, run):
-    run()  # Compile (or warm up).
-    times = []
-    for _ in range(_REPEATS.value):
-      start = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - start)
-    s = statistics.median(times)
-    print(json.dumps({
-        'mode': mode, 'config': _CONFIG.value,
-        'new_tokens_per_s': round(b * new / s, 1), 's_per_call': round(s, 4),
-        'batch': b, 'prompt_len': plen, 'new_tokens': new,
-        'threads': _THREADS.value, 'device': jax.devices()[0].platform}),
-          flush=True)
-
+  runs = []  # (mode, a call that decodes the batch and waits for it).
   models = [('anchor', transformer.Decoder(anchor)), ('calm', composed)]
   llama = None
   if _TRANSFORMERS.value:
@@ -105,9 +93,9 @@ def main(argv):
     models.append(('anchor_llama', transformer.Decoder(llama)))
   for mode, model in models:
     params = params_of(model)
-    report(mode, lambda: decoding.generate(
+    runs.append((mode, lambda model=model, params=params: decoding.generate(
         model, params, prompts, prompt_len, max_new_tokens=new,
-        eos_id=-1)['new_tokens'].block_until_ready())
+        eos_id=-1)['new_tokens'].block_until_ready()))
 
   if llama is not None:
     import torch  # pylint: disable=g-import-not-at-top
@@ -129,7 +117,31 @@ def main(argv):
                     max_new_tokens=new, min_new_tokens=new, do_sample=False,
                     use_cache=True)
 
-    report('transformers_llama', hf_run)
+    runs.append(('transformers_llama', hf_run))
+
+  # Every model is compiled (or warmed up) first; then the timed calls take
+  # turns, the order reversed each repeat, so that a slow spell of a shared
+  # machine falls on all of them rather than on one.
+  for _, run in runs:
+    run()
+  times = {mode: [] for mode, _ in runs}
+  for r in range(_REPEATS.value):
+    for mode, run in (runs if r % 2 == 0 else runs[::-1]):
+      start = time.perf_counter()
+      run()
+      times[mode].append(time.perf_counter() - start)
+  for mode, _ in runs:
+    s = statistics.median(times[mode])
+    line = {
+        'mode': mode, 'config': _CONFIG.value,
+        'new_tokens_per_s': round(b * new / s, 1), 's_per_call': round(s, 4),
+        'batch': b, 'prompt_len': plen, 'new_tokens': new,
+        'threads': _THREADS.value, 'device': jax.devices()[0].platform}
+    if mode != 'anchor':
+      # Tokens/s over the anchor alone's, call by call in the same repeat.
+      line['vs_anchor_paired'] = round(statistics.median(
+          a / m for a, m in zip(times['anchor'], times[mode])), 3)
+    print(json.dumps(line), flush=True)
 
 
 if __name__ == '__main__':

@@ -132,6 +132,10 @@ class BenchmarksTest(absltest.TestCase):
                      ['anchor', 'calm', 'anchor_llama', 'transformers_llama'])
     for line in lines:
       self.assertGreater(line['new_tokens_per_s'], 0)
+    # Every model but the anchor is compared with it call by call.
+    self.assertNotIn('vs_anchor_paired', lines[0])
+    for line in lines[1:]:
+      self.assertGreater(line['vs_anchor_paired'], 0)
 
 
 if __name__ == '__main__':
