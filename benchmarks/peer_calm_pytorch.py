@@ -3,8 +3,9 @@ r"""Train-step speed of the peer implementation, lucidrains/CALM-pytorch 0.2.2.
 The point is a like-for-like number next to `train_step.py --modes=calm`:
 the same model sizes (its `SIZES`), the same batch (b x seq tokens, loss over
 every position), the same composed layer pairs, the same analytic FLOP count
-(its `useful_flops`) and the same kind of peak (a dense float32 1024x1024
-matmul measured in this run, here with torch), so `mfu` is comparable. On a
+(its `useful_flops`) and the same peak measure (its `MatmulPeak`: dense
+float32 1024x1024 matmuls in bursts through the run, here with torch), so
+`mfu` is comparable. On a
 machine whose cores other processes also use, that peak is measured under
 the same contention as the step and can come out low: mfu > 1 means so.
 
@@ -211,7 +212,10 @@ def main(argv):
     opt.step()
     return loss
 
-  peak = _matmul_peak(torch, statistics, time)
+  square = torch.randn(1024, 1024, dtype=torch.float32,
+                       generator=torch.Generator().manual_seed(0))
+  peak = train_step.MatmulPeak(lambda: torch.mm(square, square),
+                               2 * 1024 ** 3)
   for _ in range(2):  # Warm-up.
     step()
     clear_recorders()
@@ -221,6 +225,7 @@ def main(argv):
     loss = step()
     times.append(time.perf_counter() - start)
     clear_recorders()
+    peak.burst()
   assert torch.isfinite(loss), f'non-finite loss {loss.item()}'
   step_s = statistics.median(times)
   flops = train_step.useful_flops('calm', anchor_cfg, aug_cfg, pairs, b * t,
@@ -233,8 +238,8 @@ def main(argv):
       'rss_mib': round(resource.getrusage(
           resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'useful_gflop': round(flops / 1e9, 3),
-      'mfu': round(flops / step_s / peak, 4),
-      'peak_gflops': round(peak / 1e9, 1),
+      'mfu': round(flops / step_s / peak.flops, 4),
+      'peak_gflops': round(peak.flops / 1e9, 1),
       'trainable_params': sum(p.numel() for p in params),
       'threads': threads, 'retain_freed_memory': retained,
       'torch': torch.__version__,
@@ -242,21 +247,6 @@ def main(argv):
                       or importlib.metadata.version('CALM-Pytorch'),
       'x_transformers': importlib.metadata.version('x-transformers'),
   }), flush=True)
-
-
-def _matmul_peak(torch, statistics, time, n: int = 1024) -> float:
-  """Dense float32 matmul FLOP/s with torch, now (median of 10): the same
-  measure as train_step.py's `_matmul_peak`, so the two mfu figures share a
-  yardstick measured by each framework's own matmul."""
-  x = torch.randn(n, n, dtype=torch.float32,
-                  generator=torch.Generator().manual_seed(0))
-  torch.mm(x, x)
-  times = []
-  for _ in range(10):
-    start = time.perf_counter()
-    torch.mm(x, x)
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times)
 
 
 if __name__ == '__main__':

@@ -18,6 +18,8 @@ own (train.make_train_step with AdamW), not a toy.
 """
 
 import os
+import statistics
+import time
 
 from absl import app
 from absl import flags
@@ -125,8 +127,6 @@ def main(argv):
   retained = process.setup(_THREADS.value)
   import json
   import resource
-  import statistics
-  import time
 
   import flax.linen as nn
   import jax
@@ -187,7 +187,9 @@ def main(argv):
     return tasks.lora_task(anchor_f, anchor_params, lora_rank,
                            lora_lib.DEFAULT_TARGETS)
 
-  peak = _MatmulPeak(jax, jnp, statistics, time)
+  square = jax.random.normal(jax.random.key(0), (1024, 1024), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  peak = MatmulPeak(lambda: matmul(square).block_until_ready(), 2 * 1024 ** 3)
   step_batch = batch
   if _CACHE_AUG.value:
     # What composition.cache_augmenting reads from disk: m_A's states at the
@@ -249,8 +251,7 @@ def main(argv):
         'frozen_dtype': _DTYPE.value, 'remat': _REMAT.value,
         'threads': _THREADS.value, 'retain_freed_memory': retained,
         'device': jax.devices()[0].platform,
-        **(_dots_alone(jax, statistics, time,
-                       jax.make_jaxpr(step)(state, task.frozen, batch),
+        **(_dots_alone(jax.make_jaxpr(step)(state, task.frozen, batch),
                        flops, peak.flops) if _DOTS.value else {})}),
           flush=True)
     if _PROFILE.value:
@@ -265,8 +266,7 @@ def main(argv):
     del state
 
 
-def _dots_alone(jax, statistics, time, jaxpr, useful: float, peak: float,
-                reps: int = 5) -> dict[str, float]:
+def _dots_alone(jaxpr, useful: float, peak: float, reps: int = 5) -> dict[str, float]:
   """The step's own matmuls, each timed alone (median of `reps`), summed.
 
   What the step would cost if its norms, softmax, transposes and optimizer
@@ -278,13 +278,9 @@ def _dots_alone(jax, statistics, time, jaxpr, useful: float, peak: float,
   rows = []
   for signature, count in inventory.items():
     fn, operands = profiling.dot_call(signature)
-    fn(*operands).block_until_ready()
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      fn(*operands).block_until_ready()
-      times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    call = lambda: fn(*operands).block_until_ready()  # pylint: disable=cell-var-from-loop
+    call()
+    seconds = median_seconds(call, reps)
     flop = profiling.dot_flops(signature)
     total += count * seconds
     dot_flop += count * flop
@@ -303,33 +299,37 @@ def _dots_alone(jax, statistics, time, jaxpr, useful: float, peak: float,
           'dot_top': [r for _, r in rows[:_DOT_TOP.value]]}
 
 
-class _MatmulPeak:
+def median_seconds(call, reps: int) -> float:
+  """Median wall time of `reps` calls of `call` (which waits for its result)."""
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+class MatmulPeak:
   """Dense float32 1024x1024 matmul FLOP/s on this machine, in this run.
 
-  Measured in bursts (median of each): six before the first mode and one
-  after every timed step, so a slow spell of a shared machine (other
-  tenants' load comes and goes over seconds) cannot set the peak alone.
-  `gflops` is the best burst so far: the rate the machine sustained, the
-  same rule versus_peer.py applies across both frameworks' runs.
+  Measured in bursts (median of each): six at the start and one after every
+  timed step, so a slow spell of a shared machine (other tenants' load comes
+  and goes over seconds) cannot set the peak alone. `flops` is the best
+  burst so far: the rate the machine sustained, the same rule versus_peer.py
+  applies across both frameworks' runs. `matmul` runs one product and waits
+  for it (peer_calm_pytorch.py passes torch's, so both frameworks measure
+  their yardstick alike).
   """
 
-  def __init__(self, jax, jnp, statistics, time, n: int = 1024):
-    self._x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    self._f = jax.jit(lambda a: a @ a)
-    self._f(self._x).block_until_ready()
-    self._flop = 2 * n ** 3
-    self._statistics, self._time = statistics, time
+  def __init__(self, matmul, flop: int):
+    self._matmul, self._flop = matmul, flop
+    matmul()  # Compile, or warm up.
     self.bursts: list[float] = []
     for _ in range(6):
       self.burst()
 
   def burst(self, reps: int = 5) -> None:
-    times = []
-    for _ in range(reps):
-      start = self._time.perf_counter()
-      self._f(self._x).block_until_ready()
-      times.append(self._time.perf_counter() - start)
-    self.bursts.append(self._flop / self._statistics.median(times))
+    self.bursts.append(self._flop / median_seconds(self._matmul, reps))
 
   @property
   def flops(self) -> float:
