@@ -55,7 +55,7 @@ _DOTS = flags.DEFINE_bool(
     'everything else were free.')
 _DOT_TOP = flags.DEFINE_integer(
     'dot_top', 8, 'With --dots_alone: how many of the slowest matmul shapes '
-    '`dot_top` lists.')
+    '`dot_top` lists.', lower_bound=0)
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
                            'Dtype of the frozen models (CALM and LoRA).')
