@@ -3,10 +3,12 @@
 Both models keep caches (linen's `cache` collection): each step feeds one
 token to every model — the anchor, each augmenting model, and the bridges,
 whose caches hold the projected augmenting states — which is the paper's
-decoding rule. Prompts of different lengths share one batch the way the Flax
-lm1b example does it: every row steps from position 0; while a row is still
-inside its prompt the next input is forced to the prompt token, afterwards
-it is the model's choice. One compiled loop serves every batch of a shape.
+decoding rule. The prompt is read first in one parallel call (prefill), as
+far as the shortest prompt of the batch goes; from there prompts of
+different lengths share one batch the way the Flax lm1b example does it:
+while a row is still inside its prompt the next input is forced to the
+prompt token, afterwards it is the model's choice. One compiled loop serves
+every batch of a shape.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +67,33 @@ def _zero_cache(model: nn.Module, first: Array,
                     **model_kwargs)['cache']
 
 
+# The cache variables that count the tokens cached so far: update_cache's
+# and DecodePosition's (transformer.py).
+_INDICES = ('cache_index', 'index')
+
+
+def _prefill(model: nn.Module, params: Any, cache: Any, tokens: Array,
+             keep: Array, model_kwargs: Mapping[str, Any]) -> Any:
+  """The zero `cache` after reading `tokens` [b, w] in one call, of which
+  the first `keep` (traced, <= w) stay: exactly what `keep` one-token steps
+  leave. Every index is set back to `keep`; the slots from there on hold
+  what the masks hide until the next steps write over them. Causal
+  attention makes slot s depend on tokens <= s only, so the first `keep`
+  slots are the same whatever the later tokens are."""
+  _, mutated = model.apply({'params': params, 'cache': cache}, tokens,
+                           decode=True, mutable=['cache'], **model_kwargs)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(
+      mutated['cache']))
+  return flax.traverse_util.unflatten_dict({
+      path: jnp.full_like(x, keep) if path[-1] in _INDICES else x
+      for path, x in flat.items()})
+
+
+def _skip_keys(rng: Array, n: Array) -> Array:
+  """`rng` after n steps' splits: prefilled steps draw as the loop would."""
+  return jax.lax.fori_loop(0, n, lambda _, r: jax.random.split(r)[0], rng)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
                        temperature: float, top_k: int, top_p: float
@@ -87,6 +117,14 @@ def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
     cache = _zero_cache(model, buf[:, :1], model_kwargs)
     # The last position any row writes (its max_new_tokens-th new token).
     last = jnp.minimum(total_len, jnp.max(prompt_len) + max_new_tokens) - 1
+    # Every row's prompt covers positions < shortest: those are read in one
+    # call, and the loop starts at the last of them (its logits choose the
+    # first new token of the shortest rows).
+    start = jnp.min(prompt_len) - 1
+    if width > 1:
+      cache = _prefill(model, params, cache, buf[:, :width], start,
+                       model_kwargs)
+      rng = _skip_keys(rng, start)
 
     def cond(state):
       t, _, _, done, _ = state
@@ -112,7 +150,7 @@ def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
                                    (count >= max_new_tokens)))
       return nxt, buf, mutated['cache'], done, rng
 
-    state = (jnp.array(0, jnp.int32), buf, cache, jnp.zeros((b,), bool),
+    state = (start.astype(jnp.int32), buf, cache, jnp.zeros((b,), bool),
              rng)
     _, buf, _, _, _ = jax.lax.while_loop(cond, body, state)
     # Every row ends done (its EOS, or max_new_tokens), so the completion
@@ -304,6 +342,14 @@ def _compiled_step(model: nn.Module, temperature: float, top_k: int,
   return jax.jit(step, donate_argnums=(1,))
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_prefill(model: nn.Module) -> Callable[..., Any]:
+  return jax.jit(functools.partial(_prefill, model), donate_argnums=(1,))
+
+
+_compiled_skip_keys = jax.jit(_skip_keys)
+
+
 def stream(model: nn.Module, params: Any, prompt: Sequence[int], *,
            max_new_tokens: int, rng: Array | None = None,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -322,14 +368,20 @@ def stream(model: nn.Module, params: Any, prompt: Sequence[int], *,
   step = _compiled_step(model, float(temperature), int(top_k), float(top_p))
   cache = jax.jit(functools.partial(_zero_cache, model))(prompt[:, :1], kw)
   rng = jax.random.key(0) if rng is None else rng
-  tok = prompt[:, :1]
-  for t in range(prompt.shape[1] - 1 + max_new_tokens):
-    # Split every step, prompt steps too, exactly as `generate` does.
+  n = prompt.shape[1] - 1  # Prefilled: all but the prompt's last token.
+  if n:
+    # Padded to a power of two (the cache's length at most), so that a
+    # compilation serves many prompt lengths.
+    width = min(max_len_of(model), 1 << (n - 1).bit_length())
+    tokens = np.zeros((1, width), np.int32)
+    tokens[:, :n] = prompt[:, :n]
+    cache = _compiled_prefill(model)(params, cache, tokens, np.int32(n), kw)
+    rng = _compiled_skip_keys(rng, np.int32(n))
+  tok = prompt[:, n:]
+  for _ in range(max_new_tokens):
+    # Split every step, exactly as `generate` does.
     rng, step_rng = jax.random.split(rng)
     cache, nxt = step(params, cache, tok, step_rng, kw)
-    if t + 1 < prompt.shape[1]:  # Still reading the prompt.
-      tok = prompt[:, t + 1:t + 2]
-      continue
     nxt = int(nxt[0])
     if nxt == eos_id:
       return

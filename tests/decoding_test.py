@@ -20,6 +20,10 @@ AUG = T.DecoderConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2,
                       d_ff=32, max_len=MAX_LEN)
 ANCHOR = T.DecoderConfig(vocab_size=VOCAB, d_model=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, d_ff=64, max_len=MAX_LEN)
+# Gemma-style: the first layer attends to a sliding window of 3 tokens.
+SLIDING = T.DecoderConfig(vocab_size=VOCAB, d_model=32, num_layers=2,
+                          num_heads=4, d_ff=64, max_len=MAX_LEN,
+                          sliding_layers=(0,), sliding_window=3)
 LEARNED = T.DecoderConfig(vocab_size=VOCAB, d_model=32, num_layers=2,
                           num_heads=4, d_ff=64, max_len=MAX_LEN,
                           position='learned', norm='layernorm', mlp='gelu',
@@ -50,6 +54,8 @@ def _model(kind):
     model = T.Decoder(ANCHOR)
   elif kind == 'learned_layernorm':
     model = T.Decoder(LEARNED)
+  elif kind == 'sliding':
+    model = T.Decoder(SLIDING)
   else:
     pairs = C.select_pairs(AUG.num_layers, ANCHOR.num_layers, 1)
     if kind in ('composed_embeddings', 'composed_content_free'):
@@ -91,9 +97,10 @@ def _clean(prompts, plen):
 
 class DecodingTest(parameterized.TestCase):
 
-  @parameterized.parameters('rope_gqa', 'learned_layernorm', 'composed',
-                            'composed_prompt_only', 'composed_recency',
-                            'composed_embeddings', 'composed_content_free')
+  @parameterized.parameters('rope_gqa', 'learned_layernorm', 'sliding',
+                            'composed', 'composed_prompt_only',
+                            'composed_recency', 'composed_embeddings',
+                            'composed_content_free')
   def test_cached_equals_uncached_greedy(self, kind):
     model, params = _model(kind)
     prompts, plen = _prompts([3, 7, 10])
@@ -118,6 +125,43 @@ class DecodingTest(parameterized.TestCase):
       np.testing.assert_array_equal(
           tokens[i, plen[i]:plen[i] + NEW], cached['new_tokens'][i])
       self.assertTrue((tokens[i, plen[i] + NEW:] == PAD).all())
+
+  @parameterized.parameters('rope_gqa', 'sliding', 'composed_recency',
+                            'composed_prompt_only', 'composed_content_free')
+  def test_cache_takes_chunks(self, kind):
+    # Any split of a sequence into decode calls (a prefill, then steps or
+    # more chunks) gives the logits of one forward pass over all of it.
+    model, params = _model(kind)
+    tokens, plen = _prompts([6, 9], width=14, seed=5)
+    kw = _kw(model, plen)
+    whole = model.apply({'params': params}, tokens, **kw)
+    cache = decoding._zero_cache(model, tokens[:, :1], kw)
+    chunks, at = [], 0
+    for size in (5, 1, 4, 1, 3):
+      logits, mutated = model.apply(
+          {'params': params, 'cache': cache}, tokens[:, at:at + size],
+          decode=True, mutable=['cache'], **kw)
+      cache, at = mutated['cache'], at + size
+      chunks.append(logits)
+    np.testing.assert_allclose(np.concatenate(chunks, 1), whole, atol=2e-5,
+                               rtol=2e-5)
+
+  @parameterized.parameters('rope_gqa', 'composed_recency')
+  def test_generate_prefills_the_shortest_prompt(self, kind):
+    # Rows of one length, of which the shortest is 1 (no prefill), and a
+    # batch-wide prefill: the same completions as the reference.
+    model, params = _model(kind)
+    for lengths in ([10, 10], [1, 6], [8, 9, 4]):
+      prompts, plen = _prompts(lengths, seed=len(lengths))
+      kw = _kw(model, plen)
+      cached = decoding.generate(model, params, prompts, plen,
+                                 max_new_tokens=NEW, eos_id=-1,
+                                 model_kwargs=kw)
+      slow = decoding.generate_uncached(model, params, prompts, plen,
+                                        max_new_tokens=NEW, eos_id=-1,
+                                        model_kwargs=kw)
+      np.testing.assert_array_equal(cached['tokens'], slow['tokens'],
+                                    err_msg=str(lengths))
 
   def test_content_free_bridges_cache_values_only(self):
     for kind, has_keys in (('composed_embeddings', True),

@@ -13,8 +13,9 @@ Packed rows (several documents in one row) pass `segment_ids` (1, 2, ... per
 document, 0 for padding) and `positions` (restarting at 0 in every
 document): attention never crosses a document boundary.
 
-Decoding uses linen's `cache` collection: call with `decode=True` and one
-token per step; positions come from the cache index. `decode=SLOTS` with
+Decoding uses linen's `cache` collection: call with `decode=True` and the
+next tokens (a prompt to prefill, then one token per step); positions come
+from the cache index. `decode=SLOTS` with
 `positions` [b, t] writes several tokens per call, each row at its own
 positions (which are its cache slots), and may go back by writing over a
 slot again: what aligned decoding needs when a token stream is
@@ -376,8 +377,8 @@ class SelfAttention(nn.Module):
       slots = positions if decode == SLOTS else None
       k, v, mask = update_cache(self, k, v, cfg.max_len, slots)
       if self.local:
-        # Each query's own slot: this step's, or its position.
-        i = (jnp.sum(mask[0, 0, 0]) - 1 if slots is None
+        # Each query's own slot: the last it reads, or its position.
+        i = (jnp.sum(mask, -1, keepdims=True) - 1 if slots is None
              else slots[:, None, :, None])
         mask = mask & (jnp.arange(cfg.max_len)[None, None, None, :]
                        > i - cfg.sliding_window)
@@ -412,10 +413,13 @@ def causal_attention(cfg: DecoderConfig, q: Array, k: Array, v: Array,
 
 def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int,
                  slots: Array | None = None):
-  """Writes one step's keys/values into the module's cache; returns all.
+  """Writes one call's keys/values into the module's cache; returns all.
 
-  The cache holds `max_len` slots; step t attends to slots 0..t. As in the
-  Flax examples, `init(..., decode=True)` only creates the zero cache.
+  The cache holds `max_len` slots and an index, the next free slot: the t
+  tokens of a call go to slots i..i+t-1 and token q attends to slots
+  0..i+q (one token per call while decoding; a whole prompt in one call to
+  prefill it). As in the Flax examples, `init(..., decode=True)` only
+  creates the zero cache.
   `k=None` caches values only (attention without a content term) and
   returns None for the keys.
 
@@ -439,8 +443,6 @@ def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int,
                                             mode='drop')
     mask = jnp.arange(max_len)[None, None, None, :] <= slots[:, None, :, None]
     return None if ck is None else ck.value, cv.value, mask
-  if t != 1:
-    raise ValueError(f'decode=True takes one token per step, got length {t}.')
   initialized = module.has_variable('cache', 'cached_value')
   ck = None if k is None else module.variable(
       'cache', 'cached_key', jnp.zeros, (b, max_len) + k.shape[2:], k.dtype)
@@ -452,9 +454,10 @@ def update_cache(module: nn.Module, k: Array | None, v: Array, max_len: int,
     if ck is not None:
       ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
     cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
-    idx.value = i + 1
-  mask = (jnp.arange(max_len) <= i)[None, None, None, :]
-  return None if ck is None else ck.value, cv.value, mask
+    idx.value = i + t
+  # Token q of this call sits at slot i + q and reads the slots up to it.
+  mask = jnp.arange(max_len)[None, :] <= (i + jnp.arange(t))[:, None]
+  return None if ck is None else ck.value, cv.value, mask[None, None]
 
 
 class Mlp(nn.Module):
@@ -596,7 +599,8 @@ class Decoder(nn.Module):
 
     Args:
       tokens: input ids.
-      decode: one token per call, reading and writing the `cache` collection.
+      decode: read and write the `cache` collection: `tokens` follow the
+        ones already cached (a prompt to prefill, or one token per step).
       positions: [b, t] token positions (default 0, 1, ...); packed rows
         restart them in every document.
       segment_ids: [b, t] document of each token in packed rows (0:
