@@ -4,7 +4,12 @@ Prints one JSON object per model: mode, new_tokens_per_s (generated tokens
 of the whole batch per second, median over repeats), s_per_call,
 batch, prompt_len, new_tokens, and for every model but the anchor
 vs_anchor_paired (its tokens/s over the anchor's, median of the ratios of
-calls made in the same repeat: the models' calls take turns).
+calls made in the same repeat: the models' calls take turns). calm_jax's
+models also give step_gflop and step_mb, XLA's cost analysis of one cached
+decode step of the batch (FLOPs, and bytes read and written: weights and
+caches), and beside vs_anchor_paired the bounds a step limited by either
+allows: vs_anchor_flop_bound and vs_anchor_bytes_bound, the anchor's step
+over this one's.
 
   python benchmarks/decode.py --config=peer --threads=2
 
@@ -91,8 +96,20 @@ def main(argv):
         vocab_size=size['vocab'], max_len=plen + new, d_ff=4 * size['anchor'][
             'd_model'], tie_embeddings=False, **size['anchor'])
     models.append(('anchor_llama', transformer.Decoder(llama)))
+  def step_cost(model, params):
+    """XLA's FLOPs and bytes of one cached decode step of the batch."""
+    tok = jnp.zeros((b, 1), jnp.int32)
+    cache = jax.jit(lambda t: decoding._zero_cache(model, t, {}))(tok)
+    step = decoding._compiled_step(model, 0.0, 0, 1.0)
+    cost = step.lower(params, cache, tok, jax.random.key(0), {}).compile(
+        ).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost['flops'], cost['bytes accessed']
+
+  costs = {}  # mode: (FLOPs, bytes) of one decode step.
   for mode, model in models:
     params = params_of(model)
+    costs[mode] = step_cost(model, params)
     runs.append((mode, lambda model=model, params=params: decoding.generate(
         model, params, prompts, prompt_len, max_new_tokens=new,
         eos_id=-1)['new_tokens'].block_until_ready()))
@@ -137,10 +154,18 @@ def main(argv):
         'new_tokens_per_s': round(b * new / s, 1), 's_per_call': round(s, 4),
         'batch': b, 'prompt_len': plen, 'new_tokens': new,
         'threads': _THREADS.value, 'device': jax.devices()[0].platform}
+    if mode in costs:
+      line['step_gflop'] = round(costs[mode][0] / 1e9, 4)
+      line['step_mb'] = round(costs[mode][1] / 1e6, 2)
     if mode != 'anchor':
       # Tokens/s over the anchor alone's, call by call in the same repeat.
       line['vs_anchor_paired'] = round(statistics.median(
           a / m for a, m in zip(times['anchor'], times[mode])), 3)
+    if mode != 'anchor' and mode in costs:
+      line['vs_anchor_flop_bound'] = round(
+          costs['anchor'][0] / costs[mode][0], 3)
+      line['vs_anchor_bytes_bound'] = round(
+          costs['anchor'][1] / costs[mode][1], 3)
     print(json.dumps(line), flush=True)
 
 

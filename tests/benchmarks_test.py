@@ -136,6 +136,14 @@ class BenchmarksTest(absltest.TestCase):
     self.assertNotIn('vs_anchor_paired', lines[0])
     for line in lines[1:]:
       self.assertGreater(line['vs_anchor_paired'], 0)
+    # XLA's costs of one decode step: the composition's holds the anchor's
+    # and m_A's, so its bounds are below 1; the Llama anchor differs.
+    anchor, calm = lines[:2]
+    self.assertGreater(calm['step_gflop'], anchor['step_gflop'])
+    self.assertGreater(calm['step_mb'], anchor['step_mb'])
+    for key in ('vs_anchor_flop_bound', 'vs_anchor_bytes_bound'):
+      self.assertBetween(calm[key], 0.3, 0.99)
+    self.assertNotIn('step_gflop', lines[3])  # transformers: no XLA.
 
 
 if __name__ == '__main__':
