@@ -15,7 +15,9 @@ over this one's.
 
 Every step feeds the new token to the anchor, the augmenting model and the
 bridges' caches (the paper's decoding rule), so the ratio of the two lines
-is the price of composition at decode time.
+is the price of composition at decode time. `calm_prompt_only` is the
+prompt-only ablation (m_A reads the prompt only): past the prompt its steps
+skip m_A, and its step costs are of such a step.
 
 `--transformers` adds the same anchor, in the Llama family (RMSNorm, RoPE,
 gated SiLU MLP, no biases; the sizes above), decoded by calm_jax
@@ -89,30 +91,36 @@ def main(argv):
     return init(jax.random.key(0))
 
   runs = []  # (mode, a call that decodes the batch and waits for it).
-  models = [('anchor', transformer.Decoder(anchor)), ('calm', composed)]
+  models = [('anchor', transformer.Decoder(anchor)), ('calm', composed),
+            ('calm_prompt_only', composed.clone(prompt_only=True))]
   llama = None
   if _TRANSFORMERS.value:
     llama = transformer.DecoderConfig(
         vocab_size=size['vocab'], max_len=plen + new, d_ff=4 * size['anchor'][
             'd_model'], tie_embeddings=False, **size['anchor'])
     models.append(('anchor_llama', transformer.Decoder(llama)))
-  def step_cost(model, params):
-    """XLA's FLOPs and bytes of one cached decode step of the batch."""
+  def step_cost(model, params, kw):
+    """XLA's FLOPs and bytes of one cached decode step of the batch (past
+    the prompt)."""
     tok = jnp.zeros((b, 1), jnp.int32)
-    cache = jax.jit(lambda t: decoding._zero_cache(model, t, {}))(tok)
-    step = decoding._compiled_step(model, 0.0, 0, 1.0)
-    cost = step.lower(params, cache, tok, jax.random.key(0), {}).compile(
+    cache = jax.jit(lambda t: decoding._zero_cache(model, t, kw))(tok)
+    step = decoding._compiled_step(model, 0.0, 0, 1.0, True)
+    cost = step.lower(params, cache, tok, jax.random.key(0), kw).compile(
         ).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost['flops'], cost['bytes accessed']
 
   costs = {}  # mode: (FLOPs, bytes) of one decode step.
   for mode, model in models:
-    params = params_of(model)
-    costs[mode] = step_cost(model, params)
-    runs.append((mode, lambda model=model, params=params: decoding.generate(
-        model, params, prompts, prompt_len, max_new_tokens=new,
-        eos_id=-1)['new_tokens'].block_until_ready()))
+    kw = ({'prompt_len': jnp.asarray(prompt_len)}
+          if getattr(model, 'prompt_only', False) else {})
+    params = params_of(model, **kw)
+    costs[mode] = step_cost(model, params, kw)
+    runs.append((mode, lambda model=model, params=params, kw=kw:
+                 decoding.generate(model, params, prompts, prompt_len,
+                                   max_new_tokens=new, eos_id=-1,
+                                   model_kwargs=kw
+                                   )['new_tokens'].block_until_ready()))
 
   if llama is not None:
     import torch  # pylint: disable=g-import-not-at-top

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax.models import transformer
+
 Array = jax.Array
 
 
@@ -89,6 +91,39 @@ def _prefill(model: nn.Module, params: Any, cache: Any, tokens: Array,
       for path, x in flat.items()})
 
 
+def _reads_prompt_only(model: nn.Module) -> bool:
+  """A composition whose bridges read m_A's states at prompt positions
+  only: once every row is past its prompt, m_A need not run."""
+  return (getattr(model, 'prompt_only', False)
+          and not getattr(model, 'aligned', False))
+
+
+def _no_augmenting_states(model: nn.Module, b: int) -> dict[str, Any]:
+  """Stand-ins for m_A's states of one decode step, past every prompt:
+  zeros, which the bridges cache but their masks never read."""
+  return {a.name: {i: jnp.zeros((b, 1, a.config.d_model),
+                                transformer.DTYPES[a.config.dtype])
+                   for i in sorted({i for i, _ in a.pairs})}
+          for a in model.augmenting}
+
+
+def _decode_step(model: nn.Module, params: Any, cache: Any, tok: Array,
+                 model_kwargs: Mapping[str, Any], past_prompts: bool = False
+                 ) -> tuple[Array, Any]:
+  """Logits [b, 1, vocab] and the new cache for one token per row.
+
+  `past_prompts` (a prompt-only composition, every row past its prompt):
+  the augmenting models do not run; their caches stay as they are.
+  """
+  aug = {}
+  if past_prompts and _reads_prompt_only(model):
+    aug = {'aug_states': _no_augmenting_states(model, tok.shape[0])}
+  logits, mutated = model.apply({'params': params, 'cache': cache}, tok,
+                                decode=True, mutable=['cache'], **aug,
+                                **model_kwargs)
+  return logits, mutated['cache']
+
+
 def _skip_keys(rng: Array, n: Array) -> Array:
   """`rng` after n steps' splits: prefilled steps draw as the loop would."""
   return jax.lax.fori_loop(0, n, lambda _, r: jax.random.split(r)[0], rng)
@@ -130,13 +165,12 @@ def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
       t, _, _, done, _ = state
       return (t < last) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, past_prompts=False):
       t, buf, cache, done, rng = state
       rng, step_rng = jax.random.split(rng)
       tok = jax.lax.dynamic_slice_in_dim(buf, t, 1, axis=1)
-      logits, mutated = model.apply({'params': params, 'cache': cache}, tok,
-                                    decode=True, mutable=['cache'],
-                                    **model_kwargs)
+      logits, cache = _decode_step(model, params, cache, tok, model_kwargs,
+                                   past_prompts)
       choice = sample_logits(logits[:, -1], step_rng, temperature, top_k,
                              top_p)
       nxt = t + 1
@@ -148,11 +182,23 @@ def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
       count = nxt - prompt_len + 1  # New tokens of the row, this one too.
       done = done | (~in_prompt & ((new == eos_id) |
                                    (count >= max_new_tokens)))
-      return nxt, buf, mutated['cache'], done, rng
+      return nxt, buf, cache, done, rng
 
     state = (start.astype(jnp.int32), buf, cache, jnp.zeros((b,), bool),
              rng)
-    _, buf, _, _, _ = jax.lax.while_loop(cond, body, state)
+    if _reads_prompt_only(model):
+      # No bridge reads m_A's state at a position >= every prompt_len: the
+      # steps from there run without m_A, in a loop of their own (a
+      # lax.cond inside one loop made the `peer` decode benchmark slower
+      # than running m_A every step: 0.66-0.69x the anchor against 0.78).
+      read_until = jnp.max(model_kwargs.get('prompt_len', prompt_len))
+      state = jax.lax.while_loop(lambda s: cond(s) & (s[0] < read_until),
+                                 body, state)
+      state = jax.lax.while_loop(
+          cond, functools.partial(body, past_prompts=True), state)
+    else:
+      state = jax.lax.while_loop(cond, body, state)
+    _, buf, _, _, _ = state
     # Every row ends done (its EOS, or max_new_tokens), so the completion
     # is the max_new_tokens slots after the prompt, already padded.
     idx = prompt_len[:, None] + jnp.arange(max_new_tokens)[None]
@@ -329,14 +375,15 @@ def decode_texts(new_tokens: Any, tokenizer: Any,
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(model: nn.Module, temperature: float, top_k: int,
-                   top_p: float) -> Callable[..., Any]:
-  """One cached decode step (cache, token, rng -> cache, next token)."""
+                   top_p: float, past_prompts: bool = False
+                   ) -> Callable[..., Any]:
+  """One cached decode step (cache, token, rng -> cache, next token);
+  `past_prompts` as in `_decode_step`."""
 
   def step(params, cache, tok, rng, kw):
-    logits, mutated = model.apply({'params': params, 'cache': cache}, tok,
-                                  decode=True, mutable=['cache'], **kw)
-    return mutated['cache'], sample_logits(logits[:, -1], rng, temperature,
-                                           top_k, top_p)
+    logits, cache = _decode_step(model, params, cache, tok, kw, past_prompts)
+    return cache, sample_logits(logits[:, -1], rng, temperature, top_k,
+                                top_p)
 
   # The old cache is dead after each step; donating it saves a copy.
   return jax.jit(step, donate_argnums=(1,))
@@ -378,7 +425,7 @@ def stream(model: nn.Module, params: Any, prompt: Sequence[int], *,
     cache = _compiled_prefill(model)(params, cache, tokens, np.int32(n), kw)
     rng = _compiled_skip_keys(rng, np.int32(n))
   tok = prompt[:, n:]
-  for _ in range(max_new_tokens):
+  for i in range(max_new_tokens):
     # Split every step, exactly as `generate` does.
     rng, step_rng = jax.random.split(rng)
     cache, nxt = step(params, cache, tok, step_rng, kw)
@@ -387,3 +434,7 @@ def stream(model: nn.Module, params: Any, prompt: Sequence[int], *,
       return
     yield nxt
     tok = np.array([[nxt]], np.int32)
+    if i == 0 and _reads_prompt_only(model):
+      # Every later token lies past the prompt: m_A is not needed.
+      step = _compiled_step(model, float(temperature), int(top_k),
+                            float(top_p), True)

@@ -129,7 +129,8 @@ class BenchmarksTest(absltest.TestCase):
   def test_decode(self):
     lines = _run('decode.py', '--repeats=1', '--transformers')
     self.assertEqual([l['mode'] for l in lines],
-                     ['anchor', 'calm', 'anchor_llama', 'transformers_llama'])
+                     ['anchor', 'calm', 'calm_prompt_only', 'anchor_llama',
+                      'transformers_llama'])
     for line in lines:
       self.assertGreater(line['new_tokens_per_s'], 0)
     # Every model but the anchor is compared with it call by call.
@@ -138,12 +139,14 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(line['vs_anchor_paired'], 0)
     # XLA's costs of one decode step: the composition's holds the anchor's
     # and m_A's, so its bounds are below 1; the Llama anchor differs.
-    anchor, calm = lines[:2]
+    anchor, calm, prompt_only = lines[:3]
     self.assertGreater(calm['step_gflop'], anchor['step_gflop'])
     self.assertGreater(calm['step_mb'], anchor['step_mb'])
     for key in ('vs_anchor_flop_bound', 'vs_anchor_bytes_bound'):
       self.assertBetween(calm[key], 0.3, 0.99)
-    self.assertNotIn('step_gflop', lines[3])  # transformers: no XLA.
+      # Past the prompt the prompt-only step runs the bridges, not m_A.
+      self.assertBetween(prompt_only[key], calm[key], 0.99)
+    self.assertNotIn('step_gflop', lines[4])  # transformers: no XLA.
 
 
 if __name__ == '__main__':

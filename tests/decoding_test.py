@@ -280,8 +280,30 @@ class DecodingTest(parameterized.TestCase):
       chosen = np.take_along_axis(step_logits, top3[i, p:p + NEW, None], 1)
       self.assertTrue(((step_logits > chosen).sum(1) < 3).all())
 
+  def test_prompt_only_skips_m_a_past_the_prompts(self):
+    # Past every prompt no bridge reads m_A: the step without it gives the
+    # same logits and leaves m_A's cache where the prompt left it.
+    model, params = _model('composed_prompt_only')
+    tokens, plen = _prompts([4, 6], width=8, seed=2)
+    kw = _kw(model, plen)
+    cache = decoding._zero_cache(model, tokens[:, :1], kw)
+    _, mutated = model.apply({'params': params, 'cache': cache},
+                             tokens[:, :7], decode=True, mutable=['cache'],
+                             **kw)
+    tok = tokens[:, 7:8]
+    full, full_cache = decoding._decode_step(model, params, mutated['cache'],
+                                             tok, kw)
+    skip, skip_cache = decoding._decode_step(model, params, mutated['cache'],
+                                             tok, kw, True)
+    np.testing.assert_allclose(skip, full, atol=2e-5, rtol=2e-5)
+    index = lambda c, m: int(c[m]['decode_position']['index'])
+    self.assertEqual(index(full_cache, 'aug_a'), 8)
+    self.assertEqual(index(skip_cache, 'aug_a'), 7)  # m_A did not run.
+    self.assertEqual(index(skip_cache, 'anchor'), 8)
+
   @parameterized.parameters(
       dict(kind='composed', temperature=0.0),
+      dict(kind='composed_prompt_only', temperature=0.0),
       dict(kind='rope_gqa', temperature=2.0))
   def test_stream_equals_generate(self, kind, temperature):
     model, params = _model(kind)
