@@ -8,7 +8,9 @@ far as the shortest prompt of the batch goes; from there prompts of
 different lengths share one batch the way the Flax lm1b example does it:
 while a row is still inside its prompt the next input is forced to the
 prompt token, afterwards it is the model's choice. One compiled loop serves
-every batch of a shape.
+every batch of a shape. A prompt-only composition, whose bridges read m_A
+at prompt positions only, stops running m_A once every row is past its
+prompt.
 """
 
 from __future__ import annotations
