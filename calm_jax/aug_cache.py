@@ -47,7 +47,7 @@ def build(directory: str, augmenting: Sequence[composition_lib.Augmenting],
   n = len(source)
   logging.info('Caching augmenting states of %d examples in %s', n, directory)
   for a in augmenting:
-    layers = sorted({i for i, _ in a.pairs})
+    layers = a.layers
     model = transformer.Decoder(a.config)
     fn = jax.jit(lambda p, x: model.apply({'params': p}, x,
                                           method='hidden_states',
@@ -66,7 +66,7 @@ def build(directory: str, augmenting: Sequence[composition_lib.Augmenting],
       arr.flush()
   (tmp / META).write_text(json.dumps({
       'examples': n, 'seq_len': seq_len,
-      'arrays': {a.name: sorted({i for i, _ in a.pairs}) for a in augmenting}}))
+      'arrays': {a.name: a.layers for a in augmenting}}))
   tmp.rename(directory)
 
 

@@ -104,6 +104,11 @@ class Augmenting:
   config: DecoderConfig
   pairs: tuple[tuple[int, int], ...]
 
+  @property
+  def layers(self) -> list[int]:
+    """The augmenting layers some pair reads, in order."""
+    return sorted({i for i, _ in self.pairs})
+
 
 # ----------------------------------------------------------------- bridges
 
@@ -329,7 +334,7 @@ class ComposedLM(nn.Module):
     """Hidden states of every augmenting model at its paired layers."""
     states = {}
     for a in self.augmenting:
-      layers = sorted({i for i, _ in a.pairs})
+      layers = a.layers
       hs = self.aug_lms[a.name].hidden_states(tokens, layers, decode,
                                               positions, segment_ids)
       states[a.name] = jax.tree_util.tree_map(jax.lax.stop_gradient, hs)
@@ -413,7 +418,7 @@ class ComposedLM(nn.Module):
     aug, masks, slots = {}, {}, {}
     for a in self.augmenting:
       inp = aug_inputs[a.name]
-      layers = sorted({i for i, _ in a.pairs})
+      layers = a.layers
       hs = self.aug_lms[a.name].hidden_states(
           inp['tokens'], layers, decode, inp.get('positions'),
           None if decode else inp.get('segment_ids'))
