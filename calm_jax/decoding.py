@@ -105,7 +105,7 @@ def _no_augmenting_states(model: nn.Module, b: int) -> dict[str, Any]:
   zeros, which the bridges cache but their masks never read."""
   return {a.name: {i: jnp.zeros((b, 1, a.config.d_model),
                                 transformer.DTYPES[a.config.dtype])
-                   for i in sorted({i for i, _ in a.pairs})}
+                   for i in a.layers}
           for a in model.augmenting}
 
 
@@ -193,7 +193,7 @@ def _compiled_generate(model: nn.Module, total_len: int, max_new_tokens: int,
       # steps from there run without m_A, in a loop of their own (a
       # lax.cond inside one loop made the `peer` decode benchmark slower
       # than running m_A every step: 0.66-0.69x the anchor against 0.78).
-      read_until = jnp.max(model_kwargs.get('prompt_len', prompt_len))
+      read_until = jnp.max(model_kwargs['prompt_len'])
       state = jax.lax.while_loop(lambda s: cond(s) & (s[0] < read_until),
                                  body, state)
       state = jax.lax.while_loop(

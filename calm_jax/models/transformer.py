@@ -377,11 +377,10 @@ class SelfAttention(nn.Module):
       slots = positions if decode == SLOTS else None
       k, v, mask = update_cache(self, k, v, cfg.max_len, slots)
       if self.local:
-        # Each query's own slot: the last it reads, or its position.
-        i = (jnp.sum(mask, -1, keepdims=True) - 1 if slots is None
-             else slots[:, None, :, None])
+        # Each query's own slot is its position (decode=True counts both
+        # from the same index; under SLOTS the positions are the slots).
         mask = mask & (jnp.arange(cfg.max_len)[None, None, None, :]
-                       > i - cfg.sliding_window)
+                       > positions[:, None, :, None] - cfg.sliding_window)
       out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap,
                                   cfg.query_scale)
     else:
