@@ -493,9 +493,10 @@ class PipelineTest(absltest.TestCase):
     # the disk; TfdsTest covers the array_record path.
     cls.source = kv.generate_split(SMOKE, 'kv_subs_train')
 
-  def _train(self, **kwargs):
+  def _train(self, source=None, **kwargs):
     args = dict(tokenizer=TOKENIZER, seq_len=SEQ_LEN, batch_size=8, seed=0)
-    return pipeline.train_dataset(self.source, **(args | kwargs))
+    return pipeline.train_dataset(
+        self.source if source is None else source, **(args | kwargs))
 
   def _assert_same(self, batches_a, batches_b):
     self.assertLen(batches_a, len(batches_b))
@@ -541,6 +542,46 @@ class PipelineTest(absltest.TestCase):
       self.assertFalse(pipeline.Memoized(source).fits())
       streamed = list(itertools.islice(iter(self._train()), 80))
     self._assert_same(batches, streamed)
+
+  def test_a_bulk_source_is_checked_and_read_in_bulk_once(self):
+    single, bulk = collections.Counter(), []
+
+    class Bulk(list):  # A source with __getitems__, as TFDS's are.
+      def __getitem__(self, i):
+        single[i] += 1
+        return list.__getitem__(self, i)
+
+      def __getitems__(self, indices):
+        bulk.append(list(indices))
+        return [list.__getitem__(self, i) for i in indices]
+
+    memo = pipeline.Memoized(Bulk(self.source))
+    with mock.patch.object(pipeline, 'READ_CHUNK', 100):
+      pipeline.check_fits(memo, TOKENIZER, SEQ_LEN, 'train.seq_len')
+      self.assertEqual([len(b) for b in bulk],
+                       [100] * (len(self.source) // 100)
+                       + [len(self.source) % 100] * bool(len(self.source) % 100))
+      batches = list(itertools.islice(iter(self._train(source=memo)), 80))
+    # Every example read from the source once, all by the check's bulk reads.
+    self.assertEqual(sorted(i for b in bulk for i in b),
+                     list(range(len(self.source))))
+    self.assertEmpty(single)
+    # The same batches as from the plain list.
+    self._assert_same(batches, list(itertools.islice(iter(self._train()), 80)))
+    # Unchecked, the pipeline reads the split whole in bulk before training.
+    bulk.clear()
+    memo = pipeline.Memoized(Bulk(self.source))
+    next(iter(self._train(source=memo)))
+    self.assertEqual(sorted(i for b in bulk for i in b),
+                     sorted(set(range(len(self.source))) - set(single)))
+    self.assertLen(single, 16)  # `fits` samples 16 examples one by one.
+    # A process reads its own shard only.
+    bulk.clear()
+    single.clear()
+    memo = pipeline.Memoized(Bulk(self.source))
+    next(iter(self._train(source=memo, shard_index=1, shard_count=2)))
+    self.assertEqual(sorted(i for b in bulk for i in b),
+                     sorted(set(range(1, len(self.source), 2)) - set(single)))
 
   def test_memoized_stops_keeping_at_its_budget(self):
     memo = pipeline.Memoized(self.source, max_bytes=100)

@@ -121,6 +121,7 @@ class Data:
     self.pack = bool(data_cfg.get('pack', False))
     self.aligned = dict(aligned) if aligned else None
     self._eval: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
+    self._train_sources: dict[str, pipeline.Memoized] = {}
 
   def with_tokenizer(self, spec: str) -> 'Data':
     """The same datasets read with another tokenizer, one stream (e.g. to
@@ -146,7 +147,11 @@ class Data:
     A shorter `seq_len` is checked against every example of the split here,
     so a too-short value fails naming `seq_len_field` before training.
     """
-    source = self.source(split, field)
+    # One decoded copy per split, shared by the check below, the training
+    # iterators and every row of this process.
+    if split not in self._train_sources:
+      self._train_sources[split] = pipeline.Memoized(self.source(split, field))
+    source = self._train_sources[split]
     if self.config.dataset in pipeline.USER_DATASETS:
       # Your own examples may be of any length: all are checked (documents
       # are cut into rows when packed), naming the first that does not fit.

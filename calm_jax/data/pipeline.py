@@ -449,11 +449,10 @@ def check_fits(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
   `documents_fit`: examples without a prompt are cut into pieces (packed
   rows), so only prompt/completion examples are checked. `aligned`: each
   augmenting stream is checked against `aug_seq_len` (0: `seq_len`) too,
-  naming `aug_seq_len_field`.
+  naming `aug_seq_len_field`. A `Memoized` source keeps what this reads.
   """
   aug_len = 0 if aligned is None else _aug_len(seq_len, aug_seq_len)
-  for i in range(len(source)):
-    example = source[i]
+  for _, example in read_examples(source):
     if documents_fit and is_document(example):
       continue
     try:
@@ -594,6 +593,29 @@ def _pack_block(examples: Sequence[Any], tokenizer: tokenizers.Tokenizer,
 MEMO_BYTES = 256 * 2**20
 
 
+# Examples `read_examples` asks a source for at once.
+READ_CHUNK = 1024
+
+
+def read_examples(source: Sequence[Any], indices: Sequence[int] | None = None,
+                  chunk: int | None = None):
+  """Yields (index, example) for `indices` of `source` (default: all), in
+  order, `chunk` at a time through the source's `__getitems__` where it has
+  one (`chunk` 0 or None: READ_CHUNK): a TFDS array_record source reads
+  1024 records at once ~5x faster than one by one (~0.1 against ~0.5 ms an
+  example, decoding included)."""
+  indices = range(len(source)) if indices is None else indices
+  chunk = chunk or READ_CHUNK
+  many = getattr(source, '__getitems__', None)
+  if many is None:
+    for i in indices:
+      yield i, source[i]
+    return
+  for start in range(0, len(indices), chunk):
+    part = [int(i) for i in indices[start:start + chunk]]
+    yield from zip(part, many(part))
+
+
 class Memoized(Sequence):
   """A random-access source that keeps each example it has decoded, up to
   `max_bytes` of their values, so that later epochs skip the decoding.
@@ -624,10 +646,33 @@ class Memoized(Sequence):
     index = int(index)
     example = self._kept.get(index)
     if example is None:
-      example = self._source[index]
-      if self._bytes < self._max_bytes:
-        self._kept[index] = example
-        self._bytes += _nbytes(example)
+      example = self._keep(index, self._source[index])
+    return example
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+    """`[self[i] for i in indices]`, the ones not kept yet read from the
+    source in one bulk read (`read_examples`)."""
+    got = {i: self._kept[i] for i in map(int, indices) if i in self._kept}
+    missing = [int(i) for i in indices if int(i) not in got]
+    for i, example in read_examples(self._source, missing, len(missing) or 1):
+      got[i] = self._keep(i, example)
+    return [got[int(i)] for i in indices]
+
+  def preload(self, indices: Sequence[int] | None = None) -> None:
+    """Reads the examples at `indices` (default: all) not kept yet in bulk,
+    stopping at the budget, so that the first epoch is not read one example
+    at a time."""
+    indices = range(self._len) if indices is None else indices
+    missing = [int(i) for i in indices if int(i) not in self._kept]
+    for start in range(0, len(missing), READ_CHUNK):
+      if self._bytes >= self._max_bytes:
+        return
+      self.__getitems__(missing[start:start + READ_CHUNK])
+
+  def _keep(self, index: int, example: Any) -> Any:
+    if self._bytes < self._max_bytes and index not in self._kept:
+      self._kept[index] = example
+      self._bytes += _nbytes(example)
     return example
 
 
@@ -669,7 +714,8 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} must be in [0, '
                      f'shard_count={shard_count}).')
-  memo = Memoized(source)
+  # A source `Data.train` checked is already a Memoized holding the split.
+  memo = source if isinstance(source, Memoized) else Memoized(source)
   ds = grain.MapDataset.source(memo)
   # Shard before shuffling so processes never share an example, whatever the
   # epoch's permutation.
@@ -688,7 +734,10 @@ def train_dataset(source: Sequence[Any], *, tokenizer: tokenizers.Tokenizer,
       # A split that stays in memory is read in the calling thread: handing
       # each example to a reader thread cost 3.3 ms of CPU per batch of 32
       # against 0.9 ms here, once decoded (the state checkpointed is the same).
+      # It is read whole now, in bulk, rather than an example at a time
+      # through the first epoch.
       num_threads = prefetch_buffer_size = 0
+      memo.preload(range(shard_index, len(memo), shard_count))
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     return ds.batch(batch_size, drop_remainder=True)
