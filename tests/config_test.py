@@ -51,6 +51,15 @@ class ValidateTest(absltest.TestCase):
       self.assertEqual(config.data.kv.key_max_len, 1)
       self.assertEqual(config.models.augmenting.kv.pairs,
                        single.models.augmenting.kv.pairs)
+      # The cheaper recipe: the bridges' MLP at the anchor's width, scored
+      # on every held-out example; single_token keeps what its results
+      # were found with.
+      self.assertEqual(config.composition.ours.proj_hidden,
+                       config.models.anchor.arch.d_model)
+      self.assertEqual(config.eval.num_examples, 0)
+    self.assertEqual(single.composition.ours.proj_hidden,
+                     4 * single.models.anchor.arch.d_model)
+    self.assertEqual(single.train.learning_rate, 3e-3)
     # The default table: the rows the targets are about, one seed.
     self.assertEqual(default.rows, ('m_A', 'm_B', 'calm', 'calm_random_aug',
                                     'calm_paper', 'lora'))
