@@ -267,11 +267,13 @@ def _headline(config: ml_collections.ConfigDict, full: bool) -> None:
   # guess right 5% of the time is then measured to +-1.4 points, not 1.9.
   config.eval.num_examples = 0
   if full:
-    # Slowest rows first (seconds per step on one core: calm_every_layer
-    # 0.044, calm 0.040, calm_prompt_only 0.039, full_ft 0.036, calm_n2
-    # 0.027, lora 0.024, calm_n1 0.021, calm_paper 0.017), so that two
-    # workers of launch/local.py finish together instead of one waiting
-    # out the last long run; the table lists rows in this order.
+    # Slow rows first (median seconds per step on one core, two runs side
+    # by side, in the :full run of results/kv_arithmetic.md: calm,
+    # calm_random_aug, calm_vanilla_aug and calm_prompt_only 0.039,
+    # calm_every_layer 0.037, full_ft 0.042, calm_n2 0.028, lora 0.027,
+    # calm_n1 0.021, calm_paper 0.018), so that two workers of
+    # launch/local.py finish together instead of one waiting out the last
+    # long run; the table lists rows in this order.
     config.rows = ('m_A', 'm_B', 'calm', 'calm_every_layer',
                    'calm_random_aug', 'calm_vanilla_aug', 'calm_prompt_only',
                    'full_ft', 'calm_n2', 'lora', 'calm_n1', 'calm_paper')
