@@ -242,7 +242,8 @@ def _mixed(config: ml_collections.ConfigDict) -> None:
 
 
 def _headline(config: ml_collections.ConfigDict, full: bool) -> None:
-  """The default: `single_token` with an anchor gate and mixed D_C."""
+  """The default: `single_token` with an anchor gate, mixed D_C and a
+  narrower bridge MLP trained for fewer steps."""
   # Deviation 4 (docs/design.md): a gate per anchor position and head, read
   # off the anchor's embedding, on what each bridge writes. The anchor's
   # digits and operators close it; without it the bridges first overwrite
