@@ -520,8 +520,8 @@ def _train_tokenizers(config: ConfigDict, wanted: dict[str, int],
     if not os.path.exists(os.path.join(directory, 'tokenizer.json')):
       source = data.source(m.pretrain.split,
                            f'models.augmenting.{name}.pretrain.split')
-      texts = (''.join(_text(source[i][k]) for k in ('prompt', 'target'))
-               for i in range(len(source)))
+      texts = (''.join(_text(example[k]) for k in ('prompt', 'target'))
+               for _, example in data_lib.read_examples(source))
       if jax.process_index() == 0:
         bpe.train(texts, directory, n)
         logging.info('[data] %s: a byte-level BPE of %d ids trained on %s '

@@ -20,6 +20,7 @@ _NAMES = {
     'validate_config': 'inputs',
     'encode_example': 'pipeline', 'eval_batches': 'pipeline',
     'make_source': 'pipeline', 'train_dataset': 'pipeline',
+    'read_examples': 'pipeline',
     'Tokenizer': 'tokenizers', 'get_tokenizer': 'tokenizers',
     'tokenizer_record': 'tokenizers',
 }

@@ -186,9 +186,9 @@ class Data:
     if key not in self._eval:
       source = self.source(split, 'eval.splits')
       if split in pipeline.dataset_spec(self.config.dataset).fit_to_seq_len:
-        kept = [source[i] for i in range(len(source)) if pipeline.fits(
-            source[i], self.tokenizer, self.config.seq_len,
-            **self._aligned_kw(self.config.seq_len))]
+        kept = [example for _, example in pipeline.read_examples(source)
+                if pipeline.fits(example, self.tokenizer, self.config.seq_len,
+                                 **self._aligned_kw(self.config.seq_len))]
         logging.info('%s: %d of %d examples fit data.seq_len=%d with this '
                      'tokenizer; the others are left out.', split,
                      len(kept), len(source), self.config.seq_len)
@@ -199,8 +199,10 @@ class Data:
         source = kept
       n = len(source) if not num_examples else min(num_examples,
                                                      len(source))
-      if metric != 'loss' and any(pipeline.is_document(source[i])
-                                  for i in range(n)):
+      # The n examples scored, read once (in bulk from a TFDS source).
+      source = [example for _, example in pipeline.read_examples(
+          source, range(n))]
+      if metric != 'loss' and any(map(pipeline.is_document, source)):
         raise ValueError(
             f'eval.metrics.{split}={metric!r} scores completions of '
             f'prompts, but split {split!r} holds documents without a '
