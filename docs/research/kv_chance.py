@@ -8,11 +8,22 @@ table scores, and all of them) whose answer is the most common answer of
 D_C's KV-MATH examples, and the share of the eval split's own most common
 answer. A model that has no way to know a held-out key's value (m_B alone,
 LoRA, CALM over a random m_A) can reach these by answering a likely sum.
+
+It can do better by reading what the prompt does show: its operators.
+The last two columns guess, for each eval prompt, the most likely answer
+given the operators in their order (keys masked): D_C's most common
+answer for that pattern (what a model trained on D_C could learn), and the
+answer most likely when every key's value is drawn from the held-out keys'
+values (exact for `+ -`): the best a key-blind guess can expect, whatever
+it was trained on.
 """
 
 import collections
 import importlib.util
 import os
+import re
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -34,11 +45,13 @@ def main(argv):
   exp = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(exp)
   config = exp.get_config(_VARIANT.value)
-  scored = config.eval.num_examples
-  print(f'| key set | D_C\'s most common KV-MATH answer | right on the first '
-        f'{scored} eval examples | right on all | eval\'s own most common '
-        'answer, share of all |')
-  print('|---|---|---|---|---|')
+  scored = config.eval.num_examples or None  # 0: the table scores all.
+  first = f'the first {scored}' if scored else 'the scored (all)'
+  print(f'| key set | D_C\'s most common KV-MATH answer | right on {first} '
+        'eval examples | right on all | eval\'s own most common '
+        'answer, share of all | D_C\'s mode per operator pattern, right on '
+        'all | the most likely answer per operator pattern, right on all |')
+  print('|---|---|---|---|---|---|---|')
   for seed in map(int, _KEY_SETS.value):
     fields = dict(config.data.kv.to_dict(), seed=seed)
     fields.pop('num_math_in_compose', None)
@@ -52,8 +65,58 @@ def main(argv):
                                                    key_map=key_map)]
     own, own_n = collections.Counter(evals).most_common(1)[0]
     pct = lambda xs: 100.0 * sum(t == guess for t in xs) / len(xs)
+    eval_examples = list(K.generate_split(cfg, 'kv_math_eval',
+                                          key_map=key_map))
+    by_pattern = lambda split: _pattern_modes(
+        K.generate_split(cfg, split, key_map=key_map))
+    pattern_pct = lambda modes: 100.0 * sum(
+        modes.get(_pattern(e['prompt']), guess) == e['target']
+        for e in eval_examples) / len(eval_examples)
     print(f'| {seed} | {guess} | {pct(evals[:scored]):.1f}% | '
-          f'{pct(evals):.1f}% | {own}: {100.0 * own_n / len(evals):.1f}% |')
+          f'{pct(evals):.1f}% | {own}: {100.0 * own_n / len(evals):.1f}% | '
+          f'{pattern_pct(by_pattern("kv_math_compose")):.1f}% | '
+          f'{pattern_pct(_likely_answers(eval_examples, key_map)):.1f}% |')
+
+
+def _pattern(prompt: str) -> str:
+  """The prompt's operators in order, every key masked."""
+  return re.sub(r'[^-+*=:]+', 'K', prompt)
+
+
+def _likely_answers(examples, key_map, draws: int = 20_000
+                    ) -> dict[str, str]:
+  """Per operator pattern, the most likely answer when each key's value is
+  drawn from the held-out keys' values: exact for `+ -` (a convolution),
+  over `draws` random draws with `*`. Ties go to the smaller answer."""
+  from calm_jax.data import kv_arithmetic as K  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  values = collections.Counter(
+      int(v) for v in key_map.values[key_map.held_out])
+  out = {}
+  for pattern in sorted({_pattern(e['prompt']) for e in examples}):
+    ops = [c for c in pattern if c in '+-*']
+    if '*' in ops:
+      operands = rng.choice(list(values.elements()),
+                            size=(draws, len(ops) + 1))
+      dist = collections.Counter(K.evaluate(row, ops) for row in operands)
+    else:
+      dist = collections.Counter(values)
+      for op in ops:
+        sign = 1 if op == '+' else -1
+        nxt = collections.Counter()
+        for total, n in dist.items():
+          for v, m in values.items():
+            nxt[total + sign * v] += n * m
+        dist = nxt
+    out[pattern] = str(min(dist, key=lambda a: (-dist[a], a)))
+  return out
+
+
+def _pattern_modes(examples) -> dict[str, str]:
+  counts = collections.defaultdict(collections.Counter)
+  for e in examples:
+    counts[_pattern(e['prompt'])][e['target']] += 1
+  return {p: c.most_common(1)[0][0] for p, c in counts.items()}
 
 
 if __name__ == '__main__':
