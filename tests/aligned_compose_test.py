@@ -86,7 +86,8 @@ class AlignedComposeTest(absltest.TestCase):
                      tokenizers.get_tokenizer(anchor).fingerprint)
     self.assertEqual(info['augmenting'][0]['tokenizer']['fingerprint'],
                      tokenizers.get_tokenizer(aug).fingerprint)
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=fixtures.ONE_DEVICE_XLA_FLAGS)
     out = subprocess.run(
         [sys.executable, '-m', 'calm_jax.generate', f'--composition={run}',
          '--prompt=reverse: red cat =>', '--max_new_tokens=6'],

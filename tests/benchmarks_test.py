@@ -10,12 +10,15 @@ import sys
 
 from absl.testing import absltest
 
+from tests import fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, *args, sizes='--config=tiny'):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)  # One CPU device, as a user would run it.
+  # One CPU device, as a user would run it.
+  env['XLA_FLAGS'] = fixtures.ONE_DEVICE_XLA_FLAGS
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', script),
        *([sizes] if sizes else []), *args], capture_output=True, text=True, timeout=300,

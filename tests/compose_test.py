@@ -46,7 +46,8 @@ def setUpModule():
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=fixtures.ONE_DEVICE_XLA_FLAGS)
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout,
                         check=False)

@@ -14,6 +14,11 @@ import random
 import shutil
 from typing import Any, Iterable
 
+# XLA_FLAGS for a subprocess that runs on one CPU device, as a user would:
+# without conftest.py's eight simulated devices, with its LLVM optimisations
+# off (test models are tiny; they spend their time compiling).
+ONE_DEVICE_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
 WORDS = ('red green blue cat dog bird fish tree house river stone cloud '
          'apple bread milk key door lamp book ship road').split()
 

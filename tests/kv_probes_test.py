@@ -13,6 +13,7 @@ from absl.testing import absltest
 import numpy as np
 
 from calm_jax.data import kv_arithmetic as kv
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The task of every tiny probe but learnability's.
@@ -28,7 +29,8 @@ def setUpModule():
 def _run(probe, *args):
   """The JSON lines of `python -m experiments.kv_probes.PROBE --config=tiny`."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)  # One CPU device, as a user would run it.
+  # One CPU device, as a user would run it.
+  env['XLA_FLAGS'] = fixtures.ONE_DEVICE_XLA_FLAGS
   proc = subprocess.run(
       [sys.executable, '-m', f'experiments.kv_probes.{probe}',
        '--config=tiny', *args], capture_output=True, text=True, timeout=300,

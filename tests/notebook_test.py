@@ -4,6 +4,8 @@ import os
 
 from absl.testing import absltest
 
+from tests import fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
@@ -20,7 +22,7 @@ class NotebookTest(absltest.TestCase):
     path = os.path.join(ROOT, 'notebooks', 'calm_demo.ipynb')
     nb = nbformat.read(path, as_version=4)
     workdir = self.create_tempdir().full_path
-    env = dict(os.environ, SMOKE='1', XLA_FLAGS='',
+    env = dict(os.environ, SMOKE='1', XLA_FLAGS=fixtures.ONE_DEVICE_XLA_FLAGS,
                CALM_NOTEBOOK_WORKDIR=workdir)
     old = dict(os.environ)
     os.environ.update(env)

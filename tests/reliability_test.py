@@ -26,6 +26,7 @@ from calm_jax.data import kv_arithmetic
 from calm_jax.data import tokenizers
 from calm_jax.models import transformer
 from experiments import kv_arithmetic as kv_experiment
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,8 @@ def _holder(path):
 
 
 def _run(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             XLA_FLAGS=fixtures.ONE_DEVICE_XLA_FLAGS, JAX_PLATFORMS='cpu')
   env.pop('CALM_TRACEBACK', None)
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300,

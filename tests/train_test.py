@@ -26,6 +26,7 @@ from calm_jax import tasks
 from calm_jax import train
 from calm_jax.models import composition as C
 from experiments import kv_arithmetic
+from tests import fixtures
 
 
 def setUpModule():
@@ -323,7 +324,8 @@ class SmokePipelineTest(absltest.TestCase):
          f'--composition={workdir}/runs/calm/seed_0/checkpoints',
          '--prompt=ab+cd-ef=', '--max_new_tokens=8'],
         capture_output=True, text=True, timeout=300, cwd=root,
-        env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS=''))
+        env=dict(os.environ, PYTHONPATH=root,
+                 XLA_FLAGS=fixtures.ONE_DEVICE_XLA_FLAGS))
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertTrue(proc.stdout.startswith('ab+cd-ef='), proc.stdout)
     # Rerunning the same workdir retrains nothing and gives the same table
