@@ -57,9 +57,9 @@ def build(directory: str, augmenting: Sequence[composition_lib.Augmenting],
         shape=(n, seq_len, a.config.d_model)) for i in layers}
     for start in range(0, n, batch_size):
       idx = range(start, min(n, start + batch_size))
-      tokens = np.stack([pipeline.encode_example(
-          example, tokenizer, seq_len)['inputs']
-                         for _, example in pipeline.read_examples(source, idx)])
+      tokens = np.stack([
+          pipeline.encode_example(example, tokenizer, seq_len)['inputs']
+          for _, example in pipeline.read_examples(source, idx)])
       states = jax.device_get(fn(frozen[f'aug_{a.name}'], jnp.asarray(tokens)))
       for i in layers:
         out[i][start:start + len(idx)] = states[i]

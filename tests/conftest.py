@@ -1,7 +1,8 @@
 """pytest setup shared by every test module.
 
 Eight simulated CPU devices for the whole session, so sharding is exercised
-everywhere (the flag must be set before JAX initialises its backend), a
+everywhere (the flag must be set before JAX initialises its backend), LLVM's
+optimisations off (tiny models: compiling is most of a test's time), a
 shared compilation cache, and absl flags marked parsed, since pytest never
 runs absl's main.
 """
@@ -9,9 +10,11 @@ runs absl's main.
 import os
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0')
+from tests import fixtures  # Standard library only: no JAX yet.
+
+os.environ['XLA_FLAGS'] = ' '.join((
+    os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
+    fixtures.FAST_COMPILE_XLA_FLAGS))
 # One persistent XLA compilation cache for the xdist workers and the
 # subprocesses tests start: rows of a smoke pipeline compile the same
 # programs (about 12% off the KV smoke pipeline test on 2 cores). Entries

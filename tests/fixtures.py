@@ -14,10 +14,12 @@ import random
 import shutil
 from typing import Any, Iterable
 
+# Every test process compiles with LLVM's optimisations off: test models are
+# tiny and spend their time compiling (conftest.py adds this to XLA_FLAGS).
+FAST_COMPILE_XLA_FLAGS = '--xla_backend_optimization_level=0'
 # XLA_FLAGS for a subprocess that runs on one CPU device, as a user would:
-# without conftest.py's eight simulated devices, with its LLVM optimisations
-# off (test models are tiny; they spend their time compiling).
-ONE_DEVICE_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# without conftest.py's eight simulated devices.
+ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
 
 WORDS = ('red green blue cat dog bird fish tree house river stone cloud '
          'apple bread milk key door lamp book ship road').split()

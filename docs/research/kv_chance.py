@@ -57,25 +57,23 @@ def main(argv):
     fields.pop('num_math_in_compose', None)
     cfg = K.make_config(**fields)
     key_map = K.make_key_map(cfg)
-    compose = collections.Counter(
-        e['target'] for e in K.generate_split(cfg, 'kv_math_compose',
-                                              key_map=key_map))
-    guess = compose.most_common(1)[0][0]
-    evals = [e['target'] for e in K.generate_split(cfg, 'kv_math_eval',
-                                                   key_map=key_map)]
-    own, own_n = collections.Counter(evals).most_common(1)[0]
-    pct = lambda xs: 100.0 * sum(t == guess for t in xs) / len(xs)
+    compose_examples = list(K.generate_split(cfg, 'kv_math_compose',
+                                             key_map=key_map))
     eval_examples = list(K.generate_split(cfg, 'kv_math_eval',
                                           key_map=key_map))
-    by_pattern = lambda split: _pattern_modes(
-        K.generate_split(cfg, split, key_map=key_map))
+    guess = collections.Counter(
+        e['target'] for e in compose_examples).most_common(1)[0][0]
+    evals = [e['target'] for e in eval_examples]
+    own, own_n = collections.Counter(evals).most_common(1)[0]
+    pct = lambda xs: 100.0 * sum(t == guess for t in xs) / len(xs)
     pattern_pct = lambda modes: 100.0 * sum(
         modes.get(_pattern(e['prompt']), guess) == e['target']
         for e in eval_examples) / len(eval_examples)
+    likely = _likely_answers(eval_examples, key_map, K.evaluate)
     print(f'| {seed} | {guess} | {pct(evals[:scored]):.1f}% | '
           f'{pct(evals):.1f}% | {own}: {100.0 * own_n / len(evals):.1f}% | '
-          f'{pattern_pct(by_pattern("kv_math_compose")):.1f}% | '
-          f'{pattern_pct(_likely_answers(eval_examples, key_map)):.1f}% |')
+          f'{pattern_pct(_pattern_modes(compose_examples)):.1f}% | '
+          f'{pattern_pct(likely):.1f}% |')
 
 
 def _pattern(prompt: str) -> str:
@@ -83,12 +81,12 @@ def _pattern(prompt: str) -> str:
   return re.sub(r'[^-+*=:]+', 'K', prompt)
 
 
-def _likely_answers(examples, key_map, draws: int = 20_000
+def _likely_answers(examples, key_map, evaluate, draws: int = 20_000
                     ) -> dict[str, str]:
   """Per operator pattern, the most likely answer when each key's value is
   drawn from the held-out keys' values: exact for `+ -` (a convolution),
-  over `draws` random draws with `*`. Ties go to the smaller answer."""
-  from calm_jax.data import kv_arithmetic as K  # pylint: disable=g-import-not-at-top
+  over `draws` random draws with `*` (`evaluate` is the generator's own).
+  Ties go to the smaller answer."""
   rng = np.random.default_rng(0)
   values = collections.Counter(
       int(v) for v in key_map.values[key_map.held_out])
@@ -98,7 +96,7 @@ def _likely_answers(examples, key_map, draws: int = 20_000
     if '*' in ops:
       operands = rng.choice(list(values.elements()),
                             size=(draws, len(ops) + 1))
-      dist = collections.Counter(K.evaluate(row, ops) for row in operands)
+      dist = collections.Counter(evaluate(row, ops) for row in operands)
     else:
       dist = collections.Counter(values)
       for op in ops:
