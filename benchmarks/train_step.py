@@ -108,10 +108,17 @@ def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
     return 3 * fwd
   if mode == 'lora':
     # Activation gradients through every layer, plus the adapters' own
-    # (rank-r) weight gradients and forward.
-    adapters = 2 * anchor.num_layers * 2 * tokens * lora_rank * 2 * (
-        anchor.d_model + anchor.num_heads * anchor.dim_per_head)
-    return 2 * fwd + 3 * adapters
+    # (rank-r) weight gradients and forward. The first layer's input needs
+    # no gradient (nothing below it trains), nor does its keys' projection:
+    # no input gradient of its query, key and value projections, no dK.
+    # Adapters on the query and value kernels (lora.DEFAULT_TARGETS): x A
+    # (d x r), then B (r x out), for each.
+    q = anchor.num_heads * anchor.dim_per_head
+    kv = anchor.kv_heads * anchor.dim_per_head
+    adapters = anchor.num_layers * 2 * tokens * lora_rank * (
+        (anchor.d_model + q) + (anchor.d_model + kv))
+    first = 2 * tokens * anchor.d_model * (q + 2 * kv) + 2 * tokens * seq * q
+    return 2 * fwd - first + 3 * adapters
   g = decoder_flops(aug, tokens, seq)
   lowest = min(j for _, j in pairs)
   aug_fwd = 0 if cached else (max(i for i, _ in pairs) + 1) * g['layer']
