@@ -38,15 +38,18 @@ if not flags.FLAGS.is_parsed():
 # missing from the list runs after them in file order; a stale name is
 # ignored.
 _SLOWEST_FIRST = (
-    'tests/train_test.py::SmokePipelineTest',
     'tests/benchmarks_test.py::BenchmarksTest',
     'tests/experiments_test.py::ExperimentsTest',
+    'tests/train_test.py::SmokePipelineTest',
+    'tests/decoding_test.py::DecodingTest',
     'tests/launch_test.py::LocalTest',
+    'tests/train_test.py::TrainLoopTest',
+    'tests/composition_test.py::CompositionTest',
     'tests/compose_test.py::ComposeTest',
     'tests/aligned_compose_test.py::AlignedComposeTest',
-    'tests/train_test.py::TrainLoopTest',
+    'tests/kv_probes_test.py::KvProbesTest',
+    'tests/humaneval_test.py::HumanEvalTest',
     'tests/notebook_test.py::NotebookTest',
-    'tests/composition_test.py::CompositionTest',
 )
 
 

@@ -1,6 +1,7 @@
 r"""How often a key-value model that ignores the keys is right on KV-MATH.
 
   python docs/research/kv_chance.py [--key_sets=0,1,2] [--variant=default]
+  python docs/research/kv_chance.py --designs=9:3:6,19:3:6
 
 For each key set (`data.kv.seed`) of experiments/kv_arithmetic.py, prints
 the share of the held-out KV-MATH eval examples (the first 128, which the
@@ -16,10 +17,15 @@ answer for that pattern (what a model trained on D_C could learn), and the
 answer most likely when every key's value is drawn from the held-out keys'
 values (exact for `+ -`): the best a key-blind guess can expect, whatever
 it was trained on.
+
+`--designs` prints, instead, that best key-blind score for other task
+designs, exactly (by convolution): values uniform on 1..V, operand counts
+uniform on [lo, hi], `+ -` uniform: what the m_B <= 5% target needs.
 """
 
 import collections
 import importlib.util
+import itertools
 import os
 import re
 
@@ -32,6 +38,9 @@ _KEY_SETS = flags.DEFINE_list('key_sets', ['0', '1', '2'],
                               'data.kv.seed values.')
 _VARIANT = flags.DEFINE_string('variant', 'default',
                                'Variant of experiments/kv_arithmetic.py.')
+_DESIGNS = flags.DEFINE_list(
+    'designs', [], 'V:lo:hi task designs (values 1..V, lo..hi operands, '
+    '`+ -`) whose best key-blind exact match to print instead.')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -39,6 +48,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 
 def main(argv):
   del argv
+  if _DESIGNS.value:
+    print('| values | operands | best key-blind exact match |')
+    print('|---|---|---|')
+    for design in _DESIGNS.value:
+      v, lo, hi = map(int, design.split(':'))
+      print(f'| 1-{v} | {lo}-{hi} | {design_floor(v, lo, hi):.1f}% |')
+    return
   from calm_jax.data import kv_arithmetic as K  # After flags: no JAX yet.
   spec = importlib.util.spec_from_file_location(
       'kv', os.path.join(ROOT, 'experiments', 'kv_arithmetic.py'))
@@ -74,6 +90,26 @@ def main(argv):
           f'{pct(evals):.1f}% | {own}: {100.0 * own_n / len(evals):.1f}% | '
           f'{pattern_pct(_pattern_modes(compose_examples)):.1f}% | '
           f'{pattern_pct(likely):.1f}% |')
+
+
+def design_floor(max_value: int, lo: int, hi: int) -> float:
+  """Best key-blind exact match, %: per operator pattern, the most likely
+  answer's probability, averaged over patterns and operand counts."""
+  values = range(1, max_value + 1)
+  total = 0.0
+  for n in range(lo, hi + 1):
+    patterns = list(itertools.product('+-', repeat=n - 1))
+    for pattern in patterns:
+      dist = collections.Counter(values)
+      for op in pattern:
+        sign = 1 if op == '+' else -1
+        nxt = collections.Counter()
+        for t, c in dist.items():
+          for v in values:
+            nxt[t + sign * v] += c
+        dist = nxt
+      total += max(dist.values()) / max_value**n / len(patterns)
+  return 100.0 * total / (hi - lo + 1)
 
 
 def _pattern(prompt: str) -> str:
