@@ -10,6 +10,7 @@ import sys
 from absl import flags
 from absl.testing import absltest
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,6 +267,38 @@ class TrainLoopTest(absltest.TestCase):
           fh.write(b'garbage')
     with self.assertRaisesRegex(ValueError, r'checkpoints/2 is corrupted'):
       self._run(run_dir)
+
+
+class RunCheckpointerTest(absltest.TestCase):
+
+  def test_resumes_a_run_saved_through_orbax_standard_handler(self):
+    # Runs checkpointed before 872c254 went through StandardSave (Orbax's
+    # default handler, replica-parallel saves); the same format resumes.
+    directory = self.create_tempdir().full_path
+    data = grain.MapDataset.range(10).to_iter_dataset()
+    it = iter(data)
+    next(it), next(it)
+    state = {'params': {'w': jnp.arange(6.0).reshape(2, 3)},
+             'step': jnp.int32(2)}
+    with ocp.CheckpointManager(directory, item_names=('state', 'data')) as m:
+      m.save(2, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(it)))
+      m.wait_until_finished()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+        state)
+    ckpt = checkpoints.RunCheckpointer(directory)
+    fresh = iter(data)
+    step, restored = ckpt.restore(abstract, fresh)
+    self.assertEqual(step, 2)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, state)
+    self.assertEqual(next(fresh), 2)  # The data position came back too.
+    # And it saves on from there.
+    ckpt.save(3, restored, fresh, force=True)
+    ckpt.close()
+    self.assertEqual(ckpt.latest_step(), 3)
 
 
 class SmokePipelineTest(absltest.TestCase):
