@@ -26,7 +26,6 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from calm_jax import paths
 from calm_jax.models import transformer
@@ -100,12 +99,17 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
   """Orbax's default type handlers, with the jax.Array one above."""
+  default = ocp.type_handlers.get_type_handler(jax.Array)
   handlers = [(ty, ocp.type_handlers.get_type_handler(ty))
               for ty in ocp.type_handlers.supported_types()
               if ty is not jax.Array]
-  array = ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  try:
+    array = ocp.type_handlers.ArrayHandler(
+        # The default handler's record of array metadata, kept as it is.
+        array_metadata_store=getattr(default, '_array_metadata_store', None),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  except TypeError:  # An Orbax without the option: its default, slower.
+    array = default
   return ocp.type_handlers.create_type_handler_registry(
       (jax.Array, array), *handlers)
 
