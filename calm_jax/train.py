@@ -363,6 +363,34 @@ def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
   logging.info('[%s] pretrained model saved to %s', role, path)
 
 
+def _check_training_data(config: ConfigDict, workdir: str,
+                         data: data_lib.Data,
+                         own_data: dict[str, data_lib.Data]) -> None:
+  """Checks every split this run trains on at the length it trains with,
+  before anything trains: a `seq_len` too short for the composition's data
+  or for a model pretrained later fails in one line naming its field, not
+  after the models before it have pretrained. (`Data.train` keeps what
+  it decoded for the training that follows, and checks each split and
+  length once.)"""
+  models = [('anchor', 'models.anchor', config.models.anchor, data)]
+  models += [(f'aug_{name}', f'models.augmenting.{name}', m,
+              own_data.get(name, data))
+             for name, m in config.models.augmenting.items()]
+  for role, field, m, d in models:
+    if not m.checkpoint and not checkpoints.model_exists(
+        model_path(role, m, workdir)):
+      d.train(m.pretrain.split, f'{field}.pretrain.split',
+              m.pretrain.seq_len, f'{field}.pretrain.seq_len')
+  # (A launcher's first phase only pretrains: its later runs check D_C
+  # before they train, and find the models it cached.)
+  if any(not rows_lib.ROWS[r].frozen for r in config.rows):
+    data.train(config.train.split, 'train.split',
+               config.train.get('seq_len', 0), 'train.seq_len')
+  if config.baselines.get('full_ft_split', '') and 'full_ft' in config.rows:
+    data.train(config.baselines.full_ft_split, 'baselines.full_ft_split',
+               config.train.get('seq_len', 0), 'train.seq_len')
+
+
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
                  workdir: str, data: data_lib.Data, mesh, rules, seed: int,
                  dtype: str = 'float32', remat: bool = False,
@@ -568,6 +596,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
                          metric=metrics.get(s, 'exact_match'))
             for s in config.eval.splits}
   eval_split = config.eval.during_training_split
+
+  _check_training_data(config, workdir, data, own_data)
 
   # ---- 3. frozen models.
   logging.info('[models] anchor %s; augmenting %s',

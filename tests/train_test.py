@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -267,6 +268,26 @@ class TrainLoopTest(absltest.TestCase):
           fh.write(b'garbage')
     with self.assertRaisesRegex(ValueError, r'checkpoints/2 is corrupted'):
       self._run(run_dir)
+
+
+class DataCheckedFirstTest(absltest.TestCase):
+
+  def test_a_too_short_length_fails_before_any_model_trains(self):
+    for field, cfg in (
+        ('models.augmenting.kv.pretrain.seq_len',
+         lambda c: c.models.augmenting.kv.pretrain),
+        ('train.seq_len', lambda c: c.train)):
+      with self.subTest(field):
+        config = tiny_config()
+        cfg(config).seq_len = 12
+        workdir = self.create_tempdir().full_path
+        with self.assertRaisesRegex(
+            ValueError, rf'^{re.escape(field)}=12 is too short: an example '
+            'needs'):
+          train.train_and_evaluate(config, workdir)
+        # Not even the anchor, which comes first and would fit.
+        self.assertFalse(os.path.exists(os.path.join(workdir, 'pretrain')))
+        self.assertFalse(os.path.exists(os.path.join(workdir, 'models')))
 
 
 class RunCheckpointerTest(absltest.TestCase):

@@ -122,6 +122,7 @@ class Data:
     self.aligned = dict(aligned) if aligned else None
     self._eval: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
     self._train_sources: dict[str, pipeline.Memoized] = {}
+    self._checked: set[tuple[str, int]] = set()  # (split, seq_len) that fit.
 
   def with_tokenizer(self, spec: str) -> 'Data':
     """The same datasets read with another tokenizer, one stream (e.g. to
@@ -152,7 +153,10 @@ class Data:
     if split not in self._train_sources:
       self._train_sources[split] = pipeline.Memoized(self.source(split, field))
     source = self._train_sources[split]
-    if self.config.dataset in pipeline.USER_DATASETS:
+    checked = (split, seq_len or self.config.seq_len)
+    if checked in self._checked:
+      pass
+    elif self.config.dataset in pipeline.USER_DATASETS:
       # Your own examples may be of any length: all are checked (documents
       # are cut into rows when packed), naming the first that does not fit.
       if not (self.pack and files.documents_only(self.config)):
@@ -168,6 +172,7 @@ class Data:
                           seq_len_field or 'data.seq_len',
                           documents_fit=self.pack,
                           **self._aligned_kw(seq_len or self.config.seq_len))
+    self._checked.add(checked)
     kw = self._aligned_kw(seq_len or self.config.seq_len)
     return TrainData(source, self.tokenizer, seq_len or self.config.seq_len,
                      pack=self.pack, aligned=kw.get('aligned'),
