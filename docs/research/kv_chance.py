@@ -52,7 +52,11 @@ def main(argv):
     print('| values | operands | best key-blind exact match |')
     print('|---|---|---|')
     for design in _DESIGNS.value:
-      v, lo, hi = map(int, design.split(':'))
+      try:
+        v, lo, hi = map(int, design.split(':'))
+      except ValueError:
+        raise app.UsageError(f'--designs: {design!r} is not V:lo:hi, e.g. '
+                             '9:3:6 (values 1-9, 3-6 operands).') from None
       print(f'| 1-{v} | {lo}-{hi} | {design_floor(v, lo, hi):.1f}% |')
     return
   from calm_jax.data import kv_arithmetic as K  # After flags: no JAX yet.
@@ -95,21 +99,29 @@ def main(argv):
 def design_floor(max_value: int, lo: int, hi: int) -> float:
   """Best key-blind exact match, %: per operator pattern, the most likely
   answer's probability, averaged over patterns and operand counts."""
-  values = range(1, max_value + 1)
+  values = collections.Counter(range(1, max_value + 1))
   total = 0.0
   for n in range(lo, hi + 1):
     patterns = list(itertools.product('+-', repeat=n - 1))
     for pattern in patterns:
-      dist = collections.Counter(values)
-      for op in pattern:
-        sign = 1 if op == '+' else -1
-        nxt = collections.Counter()
-        for t, c in dist.items():
-          for v in values:
-            nxt[t + sign * v] += c
-        dist = nxt
+      dist = _answer_counts(values, pattern)
       total += max(dist.values()) / max_value**n / len(patterns)
   return 100.0 * total / (hi - lo + 1)
+
+
+def _answer_counts(values: collections.Counter, ops) -> collections.Counter:
+  """How many operand draws give each answer of v0 op1 v1 op2 v2 ... with
+  `+ -` only, each operand drawn from `values` (value -> count): the
+  exact convolution."""
+  dist = collections.Counter(values)
+  for op in ops:
+    sign = 1 if op == '+' else -1
+    nxt = collections.Counter()
+    for total, n in dist.items():
+      for v, m in values.items():
+        nxt[total + sign * v] += n * m
+    dist = nxt
+  return dist
 
 
 def _pattern(prompt: str) -> str:
@@ -134,14 +146,7 @@ def _likely_answers(examples, key_map, evaluate, draws: int = 20_000
                             size=(draws, len(ops) + 1))
       dist = collections.Counter(evaluate(row, ops) for row in operands)
     else:
-      dist = collections.Counter(values)
-      for op in ops:
-        sign = 1 if op == '+' else -1
-        nxt = collections.Counter()
-        for total, n in dist.items():
-          for v, m in values.items():
-            nxt[total + sign * v] += n * m
-        dist = nxt
+      dist = _answer_counts(values, ops)
     out[pattern] = str(min(dist, key=lambda a: (-dist[a], a)))
   return out
 
