@@ -352,8 +352,7 @@ def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
   params, _ = run_training(
       task, model_cfg.pretrain, run_dir=os.path.join(workdir, 'pretrain',
                                                      role),
-      data=data.train(model_cfg.pretrain.split, f'{field}.pretrain.split',
-                      model_cfg.pretrain.seq_len, f'{field}.pretrain.seq_len'),
+      data=_pretrain_data(data, field, model_cfg),
       mesh=mesh, rules=rules, seed=seed)
   checkpoints.save_model(path, arch, params, role=role,
                          trained_on=model_cfg.pretrain.split,
@@ -361,6 +360,26 @@ def _pretrain(role: str, field: str, model_cfg: ConfigDict, path: str, *,
                          pretrain=model_cfg.pretrain.to_dict(), seed=seed,
                          tokenizer=data_lib.tokenizer_record(data.tokenizer))
   logging.info('[%s] pretrained model saved to %s', role, path)
+
+
+def _pretrain_data(data: data_lib.Data, field: str, model_cfg: ConfigDict
+                   ) -> data_lib.TrainData:
+  """What a frozen model pretrains on (`field`: its config's path)."""
+  return data.train(model_cfg.pretrain.split, f'{field}.pretrain.split',
+                    model_cfg.pretrain.seq_len, f'{field}.pretrain.seq_len')
+
+
+def _compose_data(data: data_lib.Data, config: ConfigDict, split: str = ''
+                  ) -> data_lib.TrainData:
+  """D_C, or a baseline's own `split` (full_ft's), at train.seq_len."""
+  return data.train(split or config.train.split,
+                    'baselines.full_ft_split' if split else 'train.split',
+                    config.train.get('seq_len', 0), 'train.seq_len')
+
+
+def _pretrained_here(model_cfg: ConfigDict, path: str) -> bool:
+  """Whether this run must pretrain the model (no checkpoint, none cached)."""
+  return not model_cfg.checkpoint and not checkpoints.model_exists(path)
 
 
 def _check_training_data(config: ConfigDict, workdir: str,
@@ -377,18 +396,14 @@ def _check_training_data(config: ConfigDict, workdir: str,
               own_data.get(name, data))
              for name, m in config.models.augmenting.items()]
   for role, field, m, d in models:
-    if not m.checkpoint and not checkpoints.model_exists(
-        model_path(role, m, workdir)):
-      d.train(m.pretrain.split, f'{field}.pretrain.split',
-              m.pretrain.seq_len, f'{field}.pretrain.seq_len')
+    if _pretrained_here(m, model_path(role, m, workdir)):
+      _pretrain_data(d, field, m)
   # (A launcher's first phase only pretrains: its later runs check D_C
   # before they train, and find the models it cached.)
   if any(not rows_lib.ROWS[r].frozen for r in config.rows):
-    data.train(config.train.split, 'train.split',
-               config.train.get('seq_len', 0), 'train.seq_len')
+    _compose_data(data, config)
   if config.baselines.get('full_ft_split', '') and 'full_ft' in config.rows:
-    data.train(config.baselines.full_ft_split, 'baselines.full_ft_split',
-               config.train.get('seq_len', 0), 'train.seq_len')
+    _compose_data(data, config, config.baselines.full_ft_split)
 
 
 def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
@@ -404,7 +419,7 @@ def frozen_model(role: str, field: str, model_cfg: ConfigDict, *,
   decode caches) to what the experiment reads and generates.
   """
   path = model_path(role, model_cfg, workdir)
-  if not model_cfg.checkpoint and not checkpoints.model_exists(path):
+  if _pretrained_here(model_cfg, path):
     with locks.hold(path + '.lock', f'pretraining {path}',
                     enabled=jax.process_index() == 0):
       if not checkpoints.model_exists(path):  # Another run may have made it.
@@ -641,9 +656,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
   def train_data(task: Task, row_name: str, split: str
                  ) -> data_lib.TrainData:
     """D_C, with m_A's states read from disk when the config says so."""
-    train = data.train(split or config.train.split,
-                       'baselines.full_ft_split' if split else 'train.split',
-                       config.train.get('seq_len', 0), 'train.seq_len')
+    train = _compose_data(data, config, split)
     model = task.model
     if not (config.composition.cache_augmenting and
             isinstance(model, composition_lib.ComposedLM)):
