@@ -96,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # NUM-MATH examples (the anchor's own data) mixed into D_C; 0 is the
       # paper's D_C, KV-MATH alone.
       num_math_in_compose=0,
+      # Characters writing the values 1..max_value, one each; '' writes
+      # decimal numerals (`value_tokens` below).
+      value_alphabet='',
+      # KV-SUBS examples over the compose keys in D_C (`generalist_subs`).
+      num_kv_subs_in_compose=0,
       seed=0,
   ))
 

@@ -295,6 +295,32 @@ class ExamplesTest(absltest.TestCase):
                                 r'data\.kv\.num_copy_in_compose=101:'):
       kv.make_config(**dict(fields, num_copy_in_compose=101))
 
+  def test_substitutions_in_compose_are_over_compose_keys(self):
+    fields = dict(kv.config_fields(SMOKE), subs_prompt_end=':',
+                  num_math_in_compose=50)
+    without = kv.generate_split(kv.make_config(**fields), 'kv_math_compose')
+    config = kv.make_config(**dict(fields, num_kv_subs_in_compose=30))
+    compose = kv.generate_split(config, 'kv_math_compose')
+    subs = [ex for ex in compose if ex['task'] == 'kv_subs']
+    self.assertLen(subs, 30)
+    for ex in subs:
+      self.assertTrue(ex['prompt'].endswith(':'), ex)
+      self.assertLessEqual(set(KEY_RE.findall(ex['prompt'])), self.compose)
+      self.assertEqual(ex['target'], KEY_RE.sub(
+          lambda m: str(self.values[m.group()]), ex['prompt'][:-1]))
+    by_prompt = lambda xs: sorted(xs, key=lambda ex: ex['prompt'])
+    self.assertEqual(by_prompt(ex for ex in compose if ex['task'] != 'kv_subs'),
+                     by_prompt(without))
+    # Held-out keys only in the evaluation of KV-SUBS, as before.
+    self.assertEqual(kv.generate_split(config, 'kv_subs_eval'),
+                     kv.generate_split(kv.make_config(**fields),
+                                       'kv_subs_eval'))
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.num_kv_subs_in_compose=5:.*'
+                                r'subs_prompt_end'):
+      kv.make_config(**dict(kv.config_fields(SMOKE),
+                            num_kv_subs_in_compose=5))
+
   def test_copies_need_their_own_prompt_end(self):
     fields = kv.config_fields(SMOKE)
     with self.assertRaisesRegex(ValueError,
@@ -307,6 +333,36 @@ class ExamplesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError,
                                 r'data\.kv\.subs_prompt_end=.\+.'):
       kv.make_config(**dict(fields, subs_prompt_end='+'))
+
+  def test_value_alphabet_writes_each_value_as_one_character(self):
+    symbols = kv.letters(SMOKE.max_value, start=0x400)
+    config = kv.make_config(**dict(kv.config_fields(SMOKE),
+                                   value_alphabet=symbols))
+    splits = kv.generate_all(config)
+    number = {c: str(i + 1) for i, c in enumerate(symbols)}
+    as_numerals = lambda text: ''.join(number.get(c, c) for c in text)
+    # The same examples as decimal numerals, each value one character.
+    for split, examples in splits.items():
+      with self.subTest(split):
+        self.assertEqual(
+            [{k: as_numerals(v) for k, v in ex.items()} for ex in examples],
+            self.splits[split])
+    for ex in splits['num_math_eval'] + splits['kv_subs_eval']:
+      written = ex['prompt'] if ex['task'] == 'num_math' else ex['target']
+      self.assertFalse(any(c.isdecimal() for c in written), ex)
+    for ex in splits['kv_math_eval'] + splits['num_math_eval']:
+      self.assertRegex(ex['target'], r'^-?[0-9]+$')
+    longest = max(len(ex['prompt']) + len(ex['target'])
+                  for exs in splits.values() for ex in exs)
+    self.assertLessEqual(longest, kv.max_example_chars(config))
+    fields = dict(kv.config_fields(SMOKE), max_value=30)
+    for alphabet, pattern in ((symbols[:29], 'has 29 characters'),
+                              ('a' + symbols[:29], "'a' may not"),
+                              ('7' + symbols[:29], "'7' may not"),
+                              (symbols[:29] * 2, 'repeated')):
+      with self.assertRaisesRegex(ValueError,
+                                  r'data\.kv\.value_alphabet=.*' + pattern):
+        kv.make_config(**dict(fields, num_keys=20, value_alphabet=alphabet))
 
   def test_precedence_and_negatives(self):
     self.assertEqual(kv.evaluate([2, 3, 4], ['+', '*']), 14)

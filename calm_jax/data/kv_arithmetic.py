@@ -14,6 +14,12 @@ character instead of '=', and `num_copy_in_math` NUM-COPY examples
 an anchor that can rewrite an expression it is shown, so that a composed
 model can be asked for KV-SUBS (`num_copy_eval` scores the copying).
 
+With `value_alphabet` each value is one character (value v is its v-th),
+wherever a value is written (NUM-MATH and NUM-COPY operands, KV-SUBS
+targets); answers stay decimal numerals. Values beyond one digit then stay
+one token, as one-character keys are, so that values can spread wider than
+1-9 and a key-blind guess of a likely sum becomes rarer.
+
 Results follow standard precedence (`*` before `+`/`-`, left to right
 otherwise), may be negative, and are exact Python ints. The text is compact
 (no spaces) so that a byte tokenizer sees one token per character.
@@ -80,6 +86,7 @@ _STREAMS['num_copy_eval'] = 1003
 _KEYS_STREAM, _KEY_SPLIT_STREAM = 0, 1
 _MIX_STREAM = 1000
 _COPY_STREAM, _COPY_MIX_STREAM = 1001, 1002
+_SUBS_IN_COMPOSE_STREAM = 1004
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,6 +136,15 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   # Of those copies, how many (the first ones) also join D_C, beside
   # `num_math_in_compose` NUM-MATH examples.
   num_copy_in_compose: int = 0
+  # KV-SUBS examples over the compose keys (prompts ending in
+  # subs_prompt_end) shuffled into D_C: the substitution shown on D_C's keys
+  # only, as KV-MATH is; kv_subs_eval asks it on held-out keys. Not the
+  # paper's D_C (KV-MATH only).
+  num_kv_subs_in_compose: int = 0
+  # Characters that write the values 1..max_value, one each (value v is the
+  # v-th), in prompts and substitutions; '' writes decimal numerals.
+  # Answers (NUM-MATH, KV-MATH) are decimal either way.
+  value_alphabet: str = ''
 
 
 _BASE_FIELDS = frozenset(
@@ -171,7 +187,8 @@ def validate_config(config: KvArithmeticConfig) -> None:
 
   for field in FIELDS:
     if field not in ('operators', 'compose_key_fraction', 'unique_values',
-                     'key_alphabet', 'subs_prompt_end') and not _is_int(
+                     'key_alphabet', 'subs_prompt_end', 'value_alphabet'
+                     ) and not _is_int(
                          getattr(config, field)):
       fail(field, 'must be an int.')
   if not isinstance(config.unique_values, (bool, np.bool_)):
@@ -251,10 +268,33 @@ def validate_config(config: KvArithmeticConfig) -> None:
   if not 0 <= config.num_copy_in_compose <= config.num_copy_in_math:
     fail('num_copy_in_compose', 'must be in [0, data.kv.num_copy_in_math='
          f'{config.num_copy_in_math}]: they are taken from its copies.')
+  if config.num_kv_subs_in_compose < 0:
+    fail('num_kv_subs_in_compose', 'must be >= 0.')
+  if config.num_kv_subs_in_compose and end == '=':
+    fail('num_kv_subs_in_compose', "KV-SUBS prompts in D_C would read as "
+         "KV-MATH's (both end with '='); set data.kv.subs_prompt_end to "
+         "another character, e.g. ':'.")
   if config.num_copy_in_math and end == '=':
     fail('num_copy_in_math', "NUM-COPY prompts would read as NUM-MATH's "
          "(both end with '='); set data.kv.subs_prompt_end to another "
          "character, e.g. ':'.")
+  values = config.value_alphabet
+  if not isinstance(values, str):
+    fail('value_alphabet', "must be a string ('' for decimal numerals).")
+  if values:
+    if len(values) < config.max_value:
+      fail('value_alphabet', f'has {len(values)} characters for values 1..'
+           f'data.kv.max_value={config.max_value}; give one per value, e.g. '
+           'kv_arithmetic.letters(max_value, start=0x400).')
+    if len(set(values)) != len(values):
+      fail('value_alphabet', 'contains a repeated character; list each once.')
+    for char in values:
+      if not char.isprintable() or char.isspace() or char.isdecimal() or (
+          char in _RESERVED_KEY_CHARS) or char in alphabet or char == end:
+        fail('value_alphabet', f'{char!r} may not write a value; use '
+             "printable characters other than digits, '=', whitespace, "
+             f'{ALLOWED_OPERATORS!r}, data.kv.subs_prompt_end and the '
+             'characters of data.kv.key_alphabet.')
 
 
 def _named_config(name: str, description: str, **fields) -> KvArithmeticConfig:
@@ -417,20 +457,23 @@ def render(operands: Sequence[Any], operators: Sequence[str]) -> str:
 
 
 def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
-                 operators: Sequence[str], subs_prompt_end: str = '='
-                 ) -> dict[str, str]:
+                 operators: Sequence[str], subs_prompt_end: str = '=',
+                 value_alphabet: str = '') -> dict[str, str]:
   """One example of `task`; `keys` may be None for 'num_math' and
   'num_copy'. Substitutions (KV-SUBS, NUM-COPY) end their prompt with
-  `subs_prompt_end`, the others with '='."""
+  `subs_prompt_end`, the others with '='. A value v is written as
+  `value_alphabet[v - 1]` when that is given."""
   end = '='
+  shown = ([value_alphabet[int(v) - 1] for v in values] if value_alphabet
+           else values)
   if task == 'kv_subs':
-    prompt, target = render(keys, operators), render(values, operators)
+    prompt, target = render(keys, operators), render(shown, operators)
     end = subs_prompt_end
   elif task == 'num_copy':
-    prompt = target = render(values, operators)
+    prompt = target = render(shown, operators)
     end = subs_prompt_end
   elif task == 'num_math':
-    prompt, target = render(values, operators), str(evaluate(values, operators))
+    prompt, target = render(shown, operators), str(evaluate(values, operators))
   elif task == 'kv_math':
     prompt, target = render(keys, operators), str(evaluate(values, operators))
   else:
@@ -492,7 +535,8 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
                                   ).permutation(len(examples))
     examples = [examples[i] for i in order]
   if split == 'kv_math_compose' and (config.num_math_in_compose or
-                                     config.num_copy_in_compose):
+                                     config.num_copy_in_compose or
+                                     config.num_kv_subs_in_compose):
     # The first NUM-MATH examples, as without the anchor's copies
     # (num_copy_in_math), which stay out of D_C.
     math = dataclasses.replace(config, num_copy_in_math=0)
@@ -500,6 +544,13 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
         :config.num_math_in_compose]
     if config.num_copy_in_compose:
       examples += _copies(config, key_map)[:config.num_copy_in_compose]
+    if config.num_kv_subs_in_compose:
+      pool = _pool(key_map, 'compose_keys')
+      examples += _generate(
+          config, 'num_kv_subs_in_compose', 'kv_subs', pool, len(pool),
+          config.num_kv_subs_in_compose, 'num_kv_subs_in_compose',
+          np.random.default_rng([config.seed, _SUBS_IN_COMPOSE_STREAM]),
+          key_map, None, '')
     order = np.random.default_rng([config.seed, _MIX_STREAM]).permutation(
         len(examples))
     examples = [examples[i] for i in order]
@@ -534,7 +585,7 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
         keys = [key_map.keys[i] for i in idx]
         values = key_map.values[idx].tolist()
       example = make_example(task, keys, values, ops,
-                             config.subs_prompt_end)
+                             config.subs_prompt_end, config.value_alphabet)
       if avoid:
         if example['prompt'] in exclude_prompts or example['prompt'] in seen:
           continue
@@ -573,7 +624,7 @@ def max_example_chars(config: KvArithmeticConfig) -> int:
   `data.seq_len >= max_example_chars(config) + 1`.
   """
   n, v = config.max_operands, config.max_value
-  digits = len(str(v))
+  digits = 1 if config.value_alphabet else len(str(v))
   # |sum of signed products| <= v**n when v >= 2 (a + b <= a * b for a,b >= 2).
   bound = max(v**n, n * v) if '*' in config.operators else n * v
   result = len(str(bound)) + 1  # Sign.
