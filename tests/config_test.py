@@ -90,6 +90,24 @@ class ValidateTest(absltest.TestCase):
                        default[field] if field in ('rows', 'seeds')
                        else default[field].to_dict(), field)
 
+  def test_generalist_subs_and_value_tokens_change_only_their_fields(self):
+    default = kv_arithmetic.get_config('')
+    generalist = kv_arithmetic.get_config('generalist')
+    subs = kv_arithmetic.get_config('generalist_subs')
+    tokens = kv_arithmetic.get_config('value_tokens')
+    for config in (subs, tokens):
+      train.validate(config)
+    self.assertEqual((subs.data.kv.num_kv_subs_in_compose,
+                      subs.data.kv.num_copy_in_compose), (1000, 1000))
+    self.assertEqual(subs.composition.to_dict(),
+                     generalist.composition.to_dict())
+    self.assertEqual(subs.models.to_dict(), generalist.models.to_dict())
+    self.assertLen(tokens.data.kv.value_alphabet, tokens.data.kv.max_value)
+    self.assertEqual(tokens.composition.to_dict(),
+                     default.composition.to_dict())
+    self.assertEqual(tokens.train.steps, default.train.steps)
+    self.assertEqual(tokens.models.anchor.arch.vocab_size, 1283)
+
   def test_negative_profile_steps(self):
     c = smoke()
     c.train.profile_steps = -3
