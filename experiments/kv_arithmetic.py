@@ -360,7 +360,8 @@ def _value_tokens(config: ml_collections.ConfigDict) -> None:
   kv = config.data.kv
   kv.max_value = 19
   # Cyrillic letters, after the keys' Latin ones: char:1280 covers both.
-  kv.value_alphabet = kv_arithmetic.letters(kv.max_value, start=0x400)
+  # Value v is the v-th; 64 of them leave room for a wider max_value.
+  kv.value_alphabet = kv_arithmetic.letters(64, start=0x400)
   config.data.tokenizer = 'char:1280'
   for model in (config.models.anchor, config.models.augmenting.kv):
     model.arch.vocab_size = 1283
