@@ -165,6 +165,13 @@ def config_fields(config: KvArithmeticConfig) -> dict[str, Any]:
 _RESERVED_KEY_CHARS = frozenset('0123456789= ' + ALLOWED_OPERATORS)
 
 
+def _reserved(char: str) -> bool:
+  """Whether `char` may not stand for a key or a value: it is not printable,
+  or is whitespace, a digit, '=' or an operator."""
+  return (not char.isprintable() or char.isspace() or char.isdecimal() or
+          char in _RESERVED_KEY_CHARS)
+
+
 def num_possible_keys(min_len: int, max_len: int, alphabet_size: int = 26
                       ) -> int:
   """Number of distinct strings over an alphabet with length in [min, max]."""
@@ -204,8 +211,7 @@ def validate_config(config: KvArithmeticConfig) -> None:
   if not isinstance(alphabet, str) or not alphabet:
     fail('key_alphabet', 'must be a non-empty string of characters.')
   for char in alphabet:
-    if not char.isprintable() or char.isspace() or char.isdecimal() or (
-        char in _RESERVED_KEY_CHARS):
+    if _reserved(char):
       fail('key_alphabet', f'{char!r} may not appear in a key; use printable '
            "characters other than digits, '=', whitespace and "
            f'{ALLOWED_OPERATORS!r}.')
@@ -289,8 +295,7 @@ def validate_config(config: KvArithmeticConfig) -> None:
     if len(set(values)) != len(values):
       fail('value_alphabet', 'contains a repeated character; list each once.')
     for char in values:
-      if not char.isprintable() or char.isspace() or char.isdecimal() or (
-          char in _RESERVED_KEY_CHARS) or char in alphabet or char == end:
+      if _reserved(char) or char in alphabet or char == end:
         fail('value_alphabet', f'{char!r} may not write a value; use '
              "printable characters other than digits, '=', whitespace, "
              f'{ALLOWED_OPERATORS!r}, data.kv.subs_prompt_end and the '
@@ -545,9 +550,9 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
     if config.num_copy_in_compose:
       examples += _copies(config, key_map)[:config.num_copy_in_compose]
     if config.num_kv_subs_in_compose:
-      pool = _pool(key_map, 'compose_keys')
+      keys = _pool(key_map, 'compose_keys')
       examples += _generate(
-          config, 'num_kv_subs_in_compose', 'kv_subs', pool, len(pool),
+          config, 'num_kv_subs_in_compose', 'kv_subs', keys, len(keys),
           config.num_kv_subs_in_compose, 'num_kv_subs_in_compose',
           np.random.default_rng([config.seed, _SUBS_IN_COMPOSE_STREAM]),
           key_map, None, '')
