@@ -1,6 +1,7 @@
 """The KV probes (experiments/kv_probes/) run on their tiny configs and
 print JSON lines whose fields agree with each other and with the task."""
 
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,22 @@ class KvProbesTest(absltest.TestCase):
       # own value, so none of theirs is among the labels it learnt.
       self.assertGreater(line['compose_key_acc'], 10 * line['chance'])
       self.assertEqual(line['held_out_key_acc'], 0.0)
+
+  def test_probes_read_only_kv_math_of_a_mixed_d_c(self):
+    # The default's D_C mixes in the anchor's NUM-MATH (numerals where the
+    # keys would be): readout and anchor_probe read keys, so they take its
+    # KV-MATH examples only, all of them.
+    from experiments.kv_probes import workdir  # pylint: disable=g-import-not-at-top
+    mixed = dataclasses.replace(SMOKE, num_math_in_compose=100)
+    every = kv.generate_split(mixed, 'kv_math_compose')
+    self.assertLen(every, mixed.num_kv_math_compose + 100)
+    got = workdir.kv_math_examples(mixed, 'kv_math_compose')
+    self.assertEqual(got, [e for e in every if e['task'] == 'kv_math'])
+    self.assertLen(got, mixed.num_kv_math_compose)
+    # The same KV-MATH examples as the unmixed D_C (shuffled with the rest).
+    key = lambda e: (e['prompt'], e['target'])
+    self.assertEqual(sorted(got, key=key), sorted(
+        kv.generate_split(SMOKE, 'kv_math_compose'), key=key))
 
   def test_bridge_writes(self):
     lines = _run('bridge_writes', '--examples=16')

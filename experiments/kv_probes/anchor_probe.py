@@ -168,8 +168,9 @@ def main(argv):
   key_map = kv.make_key_map(task)
   values = key_map.as_dict()
   max_value = int(max(values.values()))
-  train_ex = kv.generate_split(task, 'kv_math_compose', key_map=key_map)
-  dev_ex = kv.generate_split(task, 'kv_math_dev', key_map=key_map)
+  train_ex = workdir.kv_math_examples(task, 'kv_math_compose',
+                                      key_map=key_map)
+  dev_ex = workdir.kv_math_examples(task, 'kv_math_dev', key_map=key_map)
   guess = guess_loss(task, key_map, dev_ex,
                      20_000 if _CONFIG.value == 'tiny' else 200_000)
   print(json.dumps({'guess': 'operators only', 'dev_loss': round(guess, 4)}),

@@ -64,7 +64,7 @@ def main(argv):
       method=transformer.Decoder.hidden_states))
 
   def features(split):
-    examples = kv.generate_split(task, split)[:_EXAMPLES.value]
+    examples = workdir.kv_math_examples(task, split)[:_EXAMPLES.value]
     # Causal: the targets after each prompt do not change its states.
     batch = workdir.batch_of(examples, tok)
     states = {l: np.asarray(h) for l, h in hidden(batch['inputs']).items()}

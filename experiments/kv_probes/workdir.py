@@ -181,6 +181,20 @@ def define_composed_row_flags() -> ComposedRowFlags:
 # ======================================================== examples, batches
 
 
+def kv_math_examples(task: kv.KvArithmeticConfig, split: str,
+                     **kwargs) -> list[dict[str, str]]:
+  """The KV-MATH examples of `split`, in order.
+
+  D_C (`kv_math_compose`) also holds the anchor's own NUM-MATH and NUM-COPY
+  and KV-SUBS examples when the config mixes them in
+  (`data.kv.num_math_in_compose`, ...): their operands are numerals, not
+  keys, and a probe that reads keys must skip them. `kwargs` go to
+  `kv.generate_split`.
+  """
+  return [e for e in kv.generate_split(task, split, **kwargs)
+          if e['task'] == 'kv_math']
+
+
 def seq_len_of(examples: Sequence[dict[str, Any]],
                tok: tokenizers.Tokenizer) -> int:
   """The shortest `seq_len` that `pipeline.encode_example` fits them all in
