@@ -186,10 +186,10 @@ def kv_math_examples(task: kv.KvArithmeticConfig, split: str,
   """The KV-MATH examples of `split`, in order.
 
   D_C (`kv_math_compose`) also holds the anchor's own NUM-MATH and NUM-COPY
-  and KV-SUBS examples when the config mixes them in
-  (`data.kv.num_math_in_compose`, ...): their operands are numerals, not
-  keys, and a probe that reads keys must skip them. `kwargs` go to
-  `kv.generate_split`.
+  examples (numerals where the keys would be) and KV-SUBS examples (another
+  target) when the config mixes them in (`data.kv.num_math_in_compose`,
+  ...); a probe that reads the keys of KV-MATH prompts must skip them.
+  `kwargs` go to `kv.generate_split`.
   """
   return [e for e in kv.generate_split(task, split, **kwargs)
           if e['task'] == 'kv_math']
