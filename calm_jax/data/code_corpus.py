@@ -94,16 +94,7 @@ def check_data_config(data_cfg: ml_collections.ConfigDict
   """The validated corpus config of `data.code`, checked against seq_len."""
   fields = generated.subconfig_fields(data_cfg, 'code')
   config = make_config(**fields)
-  seq_len = data_cfg.get('seq_len', None)
-  if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':
-    needed = config.max_chars + 1
-    if seq_len < needed:
-      raise ValueError(
-          f'data.seq_len={seq_len} is too short for '
-          f'data.code.max_chars={config.max_chars}: an example of max_chars '
-          f'bytes needs {needed} positions (BOS + prompt + target + EOS, '
-          f'shifted). Raise data.seq_len to >= {needed} or lower '
-          'data.code.max_chars.')
+  generated.check_seq_len_fits(data_cfg, 'code', config.max_chars)
   return config
 
 

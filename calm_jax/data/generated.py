@@ -86,6 +86,21 @@ def subconfig_fields(data_cfg: Any, key: str) -> dict[str, Any]:
   return dict(sub)
 
 
+def check_seq_len_fits(data_cfg: Any, key: str, max_chars: int) -> None:
+  """Refuses a byte-tokenized data.seq_len too short for examples of up to
+  `max_chars` characters (data.<key>.max_chars): BOS + prompt + target +
+  EOS, shifted, need max_chars + 1 positions."""
+  seq_len = data_cfg.get('seq_len', None)
+  if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':
+    needed = max_chars + 1
+    if seq_len < needed:
+      raise ValueError(
+          f'data.seq_len={seq_len} is too short for '
+          f'data.{key}.max_chars={max_chars}: an example needs up to '
+          f'{needed} positions (BOS + prompt + target + EOS, shifted). Raise '
+          f'data.seq_len to >= {needed} or lower data.{key}.max_chars.')
+
+
 def prepare(builder_cls: type[_B], config: Any, data_dir: str) -> _B:
   """The builder of `config`, generating its data if not on disk yet.
 

@@ -349,15 +349,7 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> NtlConfig:
     if isinstance(fields.get(field), list):
       fields[field] = tuple(fields[field])
   config = make_config(**fields)
-  seq_len = data_cfg.get('seq_len', None)
-  if seq_len is not None and data_cfg.get('tokenizer', 'byte') == 'byte':
-    needed = config.max_chars + 1
-    if seq_len < needed:
-      raise ValueError(
-          f'data.seq_len={seq_len} is too short for '
-          f'data.ntl.max_chars={config.max_chars}: an example needs up to '
-          f'{needed} positions (BOS + prompt + target + EOS, shifted). Raise '
-          f'data.seq_len to >= {needed} or lower data.ntl.max_chars.')
+  generated.check_seq_len_fits(data_cfg, 'ntl', config.max_chars)
   return config
 
 
