@@ -184,6 +184,7 @@ class ExamplesTest(absltest.TestCase):
         'kv_math_eval': ('kv_math', SMOKE.num_eval),
         'kv_math_dev': ('kv_math', SMOKE.num_eval),
         'num_copy_eval': ('num_copy', SMOKE.num_eval),
+        'num_defs_eval': ('num_defs', SMOKE.num_eval),
     }
     self.assertEqual(set(self.splits), set(expected))
     for split, (task, size) in expected.items():
@@ -208,7 +209,8 @@ class ExamplesTest(absltest.TestCase):
                                     ('kv_math_eval', 'kv_math_compose'),
                                     ('kv_math_dev', 'kv_math_compose'),
                                     ('kv_math_dev', 'kv_math_eval'),
-                                    ('num_copy_eval', 'num_math_train')]:
+                                    ('num_copy_eval', 'num_math_train'),
+                                    ('num_defs_eval', 'num_math_train')]:
       prompts = [ex['prompt'] for ex in self.splits[eval_split]]
       self.assertLen(set(prompts), len(prompts))
       train = {ex['prompt'] for ex in self.splits[train_split]}
@@ -273,7 +275,7 @@ class ExamplesTest(absltest.TestCase):
     # the copy fields were added (git e46885c): no example moved.
     digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()[:12]
     got = {s: digest(self.splits[s]) for s in sorted(self.splits)
-           if s != 'num_copy_eval'}
+           if s not in ('num_copy_eval', 'num_defs_eval')}
     self.assertEqual(got, V1_1_0_SMOKE_DIGESTS)
 
   def test_copies_in_compose_are_the_anchors_first_copies(self):
@@ -321,6 +323,60 @@ class ExamplesTest(absltest.TestCase):
       kv.make_config(**dict(kv.config_fields(SMOKE),
                             num_kv_subs_in_compose=5))
 
+  def test_definitions_in_the_anchors_data(self):
+    config = kv.make_config(**dict(kv.config_fields(SMOKE),
+                                   num_defs_in_math=100,
+                                   num_math_in_compose=50))
+    splits = kv.generate_all(config)
+    math_train = splits['num_math_train']
+    self.assertLen(math_train, SMOKE.num_num_math_train + 100)
+    defs = [ex for ex in math_train if ex['task'] == 'num_defs']
+    self.assertLen(defs, 100)
+    from_map = total = 0
+    for ex in defs + splits['num_defs_eval']:
+      head, expression = ex['prompt'][:-1].split(';')
+      told = dict(re.findall(r'([a-z]+)(\d+)', head))
+      used = KEY_RE.findall(expression)
+      # Each key of the expression defined once, and nothing else.
+      self.assertCountEqual(told, set(used), ex)
+      self.assertLen(re.findall(r'[a-z]+', head), len(told), ex)
+      self.assertEqual(int(ex['target']), _reference_eval(
+          KEY_RE.sub(lambda m: told[m.group()], expression)))
+      from_map += sum(int(v) == self.values[k] for k, v in told.items())
+      total += len(told)
+    # The values are the example's own, not the key map's (1000 values:
+    # a match is a coincidence).
+    self.assertLess(from_map, 0.05 * total)
+    self.assertEmpty({ex['prompt'] for ex in splits['num_defs_eval']}
+                     & {ex['prompt'] for ex in defs})
+    # Every other example, and D_C, as without them.
+    without = kv.make_config(**dict(kv.config_fields(SMOKE),
+                                    num_math_in_compose=50))
+    by_prompt = lambda xs: sorted(xs, key=lambda ex: ex['prompt'])
+    self.assertEqual(by_prompt(ex for ex in math_train
+                               if ex['task'] == 'num_math'),
+                     by_prompt(self.splits['num_math_train']))
+    self.assertEqual(splits['kv_math_compose'],
+                     kv.generate_split(without, 'kv_math_compose'))
+    self.assertGreaterEqual(kv.max_example_chars(config) + 1,
+                            max(len(ex['prompt']) + len(ex['target']) + 1
+                                for ex in defs))
+    with self.assertRaisesRegex(ValueError, r'data\.kv\.num_defs_in_math=-1:'):
+      kv.make_config(**dict(kv.config_fields(SMOKE), num_defs_in_math=-1))
+    with self.assertRaisesRegex(ValueError,
+                                r'data\.kv\.num_defs_in_math=5:.*;'):
+      kv.make_config(**dict(kv.config_fields(SMOKE), num_defs_in_math=5,
+                            key_alphabet='ab;'))
+
+  def test_num_defs_eval_is_refused_without_definitions(self):
+    data_cfg = ml_collections.ConfigDict({
+        'dataset': 'kv_arithmetic', 'tokenizer': 'byte', 'seq_len': 72,
+        'kv': kv.config_fields(SMOKE)})
+    with self.assertRaisesRegex(
+        ValueError, r"^eval\.splits: 'num_defs_eval'.*num_defs_in_math=0"):
+      kv.source('num_defs_eval', data_cfg, self.create_tempdir().full_path,
+                'eval.splits')
+
   def test_copies_need_their_own_prompt_end(self):
     fields = kv.config_fields(SMOKE)
     with self.assertRaisesRegex(ValueError,
@@ -353,7 +409,8 @@ class ExamplesTest(absltest.TestCase):
     for ex in splits['kv_math_eval'] + splits['num_math_eval']:
       self.assertRegex(ex['target'], r'^-?[0-9]+$')
     longest = max(len(ex['prompt']) + len(ex['target'])
-                  for exs in splits.values() for ex in exs)
+                  for split, exs in splits.items() for ex in exs
+                  if split != 'num_defs_eval')
     self.assertLessEqual(longest, kv.max_example_chars(config))
     fields = dict(kv.config_fields(SMOKE), max_value=30)
     for alphabet, pattern in ((symbols[:29], 'has 29 characters'),
@@ -373,8 +430,11 @@ class ExamplesTest(absltest.TestCase):
                         for ex in self.splits['num_math_train']))
 
   def test_max_example_chars_bounds_examples(self):
+    # num_defs_eval counts only where the anchor trains on NUM-DEFS
+    # (test_definitions_in_the_anchors_data).
     longest = max(len(ex['prompt']) + len(ex['target'])
-                  for exs in self.splits.values() for ex in exs)
+                  for split, exs in self.splits.items() for ex in exs
+                  if split != 'num_defs_eval')
     self.assertLessEqual(longest, kv.max_example_chars(SMOKE))
 
 

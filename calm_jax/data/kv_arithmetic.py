@@ -14,6 +14,12 @@ character instead of '=', and `num_copy_in_math` NUM-COPY examples
 an anchor that can rewrite an expression it is shown, so that a composed
 model can be asked for KV-SUBS (`num_copy_eval` scores the copying).
 
+With `num_defs_in_math` NUM-DEFS examples join the anchor's data: an
+expression over keys after definitions of their values, drawn at random for
+each example (prompt "x5y3;x+y-x=", target "3"), so that the anchor learns
+to compute with values it is told about keys, and trains its embeddings of
+them, without ever seeing the key map (`num_defs_eval` scores it).
+
 With `value_alphabet` each value is one character (value v is its v-th),
 wherever a value is written (NUM-MATH and NUM-COPY operands, KV-SUBS
 targets); answers stay decimal numerals. Values beyond one digit then stay
@@ -54,7 +60,7 @@ ALLOWED_OPERATORS = '+-*'
 
 TRAIN_SPLITS = ('kv_subs_train', 'num_math_train', 'kv_math_compose')
 EVAL_SPLITS = ('kv_subs_eval', 'num_math_eval', 'kv_math_eval',
-               'num_copy_eval')
+               'num_copy_eval', 'num_defs_eval')
 # KV-MATH over held-out keys, disjoint from D_C and from kv_math_eval: what
 # training curves are watched on, so that no schedule is chosen on eval.
 DEV_SPLITS = ('kv_math_dev',)
@@ -73,6 +79,7 @@ _SPLIT_SPECS = {
     'kv_math_dev': ('kv_math', 'held_out_keys', 'num_eval',
                     ('kv_math_compose', 'kv_math_eval')),
     'num_copy_eval': ('num_copy', 'numbers', 'num_eval', ('num_math_train',)),
+    'num_defs_eval': ('num_defs', 'all_keys', 'num_eval', ('num_math_train',)),
 }
 
 # Independent random streams, so that e.g. changing a split size leaves the
@@ -87,6 +94,8 @@ _KEYS_STREAM, _KEY_SPLIT_STREAM = 0, 1
 _MIX_STREAM = 1000
 _COPY_STREAM, _COPY_MIX_STREAM = 1001, 1002
 _SUBS_IN_COMPOSE_STREAM = 1004
+_STREAMS['num_defs_eval'] = 1005
+_DEFS_STREAM, _DEFS_MIX_STREAM = 1006, 1007
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,6 +150,13 @@ class KvArithmeticConfig(tfds.core.BuilderConfig):
   # only, as KV-MATH is; kv_subs_eval asks it on held-out keys. Not the
   # paper's D_C (KV-MATH only).
   num_kv_subs_in_compose: int = 0
+  # NUM-DEFS examples shuffled into `num_math_train` (the anchor's data):
+  # arithmetic over keys whose values the prompt defines, drawn at random
+  # for each example (never the key map), e.g. prompt "x5y3;x+y-x=",
+  # target "3". The anchor learns to compute with values it is told about
+  # keys, and its embeddings of the keys are trained, while nothing in its
+  # data ties a key to its value. `num_defs_eval` scores it.
+  num_defs_in_math: int = 0
   # Characters that write the values 1..max_value, one each (value v is the
   # v-th), in prompts and substitutions; '' writes decimal numerals.
   # Answers (NUM-MATH, KV-MATH) are decimal either way.
@@ -274,6 +290,12 @@ def validate_config(config: KvArithmeticConfig) -> None:
   if not 0 <= config.num_copy_in_compose <= config.num_copy_in_math:
     fail('num_copy_in_compose', 'must be in [0, data.kv.num_copy_in_math='
          f'{config.num_copy_in_math}]: they are taken from its copies.')
+  if config.num_defs_in_math < 0:
+    fail('num_defs_in_math', 'must be >= 0.')
+  if config.num_defs_in_math and ';' in alphabet + config.value_alphabet:
+    fail('num_defs_in_math', "NUM-DEFS prompts end their definitions with "
+         "';', a character of data.kv.key_alphabet or value_alphabet; "
+         'remove it from them.')
   if config.num_kv_subs_in_compose < 0:
     fail('num_kv_subs_in_compose', 'must be >= 0.')
   if config.num_kv_subs_in_compose and end == '=':
@@ -463,9 +485,13 @@ def render(operands: Sequence[Any], operators: Sequence[str]) -> str:
 
 def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
                  operators: Sequence[str], subs_prompt_end: str = '=',
-                 value_alphabet: str = '') -> dict[str, str]:
+                 value_alphabet: str = '',
+                 definition_order: Sequence[int] | None = None
+                 ) -> dict[str, str]:
   """One example of `task`; `keys` may be None for 'num_math' and
-  'num_copy'. Substitutions (KV-SUBS, NUM-COPY) end their prompt with
+  'num_copy'. For 'num_defs', `values` are the example's own (equal keys,
+  equal values) and `definition_order` orders the prompt's definitions of
+  the distinct keys (default: first use). Substitutions (KV-SUBS, NUM-COPY) end their prompt with
   `subs_prompt_end`, the others with '='. A value v is written as
   `value_alphabet[v - 1]` when that is given."""
   end = '='
@@ -481,6 +507,16 @@ def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
     prompt, target = render(shown, operators), str(evaluate(values, operators))
   elif task == 'kv_math':
     prompt, target = render(keys, operators), str(evaluate(values, operators))
+  elif task == 'num_defs':
+    # Each key once, in the order of its first use; `definition_order`
+    # permutes them so that no key's definition sits at a fixed place.
+    value_of = dict(zip(keys, shown))
+    distinct = list(value_of)
+    order = definition_order if definition_order is not None else range(
+        len(distinct))
+    defs = ''.join(f'{distinct[i]}{value_of[distinct[i]]}' for i in order)
+    prompt = defs + ';' + render(keys, operators)
+    target = str(evaluate(values, operators))
   else:
     raise ValueError(f'Unknown task {task!r}.')
   return {'prompt': prompt + end, 'target': target, 'task': task}
@@ -539,12 +575,21 @@ def generate_split(config: KvArithmeticConfig, split: str, *,
     order = np.random.default_rng([config.seed, _COPY_MIX_STREAM]
                                   ).permutation(len(examples))
     examples = [examples[i] for i in order]
+  if split == 'num_math_train' and config.num_defs_in_math:
+    examples += _generate(
+        config, 'num_defs_in_math', 'num_defs', _pool(key_map, 'all_keys'),
+        len(key_map.keys), config.num_defs_in_math, 'num_defs_in_math',
+        np.random.default_rng([config.seed, _DEFS_STREAM]), key_map, None,
+        '')
+    order = np.random.default_rng([config.seed, _DEFS_MIX_STREAM]
+                                  ).permutation(len(examples))
+    examples = [examples[i] for i in order]
   if split == 'kv_math_compose' and (config.num_math_in_compose or
                                      config.num_copy_in_compose or
                                      config.num_kv_subs_in_compose):
     # The first NUM-MATH examples, as without the anchor's copies
     # (num_copy_in_math), which stay out of D_C.
-    math = dataclasses.replace(config, num_copy_in_math=0)
+    math = dataclasses.replace(config, num_copy_in_math=0, num_defs_in_math=0)
     examples += generate_split(math, 'num_math_train', key_map=key_map)[
         :config.num_math_in_compose]
     if config.num_copy_in_compose:
@@ -585,12 +630,23 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
       row, ops = row[:length], [config.operators[o] for o in ops[:length - 1]]
       if pool is None:
         keys, values = None, (row + 1).tolist()
+      elif task == 'num_defs':
+        # Values of this example alone: drawn per distinct key, not read
+        # off the key map.
+        idx = pool[row]
+        keys = [key_map.keys[i] for i in idx]
+        distinct = list(dict.fromkeys(keys))
+        drawn_values = dict(zip(distinct, rng.integers(
+            1, config.max_value + 1, size=len(distinct)).tolist()))
+        values = [drawn_values[k] for k in keys]
+        order = rng.permutation(len(distinct)).tolist()
       else:
         idx = pool[row]
         keys = [key_map.keys[i] for i in idx]
         values = key_map.values[idx].tolist()
       example = make_example(task, keys, values, ops,
-                             config.subs_prompt_end, config.value_alphabet)
+                             config.subs_prompt_end, config.value_alphabet,
+                             order if task == 'num_defs' else None)
       if avoid:
         if example['prompt'] in exclude_prompts or example['prompt'] in seen:
           continue
@@ -639,7 +695,13 @@ def max_example_chars(config: KvArithmeticConfig) -> int:
   # NUM-COPY (num_math_train's copies, num_copy_eval) only where there are
   # copies to train on: other configs keep their bound.
   num_target = max(result, subs_target) if config.num_copy_in_math else result
-  return max(key_prompt + max(subs_target, result), num_prompt + num_target)
+  longest = max(key_prompt + max(subs_target, result), num_prompt + num_target)
+  if config.num_defs_in_math:
+    # Up to n definitions (a key and its value each), ';', the expression
+    # over keys, '=' and the answer.
+    longest = max(longest, n * (config.key_max_len + digits) + 1 + key_prompt
+                  + result)
+  return longest
 
 
 # --------------------------------------------------------------------------
@@ -651,11 +713,12 @@ class KvArithmetic(generated.GeneratedText):
 
   BUILDER_CONFIGS = list(NAMED_CONFIGS)
   TEXT_FIELDS = ('prompt', 'target', 'task')
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.1.0': 'kv_math_dev split; data.kv.unique_values.',
                    '1.2.0': 'num_copy_eval split; data.kv.subs_prompt_end '
-                            'and num_copy_in_math.'}
+                            'and num_copy_in_math.',
+                   '1.3.0': 'num_defs_eval split; data.kv.num_defs_in_math.'}
 
   def generate_splits(self) -> dict[str, list[dict[str, str]]]:
     validate_config(self.builder_config)
@@ -717,5 +780,13 @@ def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
         f"Unknown split {split_field}={split!r} for data.dataset="
         f"'kv_arithmetic'. Valid splits: {list(SPLITS)}. Set "
         f'config.{split_field} to one of them.')
-  builder = prepare(check_data_config(data_cfg), data_dir)
+  config = check_data_config(data_cfg)
+  if split == 'num_defs_eval' and not config.num_defs_in_math:
+    # Its examples are longer than any other split's, and data.seq_len is
+    # only checked against them when the anchor trains on NUM-DEFS.
+    raise ValueError(
+        f"{split_field}: 'num_defs_eval' scores the anchor's NUM-DEFS, which "
+        'data.kv.num_defs_in_math=0 leaves out of its data; set it > 0 or '
+        'drop the split.')
+  builder = prepare(config, data_dir)
   return builder.as_data_source(split)
