@@ -108,6 +108,23 @@ class ValidateTest(absltest.TestCase):
                      default.composition.to_dict())
     self.assertEqual(tokens.train.steps, default.train.steps)
     self.assertEqual(tokens.models.anchor.arch.vocab_size, 1283)
+    # value_tokens_defs: only the anchor's data and pretraining differ.
+    defs = kv_arithmetic.get_config('value_tokens_defs')
+    train.validate(defs)
+    self.assertEqual({k: v for k, v in defs.data.kv.items()
+                      if k != 'num_defs_in_math'},
+                     {k: v for k, v in tokens.data.kv.items()
+                      if k != 'num_defs_in_math'})
+    self.assertGreater(defs.data.kv.num_defs_in_math, 0)
+    self.assertEqual(defs.composition.to_dict(), tokens.composition.to_dict())
+    self.assertEqual(defs.train.steps, 2 * tokens.train.steps)
+    self.assertEqual(dict(defs.train.to_dict(), steps=0),
+                     dict(tokens.train.to_dict(), steps=0))
+    self.assertEqual(defs.models.augmenting.to_dict(),
+                     tokens.models.augmenting.to_dict())
+    self.assertEqual(defs.models.anchor.arch.to_dict(),
+                     tokens.models.anchor.arch.to_dict())
+    self.assertIn('num_defs_eval', defs.eval.splits)
 
   def test_negative_profile_steps(self):
     c = smoke()
