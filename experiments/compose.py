@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = variant == 'smoke'
 
   config = ml_collections.ConfigDict()
-  # Seed of the bridges' init and of the data order.
+  # Seed of the models pretrained here and of calm_random_aug's random m_A.
+  # Trained rows (the bridges' init and data order) run once per `seeds`.
   config.seed = 0
   # What the frozen models are held and run in: 'auto' is bfloat16 on
   # TPU/GPU, float32 on CPU.

@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = variant == 'smoke'
 
   config = ml_collections.ConfigDict()
-  # Seed for parameter init, data order and the composition's training.
+  # Seed of the models pretrained here and of calm_random_aug's random m_A.
+  # Trained rows (the bridges' init and data order) run once per `seeds`.
   config.seed = 0
   # Dtype the frozen models are held and computed in: 'auto' is bfloat16
   # on TPU/GPU (half the memory), float32 on CPU; the composition and the
