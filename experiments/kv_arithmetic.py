@@ -368,10 +368,11 @@ def _value_tokens(config: ml_collections.ConfigDict) -> None:
 
   With values 1-9 a key-blind guess of a likely sum is right 7.2% of the
   time (docs/research/kv_chance.py), above the issue's 5% for m_A and m_B;
-  with 19 values 3.4%. Here m_B's KV-MATH is 0.4-3.1 and its NUM-MATH 96
-  on two key sets, but CALM reads only about half the held-out
-  expressions (KV-MATH 48-52) and costs the anchor 17-22 points of
-  NUM-MATH (docs/research/kv_arithmetic.md, *Values as tokens*).
+  with 19 values 3.4%. Here m_B's KV-MATH is 0.4-3.9 and its NUM-MATH
+  96-97, but CALM reads only about half the held-out expressions (KV-MATH
+  48-56) and costs the anchor 17-26 points of NUM-MATH
+  (docs/research/kv_arithmetic.md, *Values as tokens* and *An anchor told
+  the values*; `value_tokens_defs` lifts CALM past 80).
   """
   from calm_jax.data import kv_arithmetic  # pylint: disable=g-import-not-at-top
   kv = config.data.kv

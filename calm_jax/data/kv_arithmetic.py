@@ -491,8 +491,8 @@ def make_example(task: str, keys: Sequence[str] | None, values: Sequence[int],
   """One example of `task`; `keys` may be None for 'num_math' and
   'num_copy'. For 'num_defs', `values` are the example's own (equal keys,
   equal values) and `definition_order` orders the prompt's definitions of
-  the distinct keys (default: first use). Substitutions (KV-SUBS, NUM-COPY) end their prompt with
-  `subs_prompt_end`, the others with '='. A value v is written as
+  the distinct keys (default: first use). Substitutions (KV-SUBS,
+  NUM-COPY) end their prompt with `subs_prompt_end`, the others with '='. A value v is written as
   `value_alphabet[v - 1]` when that is given."""
   end = '='
   shown = ([value_alphabet[int(v) - 1] for v in values] if value_alphabet
@@ -628,6 +628,7 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
     drawn += n
     for length, row, ops in zip(lengths, operand_idx, op_idx):
       row, ops = row[:length], [config.operators[o] for o in ops[:length - 1]]
+      definition_order = None
       if pool is None:
         keys, values = None, (row + 1).tolist()
       elif task == 'num_defs':
@@ -639,14 +640,14 @@ def _generate(config: KvArithmeticConfig, split: str, task: str,
         drawn_values = dict(zip(distinct, rng.integers(
             1, config.max_value + 1, size=len(distinct)).tolist()))
         values = [drawn_values[k] for k in keys]
-        order = rng.permutation(len(distinct)).tolist()
+        definition_order = rng.permutation(len(distinct)).tolist()
       else:
         idx = pool[row]
         keys = [key_map.keys[i] for i in idx]
         values = key_map.values[idx].tolist()
       example = make_example(task, keys, values, ops,
                              config.subs_prompt_end, config.value_alphabet,
-                             order if task == 'num_defs' else None)
+                             definition_order)
       if avoid:
         if example['prompt'] in exclude_prompts or example['prompt'] in seen:
           continue
