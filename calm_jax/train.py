@@ -72,8 +72,13 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
   check_batch = lambda n, field: sharding.check_batch_size(n, mesh, field)
   config_lib.check_model_dirs(config)  # Before the data: the tokenizer.
   data_lib.validate_config(config.data)
-  check_split = config_lib.split_check(
+  known_split = config_lib.split_check(
       data_lib.split_names(config.data.dataset), config.data.dataset)
+
+  def check_split(split: str, field: str) -> None:
+    known_split(split, field)
+    data_lib.check_split(config.data, split, field)
+
   config_lib.validate_models(config, check_split, check_batch)
   config_lib.validate_composition(config)
   rows_lib.validate(config)

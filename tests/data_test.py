@@ -17,9 +17,11 @@ import grain
 import ml_collections
 import numpy as np
 
+from calm_jax import train
 from calm_jax.data import kv_arithmetic as kv
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
+from experiments import kv_arithmetic as kv_experiment
 
 SMOKE = kv.SMOKE_CONFIG
 SEQ_LEN = kv.max_example_chars(SMOKE) + 1
@@ -376,6 +378,17 @@ class ExamplesTest(absltest.TestCase):
         ValueError, r"^eval\.splits: 'num_defs_eval'.*num_defs_in_math=0"):
       kv.source('num_defs_eval', data_cfg, self.create_tempdir().full_path,
                 'eval.splits')
+    # The same line from the config check, before anything is built.
+    config = kv_experiment.get_config('smoke')
+    config.eval.splits = ('num_defs_eval',)
+    with self.assertRaisesRegex(
+        ValueError, r"^eval\.splits\[0\]: 'num_defs_eval'.*num_defs_in_math=0"):
+      train.validate(config)
+    # With NUM-DEFS the split is known, and data.seq_len is checked against
+    # its longer examples.
+    config.data.kv.num_defs_in_math = 10
+    with self.assertRaisesRegex(ValueError, r'^data\.seq_len=64 is too short'):
+      train.validate(config)
 
   def test_copies_need_their_own_prompt_end(self):
     fields = kv.config_fields(SMOKE)

@@ -17,7 +17,7 @@ import importlib
 _NAMES = {
     'Data': 'inputs', 'TrainData': 'inputs', 'MODEL_KEYS': 'inputs',
     'CACHED': 'inputs', 'model_inputs': 'inputs', 'split_names': 'inputs',
-    'validate_config': 'inputs',
+    'validate_config': 'inputs', 'check_split': 'inputs',
     'encode_example': 'pipeline', 'eval_batches': 'pipeline',
     'make_source': 'pipeline', 'train_dataset': 'pipeline',
     'read_examples': 'pipeline',

@@ -41,6 +41,13 @@ def split_names(dataset: str) -> list[str]:
   return list(pipeline.dataset_spec(dataset).splits)
 
 
+def check_split(data_cfg: ml_collections.ConfigDict, split: str,
+                field: str) -> None:
+  """Refuses a split that `config.data` leaves out (e.g. an eval split of
+  examples its dataset only makes when a field asks for them)."""
+  pipeline.dataset_spec(data_cfg.dataset).check_split(split, data_cfg, field)
+
+
 def validate_config(data_cfg: ml_collections.ConfigDict) -> None:
   """Checks `config.data` without building anything.
 

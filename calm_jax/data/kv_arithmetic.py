@@ -782,12 +782,19 @@ def source(split: str, data_cfg: ml_collections.ConfigDict, data_dir: str,
         f"'kv_arithmetic'. Valid splits: {list(SPLITS)}. Set "
         f'config.{split_field} to one of them.')
   config = check_data_config(data_cfg)
-  if split == 'num_defs_eval' and not config.num_defs_in_math:
-    # Its examples are longer than any other split's, and data.seq_len is
-    # only checked against them when the anchor trains on NUM-DEFS.
-    raise ValueError(
-        f"{split_field}: 'num_defs_eval' scores the anchor's NUM-DEFS, which "
-        'data.kv.num_defs_in_math=0 leaves out of its data; set it > 0 or '
-        'drop the split.')
+  check_split(split, data_cfg, split_field)
   builder = prepare(config, data_dir)
   return builder.as_data_source(split)
+
+
+def check_split(split: str, data_cfg: ml_collections.ConfigDict,
+                field: str) -> None:
+  """Refuses num_defs_eval where the anchor has no NUM-DEFS: its examples
+  are longer than any other split's, and data.seq_len is only checked
+  against them when num_defs_in_math > 0."""
+  if split == 'num_defs_eval' and not generated.subconfig_fields(
+      data_cfg, 'kv').get('num_defs_in_math', 0):
+    raise ValueError(
+        f"{field}: 'num_defs_eval' scores the anchor's NUM-DEFS, which "
+        'data.kv.num_defs_in_math=0 leaves out of its data; set it > 0 or '
+        'drop the split.')

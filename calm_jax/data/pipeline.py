@@ -841,19 +841,27 @@ class DatasetSpec:
   # Eval splits whose examples that do not fit data.seq_len are left out
   # (and counted) instead of refused.
   fit_to_seq_len: tuple[str, ...] = ()
+  # check_split(split, data_cfg, field): refuses a split of `splits` that
+  # this data config leaves out; checked with the config, before anything
+  # is built.
+  check_split: Callable[[str, ml_collections.ConfigDict, str], None] = (
+      lambda split, data_cfg, field: None)
 
 
 def _module_spec(module: str) -> DatasetSpec:
   """The spec of a dataset module exposing SPLITS (or ALL_SPLITS),
-  check_data_config, source and optionally FIT_TO_SEQ_LEN.
+  check_data_config, source and optionally FIT_TO_SEQ_LEN and check_split.
 
   Imported on first use, so that a key-value run never imports Django's
   catalogs or the code corpus.
   """
   mod = importlib.import_module(module)
-  return DatasetSpec(tuple(getattr(mod, 'ALL_SPLITS', mod.SPLITS)),
+  spec = DatasetSpec(tuple(getattr(mod, 'ALL_SPLITS', mod.SPLITS)),
                      mod.check_data_config, mod.source,
                      tuple(getattr(mod, 'FIT_TO_SEQ_LEN', ())))
+  if hasattr(mod, 'check_split'):
+    spec = dataclasses.replace(spec, check_split=mod.check_split)
+  return spec
 
 
 # data.dataset -> the module that defines it. A new dataset is a module
