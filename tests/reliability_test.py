@@ -329,6 +329,18 @@ class OneLineErrorsTest(absltest.TestCase):
     self.assertFalse(os.path.exists(workdir))  # Nothing was made.
     self.assertFalse(os.path.exists('/nonexistent/run'))
 
+  def test_a_split_the_dataset_refuses_under_its_config(self):
+    # NUM-DEFS examples exist only when the anchor's data has them: asking
+    # to score them otherwise is one line naming the field and the fix,
+    # before any data, model or workdir is made.
+    workdir = os.path.join(self.create_tempdir().full_path, 'w')
+    self.assertOneLine(
+        _run('calm_jax.main', '--config=experiments/kv_arithmetic.py:smoke',
+             f'--workdir={workdir}', "--config.eval.splits=('num_defs_eval',)"),
+        r"^FATAL eval\.splits\[0\]: 'num_defs_eval' .*"
+        r"data\.kv\.num_defs_in_math=0")
+    self.assertFalse(os.path.exists(workdir))
+
 
 if __name__ == '__main__':
   absltest.main()
