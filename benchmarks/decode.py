@@ -24,7 +24,12 @@ gated SiLU MLP, no biases; the sizes above), decoded by calm_jax
 (`anchor_llama`) and by Hugging Face `transformers`' `generate`
 (`transformers_llama`: LlamaForCausalLM, greedy, KV cache, torch on the same
 threads), with random weights: speed only, same batch, prompt and new
-tokens, no early stop.
+tokens, no early stop. On a GPU both run there (torch on CUDA, in `--dtype`).
+
+`1b` is the accelerator run (`benchmarks/gpu.sh`): train_step.py's ~1B
+anchor and ~250M m_A, batch 8, 128 prompt and 128 new tokens, with
+`--dtype=bfloat16` (weights and compute of both models; the bridges stay
+float32).
 """
 
 from absl import app
@@ -34,7 +39,11 @@ from absl import flags
 # neighbour, whatever the working directory.
 import process  # pylint: disable=g-import-not-at-top
 
-_CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'], 'Sizes.')
+_CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny', '1b'],
+                            'Sizes.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           "The models' weights and compute (not the "
+                           "bridges').")
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per model.')
 _NEW = flags.DEFINE_integer('new_tokens', 0, 'Tokens to generate (0: the '
@@ -50,6 +59,9 @@ SIZES = {
     'tiny': dict(anchor=dict(d_model=64, num_layers=4, num_heads=4),
                  aug=dict(d_model=32, num_layers=4, num_heads=2),
                  vocab=64, batch=4, prompt=8, new=8),
+    '1b': dict(anchor=dict(d_model=2048, num_layers=18, num_heads=16),
+               aug=dict(d_model=1024, num_layers=16, num_heads=16),
+               vocab=32_000, batch=8, prompt=128, new=128),
 }
 
 
@@ -73,7 +85,8 @@ def main(argv):
   b, plen = size['batch'], size['prompt']
   new = _NEW.value or size['new']
   common = dict(vocab_size=size['vocab'], max_len=plen + new, mlp='gelu',
-                norm='layernorm', position='learned')
+                norm='layernorm', position='learned', dtype=_DTYPE.value,
+                param_dtype=_DTYPE.value)
   anchor = transformer.DecoderConfig(d_ff=4 * size['anchor']['d_model'],
                                      **size['anchor'], **common)
   aug = transformer.DecoderConfig(d_ff=4 * size['aug']['d_model'],
@@ -97,7 +110,8 @@ def main(argv):
   if _TRANSFORMERS.value:
     llama = transformer.DecoderConfig(
         vocab_size=size['vocab'], max_len=plen + new, d_ff=4 * size['anchor'][
-            'd_model'], tie_embeddings=False, **size['anchor'])
+            'd_model'], tie_embeddings=False, dtype=_DTYPE.value,
+        param_dtype=_DTYPE.value, **size['anchor'])
     models.append(('anchor_llama', transformer.Decoder(llama)))
   def step_cost(model, params, kw):
     """XLA's FLOPs and bytes of one cached decode step of the batch (past
@@ -134,13 +148,17 @@ def main(argv):
         max_position_embeddings=llama.max_len, rms_norm_eps=llama.norm_eps,
         rope_theta=llama.rope_theta, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    ids = torch.from_numpy(prompts.astype(np.int64))
+    on_gpu = jax.devices()[0].platform == 'gpu' and torch.cuda.is_available()
+    hf = hf.to('cuda' if on_gpu else 'cpu', dtype=getattr(torch, _DTYPE.value))
+    ids = torch.from_numpy(prompts.astype(np.int64)).to(hf.device)
 
     def hf_run():
       with torch.inference_mode():
         hf.generate(ids, attention_mask=torch.ones_like(ids),
                     max_new_tokens=new, min_new_tokens=new, do_sample=False,
                     use_cache=True)
+      if on_gpu:
+        torch.cuda.synchronize()
 
     runs.append(('transformers_llama', hf_run))
 
@@ -161,7 +179,9 @@ def main(argv):
         'mode': mode, 'config': _CONFIG.value,
         'new_tokens_per_s': round(b * new / s, 1), 's_per_call': round(s, 4),
         'batch': b, 'prompt_len': plen, 'new_tokens': new,
-        'threads': _THREADS.value, 'device': jax.devices()[0].platform}
+        'threads': _THREADS.value, 'dtype': _DTYPE.value,
+        'device': jax.devices()[0].platform,
+        'device_kind': jax.devices()[0].device_kind}
     if mode in costs:
       line['step_gflop'] = round(costs[mode][0] / 1e9, 4)
       line['step_mb'] = round(costs[mode][1] / 1e6, 2)

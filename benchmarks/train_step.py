@@ -4,8 +4,9 @@ Prints one JSON object per mode:
   mode, step_s (median), tokens_per_s, peak_mem_mib (XLA's buffer estimate
   for the step: arguments + outputs + temporaries), rss_mib (process peak
   RSS so far), useful_gflop (analytic, see `useful_flops`), xla_gflop
-  (XLA's own cost analysis), mfu (useful FLOPs / step_s / the dense float32
-  matmul peak: the best burst of this run), peak_gflops; with --dots_alone also
+  (XLA's own cost analysis), mfu (useful FLOPs / step_s / the dense matmul
+  peak: the best burst of this run, float32 on CPU, bfloat16 on an
+  accelerator), peak_gflops; with --dots_alone also
   dots_alone_s (the step's matmuls each timed alone, summed) and
   dot_bound_mfu (the MFU if nothing but those matmuls took time).
 
@@ -15,6 +16,14 @@ Prints one JSON object per mode:
 wide, 8 layers, 8 heads; augmenting 256 wide, 4 layers, 4 heads; vocabulary
 256; batch 8 x 256; one composed pair (k = 4). The steps are the library's
 own (train.make_train_step with AdamW), not a toy.
+
+`1b` is the accelerator run: a ~1B-parameter anchor (2048 wide, 18 layers)
+and a ~250M m_A (1024 wide, 16 layers), vocabulary 32,000, batch 8 x 1024,
+random weights; `benchmarks/gpu.sh` runs it with `--frozen_dtype=bfloat16`.
+On a GPU or TPU the yardstick is a bfloat16 8192^3 matmul (not float32
+1024^3), and where the chip is known (`NOMINAL_BF16_TFLOPS`) the line also
+gives its data-sheet peak and `mfu_nominal` against it.
+`--params_only` prints the models' parameter counts and compiles nothing.
 """
 
 import os
@@ -31,7 +40,7 @@ import process  # pylint: disable=g-import-not-at-top
 # No JAX in it: importing it pins nothing before process.setup does.
 from calm_jax import profiling  # pylint: disable=g-bad-import-order
 
-_CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny'],
+_CONFIG = flags.DEFINE_enum('config', 'peer', ['peer', 'tiny', '1b'],
                             'Model and batch sizes.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'CPU cores the run may use.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per mode.')
@@ -58,7 +67,12 @@ _DOT_TOP = flags.DEFINE_integer(
     '`dot_top` lists.', lower_bound=0)
 _DTYPE = flags.DEFINE_enum('frozen_dtype', 'float32',
                            ['float32', 'bfloat16'],
-                           'Dtype of the frozen models (CALM and LoRA).')
+                           'Dtype of the frozen models (CALM and LoRA); with '
+                           'bfloat16 the full fine-tune computes in bfloat16 '
+                           'over its float32 weights (mixed precision).')
+_PARAMS_ONLY = flags.DEFINE_bool(
+    'params_only', False, "Print the models' parameter counts (no compile, "
+    'no step) and stop.')
 
 SIZES = {
     'peer': dict(anchor=dict(d_model=512, num_layers=8, num_heads=8),
@@ -67,7 +81,32 @@ SIZES = {
     'tiny': dict(anchor=dict(d_model=64, num_layers=4, num_heads=4),
                  aug=dict(d_model=32, num_layers=4, num_heads=2),
                  vocab=64, batch=4, seq=32),
+    # Issue #22's accelerator shapes: 0.97B and 0.23B parameters.
+    '1b': dict(anchor=dict(d_model=2048, num_layers=18, num_heads=16),
+               aug=dict(d_model=1024, num_layers=16, num_heads=16),
+               vocab=32_000, batch=8, seq=1024),
 }
+
+# Dense bfloat16 TFLOP/s from the vendors' data sheets, by a substring of
+# jax's `device_kind` (first match wins): what `mfu_nominal` divides by.
+NOMINAL_BF16_TFLOPS = (
+    ('H100 PCIe', 756.0), ('H100', 989.4), ('H200', 989.4), ('A100', 312.0),
+    ('TPU v5 lite', 197.0), ('TPU v5e', 197.0), ('TPU v5', 459.0),
+    ('TPU v6 lite', 918.0), ('TPU v6e', 918.0), ('TPU v4', 275.0))
+
+
+def nominal_tflops(device_kind: str) -> float | None:
+  for name, tflops in NOMINAL_BF16_TFLOPS:
+    if name in device_kind:
+      return tflops
+  return None
+
+
+def yardstick(platform: str):
+  """(shape, dtype) of the matmul whose best rate is the run's peak: float32
+  1024^3 on CPU, the dtype its models compute in; bfloat16 8192^3 on an
+  accelerator, large enough to reach its tensor cores' rate."""
+  return (1024, 'float32') if platform == 'cpu' else (8192, 'bfloat16')
 
 
 def parse_pairs(text: str, aug, anchor) -> tuple[tuple[int, int], ...]:
@@ -132,6 +171,7 @@ def useful_flops(mode: str, anchor, aug, pairs, tokens: int, seq: int,
 def main(argv):
   del argv
   retained = process.setup(_THREADS.value)
+  import dataclasses
   import json
   import resource
 
@@ -157,6 +197,16 @@ def main(argv):
   aug = transformer.DecoderConfig(
       d_ff=4 * size['aug']['d_model'], **size['aug'], **common)
   pairs = parse_pairs(_PAIRS.value, aug, anchor)
+  model_params = {
+      name: transformer.count_params(jax.eval_shape(
+          lambda r, c=cfg: nn.meta.unbox(
+              tasks.decoder_task('x', c).init_trainable(r)),
+          jax.random.key(0)))
+      for name, cfg in (('anchor_params', anchor), ('aug_params', aug))}
+  if _PARAMS_ONLY.value:
+    print(json.dumps({'config': _CONFIG.value, **model_params,
+                      'pairs': [list(p) for p in pairs]}), flush=True)
+    return
   train_cfg = ml_collections.ConfigDict(dict(
       steps=1000, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1,
       weight_decay=0.01, b1=0.9, b2=0.98, grad_clip=1.0))
@@ -190,13 +240,19 @@ def main(argv):
     if mode == 'calm':
       return calm_task()
     if mode == 'full_ft':
-      return tasks.decoder_task('full_ft', anchor)
+      # Mixed precision when the frozen models compute in bfloat16: the
+      # same compute dtype, float32 weights and optimizer.
+      return tasks.decoder_task('full_ft', dataclasses.replace(
+          anchor, dtype=_DTYPE.value))
     return tasks.lora_task(anchor_f, anchor_params, lora_rank,
                            lora_lib.DEFAULT_TARGETS)
 
-  square = jax.random.normal(jax.random.key(0), (1024, 1024), jnp.float32)
+  device = jax.devices()[0]
+  n, peak_dtype = yardstick(device.platform)
+  square = jax.random.normal(jax.random.key(0), (n, n), peak_dtype)
   matmul = jax.jit(lambda a: a @ a)
-  peak = MatmulPeak(lambda: matmul(square).block_until_ready(), 2 * 1024 ** 3)
+  peak = MatmulPeak(lambda: matmul(square).block_until_ready(), 2 * n ** 3)
+  nominal = nominal_tflops(device.device_kind)
   step_batch = batch
   if _CACHE_AUG.value:
     # What composition.cache_augmenting reads from disk: m_A's states at the
@@ -252,12 +308,17 @@ def main(argv):
         'xla_gflop': round(float(cost.get('flops', 0.0)) / 1e9, 3),
         'mfu': round(flops / step_s / peak.flops, 4),
         'peak_gflops': round(peak.flops / 1e9, 1),
+        'peak_dtype': peak_dtype,
+        **({'nominal_peak_tflops': nominal,
+            'mfu_nominal': round(flops / step_s / (nominal * 1e12), 4)}
+           if nominal else {}),
         'trainable_params': transformer.count_params(state['params']),
         'pairs': [list(p) for p in pairs] if mode == 'calm' else None,
         'cache_augmenting': _CACHE_AUG.value and mode == 'calm',
         'frozen_dtype': _DTYPE.value, 'remat': _REMAT.value,
         'threads': _THREADS.value, 'retain_freed_memory': retained,
-        'device': jax.devices()[0].platform,
+        'device': device.platform, 'device_kind': device.device_kind,
+        **model_params,
         **(_dots_alone(jax.make_jaxpr(step)(state, task.frozen, batch),
                        flops, peak.flops) if _DOTS.value else {})}),
           flush=True)
@@ -317,7 +378,7 @@ def median_seconds(call, reps: int) -> float:
 
 
 class MatmulPeak:
-  """Dense float32 1024x1024 matmul FLOP/s on this machine, in this run.
+  """Dense matmul FLOP/s on this machine, in this run (`yardstick`'s matmul).
 
   Measured in bursts (median of each): six at the start and one after every
   timed step, so a slow spell of a shared machine (other tenants' load comes

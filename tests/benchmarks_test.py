@@ -83,6 +83,20 @@ class BenchmarksTest(absltest.TestCase):
                         for _, _, origin in prof['top_ops_ms']),
                     prof['top_ops_ms'])
 
+  def test_the_accelerator_shapes(self):
+    # benchmarks/gpu.sh's sizes are the issue's ~1B anchor and ~250M m_A
+    # (counted from the parameter shapes; nothing is allocated).
+    line, = _run('train_step.py', '--params_only', sizes='--config=1b')
+    self.assertBetween(line['anchor_params'], 0.9e9, 1.1e9)
+    self.assertBetween(line['aug_params'], 0.2e9, 0.3e9)
+    self.assertEqual(line['pairs'], [[3, 3], [7, 8], [11, 13], [15, 17]])
+    # The scripts' flags are the ones gpu.sh passes.
+    script = open(os.path.join(ROOT, 'benchmarks', 'gpu.sh')).read()
+    self.assertIn('--config=1b --frozen_dtype=bfloat16', script)
+    self.assertIn('--dtype=bfloat16', script)
+    self.assertEqual(subprocess.run(['bash', '-n', os.path.join(
+        ROOT, 'benchmarks', 'gpu.sh')]).returncode, 0)
+
   def test_versus_calm_pytorch(self):
     # Both frameworks on the same pairs, in one run, and the ratio.
     lines = _run('versus_peer.py', '--rounds=1', '--steps=1',
