@@ -52,17 +52,11 @@ _TRANSFORMERS = flags.DEFINE_bool(
     'transformers', False, "Also time the anchor (Llama family) against "
     "transformers' generate.")
 
-SIZES = {
-    'peer': dict(anchor=dict(d_model=512, num_layers=8, num_heads=8),
-                 aug=dict(d_model=256, num_layers=4, num_heads=4),
-                 vocab=256, batch=8, prompt=32, new=96),
-    'tiny': dict(anchor=dict(d_model=64, num_layers=4, num_heads=4),
-                 aug=dict(d_model=32, num_layers=4, num_heads=2),
-                 vocab=64, batch=4, prompt=8, new=8),
-    '1b': dict(anchor=dict(d_model=2048, num_layers=18, num_heads=16),
-               aug=dict(d_model=1024, num_layers=16, num_heads=16),
-               vocab=32_000, batch=8, prompt=128, new=128),
-}
+# Batch, prompt and new tokens by --config (the models: process.MODELS).
+SIZES = {name: dict(models, **shape) for name, models, shape in (
+    ('peer', process.MODELS['peer'], dict(batch=8, prompt=32, new=96)),
+    ('tiny', process.MODELS['tiny'], dict(batch=4, prompt=8, new=8)),
+    ('1b', process.MODELS['1b'], dict(batch=8, prompt=128, new=128)))}
 
 
 def main(argv):

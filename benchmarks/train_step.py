@@ -74,18 +74,11 @@ _PARAMS_ONLY = flags.DEFINE_bool(
     'params_only', False, "Print the models' parameter counts (no compile, "
     'no step) and stop.')
 
-SIZES = {
-    'peer': dict(anchor=dict(d_model=512, num_layers=8, num_heads=8),
-                 aug=dict(d_model=256, num_layers=4, num_heads=4),
-                 vocab=256, batch=8, seq=256),
-    'tiny': dict(anchor=dict(d_model=64, num_layers=4, num_heads=4),
-                 aug=dict(d_model=32, num_layers=4, num_heads=2),
-                 vocab=64, batch=4, seq=32),
-    # Issue #22's accelerator shapes: 0.97B and 0.23B parameters.
-    '1b': dict(anchor=dict(d_model=2048, num_layers=18, num_heads=16),
-               aug=dict(d_model=1024, num_layers=16, num_heads=16),
-               vocab=32_000, batch=8, seq=1024),
-}
+# Batch shapes by --config (the models: process.MODELS).
+SIZES = {name: dict(models, **shape) for name, models, shape in (
+    ('peer', process.MODELS['peer'], dict(batch=8, seq=256)),
+    ('tiny', process.MODELS['tiny'], dict(batch=4, seq=32)),
+    ('1b', process.MODELS['1b'], dict(batch=8, seq=1024)))}
 
 # Dense bfloat16 TFLOP/s from the vendors' data sheets, by a substring of
 # jax's `device_kind` (first match wins): what `mfu_nominal` divides by.
