@@ -2,9 +2,11 @@
 # Run here, where PyPI is reachable, before benchmarks/gpu.sh runs on a
 # device machine (which reaches nothing): downloads into .whl/ (ignored by
 # git; name it in the device run's `carry`) the wheels calm_jax imports that
-# the device image lacks, at the versions of this checkout's .venv. The
-# image brings jax (with its CUDA plugin), flax, optax, orbax-checkpoint,
-# numpy, torch and transformers (/work/.library/device/KINDS.md).
+# the device image lacks, at the versions of this checkout's .venv, and
+# flax, optax and orbax-checkpoint at ours too (pure Python; the image's
+# own are of unknown versions). The image brings jax with its CUDA plugin
+# (0.11.x where ours is 0.10.x), numpy, torch and transformers
+# (/work/.library/device/KINDS.md).
 #
 #   bash benchmarks/gpu_wheels.sh [DEST]   # DEST defaults to .whl
 set -euo pipefail
@@ -13,7 +15,8 @@ dest=${1:-.whl}
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 names='array_record grain ml_collections tensorflow-datasets
   tensorflow-metadata googleapis-common-protos immutabledict promise toml
-  dm-tree simple-parsing docstring-parser termcolor portpicker tensorboardX'
+  dm-tree simple-parsing docstring-parser termcolor portpicker tensorboardX
+  flax optax orbax-checkpoint'
 pins=$(.venv/bin/python -m pip freeze 2>/dev/null | python3 -c '
 import re, sys
 want = {re.sub("[-_.]+", "-", n).lower() for n in sys.argv[1:]}
