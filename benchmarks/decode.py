@@ -75,6 +75,7 @@ def main(argv):
   from calm_jax.models import composition
   from calm_jax.models import transformer
 
+  device = jax.devices()[0]
   size = SIZES[_CONFIG.value]
   b, plen = size['batch'], size['prompt']
   new = _NEW.value or size['new']
@@ -142,7 +143,7 @@ def main(argv):
         max_position_embeddings=llama.max_len, rms_norm_eps=llama.norm_eps,
         rope_theta=llama.rope_theta, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    on_gpu = jax.devices()[0].platform == 'gpu' and torch.cuda.is_available()
+    on_gpu = device.platform == 'gpu' and torch.cuda.is_available()
     hf = hf.to('cuda' if on_gpu else 'cpu', dtype=getattr(torch, _DTYPE.value))
     ids = torch.from_numpy(prompts.astype(np.int64)).to(hf.device)
 
@@ -174,8 +175,7 @@ def main(argv):
         'new_tokens_per_s': round(b * new / s, 1), 's_per_call': round(s, 4),
         'batch': b, 'prompt_len': plen, 'new_tokens': new,
         'threads': _THREADS.value, 'dtype': _DTYPE.value,
-        'device': jax.devices()[0].platform,
-        'device_kind': jax.devices()[0].device_kind}
+        'device': device.platform, 'device_kind': device.device_kind}
     if mode in costs:
       line['step_gflop'] = round(costs[mode][0] / 1e9, 4)
       line['step_mb'] = round(costs[mode][1] / 1e6, 2)

@@ -17,13 +17,24 @@ names='array_record grain ml_collections tensorflow-datasets
   tensorflow-metadata googleapis-common-protos immutabledict promise toml
   dm-tree simple-parsing docstring-parser termcolor portpicker tensorboardX
   flax optax orbax-checkpoint'
+if [ ! -x .venv/bin/python ]; then
+  echo "FATAL .venv: no virtual environment here to pin the wheels to; make it" \
+    "first: python3 -m venv .venv && .venv/bin/pip install -e '.[test]'" >&2
+  exit 1
+fi
 pins=$(.venv/bin/python -m pip freeze 2>/dev/null | python3 -c '
 import re, sys
-want = {re.sub("[-_.]+", "-", n).lower() for n in sys.argv[1:]}
+norm = lambda n: re.sub("[-_.]+", "-", n).lower()
+want = {norm(n) for n in sys.argv[1:]}
+found = {}
 for line in sys.stdin:
-  name = line.split("==")[0]
-  if re.sub("[-_.]+", "-", name).lower() in want:
-    print(line.strip())' $names)
+  if norm(line.split("==")[0]) in want:
+    found[norm(line.split("==")[0])] = line.strip()
+missing = sorted(want - set(found))
+if missing:
+  sys.exit("FATAL .venv: " + ", ".join(missing) + " not installed there; "
+           "run .venv/bin/pip install -e \".[test]\" first")
+print("\n".join(found.values()))' $names)
 mkdir -p "$dest"
 # The device's python3 is 3.12 on x86-64.
 plat=''

@@ -97,8 +97,9 @@ def nominal_tflops(device_kind: str) -> float | None:
 
 def yardstick(platform: str):
   """(shape, dtype) of the matmul whose best rate is the run's peak: float32
-  1024^3 on CPU, the dtype its models compute in; bfloat16 8192^3 on an
-  accelerator, large enough to reach its tensor cores' rate."""
+  1024^3 on CPU (its fastest dtype there, also with --frozen_dtype=bfloat16);
+  bfloat16 8192^3 on an accelerator, large enough to reach its tensor
+  cores' rate."""
   return (1024, 'float32') if platform == 'cpu' else (8192, 'bfloat16')
 
 
