@@ -39,6 +39,24 @@ def parse_variant(arg: str | None, variants: Sequence[str]) -> str:
   return variant
 
 
+def base_config() -> ConfigDict:
+  """The top-level fields every experiment starts from (seed and runtime)."""
+  c = ConfigDict()
+  # Seed of the models pretrained here and of calm_random_aug's random m_A.
+  # Trained rows (the bridges' init and data order) run once per `seeds`.
+  c.seed = 0
+  # Dtype the frozen models are held and computed in: 'auto' is bfloat16
+  # on TPU/GPU (half the memory), float32 on CPU; the composition and the
+  # loss stay float32.
+  c.frozen_dtype = 'auto'
+  # Recompute block activations in the backward pass (less memory).
+  c.remat = False
+  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
+  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
+  c.attention = 'auto'
+  return c
+
+
 def data_config(dataset: str, **overrides: Any) -> ConfigDict:
   """Fields of `config.data` shared by every experiment.
 

@@ -31,18 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = config_lib.parse_variant(arg, ('default', 'smoke'))
   smoke = variant == 'smoke'
 
-  config = ml_collections.ConfigDict()
-  # Seed of the models pretrained here and of calm_random_aug's random m_A.
-  # Trained rows (the bridges' init and data order) run once per `seeds`.
-  config.seed = 0
-  # What the frozen models are held and run in: 'auto' is bfloat16 on
-  # TPU/GPU, float32 on CPU.
-  config.frozen_dtype = 'auto'
-  # Recompute block activations in the backward pass (less memory).
-  config.remat = False
-  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
-  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
-  config.attention = 'auto'
+  # seed, frozen_dtype, remat, attention (calm_jax/config_lib.py).
+  config = config_lib.base_config()
 
   # ---------------------------------------------------------------- data
   config.data = config_lib.data_config(

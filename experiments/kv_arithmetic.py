@@ -63,19 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             'value_tokens', 'value_tokens_defs'))
   smoke = variant == 'smoke'
 
-  config = ml_collections.ConfigDict()
-  # Seed of the models pretrained here and of calm_random_aug's random m_A.
-  # Trained rows (the bridges' init and data order) run once per `seeds`.
-  config.seed = 0
-  # Dtype the frozen models are held and computed in: 'auto' is bfloat16
-  # on TPU/GPU (half the memory), float32 on CPU; the composition and the
-  # loss stay float32.
-  config.frozen_dtype = 'auto'
-  # Recompute block activations in the backward pass (less memory).
-  config.remat = False
-  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
-  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
-  config.attention = 'auto'
+  # seed, frozen_dtype, remat, attention (calm_jax/config_lib.py).
+  config = config_lib.base_config()
 
   # ---------------------------------------------------------------- data
   # Fields shared by every experiment (calm_jax/config_lib.py:data_config):

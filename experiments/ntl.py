@@ -46,15 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = variant.endswith('smoke')
   aligned = variant.startswith('aligned')
 
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # Dtype of the frozen models: 'auto' is bfloat16 on TPU/GPU, float32 on
-  # CPU (the composition and the loss stay float32).
-  config.frozen_dtype = 'auto'
-  config.remat = False
-  # Self-attention kernel: 'auto' (splash on TPU, cuDNN on GPU, XLA on CPU),
-  # or 'xla', 'cudnn', 'splash' (calm_jax/models/attention.py).
-  config.attention = 'auto'
+  # seed, frozen_dtype, remat, attention (calm_jax/config_lib.py).
+  config = config_lib.base_config()
 
   # ---------------------------------------------------------------- data
   # Fields shared by every experiment (calm_jax/config_lib.py:data_config):
