@@ -28,8 +28,9 @@ norm = lambda n: re.sub("[-_.]+", "-", n).lower()
 want = {norm(n) for n in sys.argv[1:]}
 found = {}
 for line in sys.stdin:
-  if norm(line.split("==")[0]) in want:
-    found[norm(line.split("==")[0])] = line.strip()
+  name = norm(line.split("==")[0])
+  if name in want:
+    found[name] = line.strip()
 missing = sorted(want - set(found))
 if missing:
   sys.exit("FATAL .venv: " + ", ".join(missing) + " not installed there; "
