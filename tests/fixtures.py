@@ -14,9 +14,30 @@ import random
 import shutil
 from typing import Any, Iterable
 
-# Every test process compiles with LLVM's optimisations off: test models are
-# tiny and spend their time compiling (conftest.py adds this to XLA_FLAGS).
-FAST_COMPILE_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
+def _fast_compile_xla_flags() -> str:
+  """XLA_FLAGS that make XLA:CPU compile tiny programs fast.
+
+  LLVM's optimisations off, and XLA:CPU's elemental emitters instead of its
+  fusion emitters (half the compile time of the KV smoke pipeline's
+  programs: docs/research/performance.md). XLA aborts on a flag it does
+  not know, so the second is set only for the jaxlib it was measured on.
+  """
+  from importlib import metadata  # Standard library: no JAX imported.
+  flags = ['--xla_backend_optimization_level=0']
+  try:
+    major, minor = (int(x) for x in metadata.version('jaxlib').split('.')[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    major, minor = 0, 0
+  if (major, minor) == (0, 10):
+    flags.append('--xla_cpu_use_fusion_emitters=false')
+  return ' '.join(flags)
+
+
+# Every test process compiles this way: test models are tiny and spend their
+# time compiling (conftest.py adds this to XLA_FLAGS).
+FAST_COMPILE_XLA_FLAGS = _fast_compile_xla_flags()
 # XLA_FLAGS for a subprocess that runs on one CPU device, as a user would:
 # without conftest.py's eight simulated devices.
 ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
