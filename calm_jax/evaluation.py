@@ -22,7 +22,6 @@ decoder and the completion is scored by the split's metric
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import io
 import json
@@ -156,15 +155,6 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
   return decoding.decode_texts(np.asarray(new_tokens), tokenizer)
 
 
-@functools.lru_cache(maxsize=None)
-def _loss_fn(model: nn.Module, composed: bool):
-  def fn(params, batch):
-    apply = tasks.composed_apply if composed else tasks.decoder_apply
-    nll, _, weight = tasks.token_nll(apply(model, params, batch), batch)
-    return nll, weight
-  return jax.jit(fn)
-
-
 def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
            sandbox: dict[str, Any] | None,
            samples: list[list[str]] | None = None,
@@ -233,7 +223,7 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
     # Every process holds the whole eval batch and places its own rows.
     batch = sharding.global_batch(model_inputs(b), mesh,
                                   whole=True)
-    nll, w = _loss_fn(row.model, row.composed)(row.params, batch)
+    nll, _, w = tasks.nll_program(row.model, row.composed)(row.params, batch)
     loss_sum, weight = loss_sum + float(nll), weight + float(w)
     valid = np.asarray(b['valid'])
     for name in b:

@@ -17,6 +17,7 @@ composition's write penalty) live in its task's `loss_fn`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -44,6 +45,20 @@ def token_nll(logits: jax.Array, batch: Batch
   w = batch['weights']
   correct = (argmax(logits) == batch['targets']).astype(jnp.float32)
   return (nll * w).sum(), (correct * w).sum(), w.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def nll_program(model: nn.Module, composed: bool
+                ) -> Callable[[Params, Batch], tuple[jax.Array, ...]]:
+  """Jitted `(all params, batch) -> token_nll` of a plain or composed LM.
+
+  One program per model (modules are hashable), shared by the training
+  loop's evals and the table's scoring: a trained row is then scored
+  without tracing its model again.
+  """
+  apply = composed_apply if composed else decoder_apply
+  return jax.jit(lambda params, batch: token_nll(
+      apply(model, params, batch), batch))
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -82,6 +97,9 @@ class Task:
   # `accuracy`); None: the cross-entropy of `apply`'s logits.
   loss: Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.Array]]
                  ] | None = None
+  # `apply` is `decoder_apply` (False) or `composed_apply` (True) of
+  # `model`, so its evals can run `nll_program`; None: another `apply`.
+  composed: bool | None = None
 
   def loss_fn(self, params: Params, batch: Batch
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -104,7 +122,7 @@ def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
   """A plain LM trained from scratch: everything trainable."""
   model = transformer.Decoder(config)
   return Task(
-      name=name, model=model, frozen={},
+      name=name, model=model, frozen={}, composed=False,
       apply=lambda p, b: decoder_apply(model, p, b),
       init_trainable=lambda r: model.init(
           r, jnp.zeros((1, 8), jnp.int32))['params'])
@@ -166,7 +184,7 @@ def composition_task(frozen: Params, anchor: transformer.DecoderConfig,
                             'penalty': penalty}
 
   return Task(name=name, model=model, frozen=frozen,
-              init_trainable=init_trainable,
+              init_trainable=init_trainable, composed=True,
               apply=lambda p, b: composed_apply(model, p, b),
               loss=loss if write_penalty else None)
 
@@ -196,7 +214,7 @@ def full_ft_task(anchor_cfg: transformer.DecoderConfig, anchor: Params
         is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
   return Task(name='full_ft', model=model, frozen={},
-              init_trainable=init_trainable,
+              init_trainable=init_trainable, composed=False,
               apply=lambda p, b: decoder_apply(model, p, b))
 
 

@@ -134,10 +134,17 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
 
 
 def make_eval_step(task: Task):
+  """(all params, batch) -> summed loss, correct tokens and weight; the
+  table scores a trained row with the same program (`tasks.nll_program`)."""
+  if task.composed is None:
+    program = jax.jit(lambda p, b: tasks.token_nll(task.apply(p, b), b))
+  else:
+    program = tasks.nll_program(task.model, task.composed)
+
   def eval_step(params, batch):
-    nll, correct, weight = tasks.token_nll(task.apply(params, batch), batch)
+    nll, correct, weight = program(params, batch)
     return {'loss_sum': nll, 'correct_sum': correct, 'weight': weight}
-  return jax.jit(eval_step)
+  return eval_step
 
 
 # =========================================================== training loop
