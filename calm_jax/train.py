@@ -17,6 +17,7 @@ a composition are the same loop over a different `tasks.Task`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -92,8 +93,22 @@ def validate(config: ConfigDict, devices: Sequence[Any] | None = None
 # ============================================================== optimizer
 
 
+# What the optimizer and its schedule are made of (train_config's fields).
+_OPTIMIZER_FIELDS = ('steps', 'warmup_steps', 'learning_rate', 'min_lr_ratio',
+                     'b1', 'b2', 'weight_decay', 'grad_clip')
+
+
 def make_optimizer(cfg: ConfigDict) -> tuple[optax.GradientTransformation,
                                              optax.Schedule]:
+  """AdamW with warmup and cosine decay, one object per set of fields (so
+  runs with the same optimizer share their jitted steps: `_shared_step`)."""
+  return _optimizer(tuple(cfg[k] for k in _OPTIMIZER_FIELDS))
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(fields: tuple[Any, ...]) -> tuple[
+    optax.GradientTransformation, optax.Schedule]:
+  cfg = ConfigDict(dict(zip(_OPTIMIZER_FIELDS, fields)))
   warmup = cfg.warmup_steps or max(1, int(0.05 * cfg.steps))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, warmup_steps=min(warmup, cfg.steps),
@@ -131,6 +146,20 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_step(model: nn.Module, composed: bool,
+                 optimizer: tuple[Any, ...]) -> Callable[..., Any]:
+  """`make_train_step` of a plain (`composed` False) or composed LM trained
+  on its cross-entropy: one function per model and optimizer, so that the
+  rows and seeds of one structure (calm, calm_vanilla_aug and
+  calm_random_aug; every seed of a row) share one trace, jit's caches
+  being keyed by function. It holds no parameters."""
+  apply = tasks.composed_apply if composed else tasks.decoder_apply
+  task = Task(name='', model=model, frozen={}, composed=composed,
+              apply=functools.partial(apply, model), init_trainable=None)
+  return make_train_step(task, *_optimizer(optimizer))
 
 
 def make_eval_step(task: Task):
@@ -221,8 +250,13 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
                f'{n_frozen:,}', cfg.steps, cfg.batch_size, data.seq_len)
   writer.write_text(0, 'params', f'trainable={n_trainable} frozen={n_frozen}')
 
+  if task.composed is not None and task.loss is None:
+    step_fn = _shared_step(task.model, task.composed,
+                           tuple(cfg[k] for k in _OPTIMIZER_FIELDS))
+  else:
+    step_fn = make_train_step(task, tx, schedule)
   train_step = jax.jit(
-      make_train_step(task, tx, schedule),
+      step_fn,
       in_shardings=(state_sh, frozen_sh, batch_sh),
       out_shardings=(state_sh, rep), donate_argnums=(0,))
   eval_step = make_eval_step(task)
