@@ -19,10 +19,13 @@ from typing import Any, Iterable
 def _fast_compile_xla_flags() -> str:
   """XLA_FLAGS that make XLA:CPU compile tiny programs fast.
 
-  LLVM's optimisations off, and XLA:CPU's elemental emitters instead of its
+  LLVM's optimisations off; XLA:CPU's elemental emitters instead of its
   fusion emitters (half the compile time of the KV smoke pipeline's
-  programs: docs/research/performance.md). XLA aborts on a flag it does
-  not know, so the second is set only for the jaxlib it was measured on.
+  programs); and each program's code generated as one module, not split
+  for a thread pool that a test worker shares with the other one (compile
+  time 60 -> 52 s): docs/research/performance.md. XLA aborts on a flag it
+  does not know, so the last two are set only for the jaxlib they were
+  measured on.
   """
   from importlib import metadata  # Standard library: no JAX imported.
   flags = ['--xla_backend_optimization_level=0']
@@ -31,7 +34,8 @@ def _fast_compile_xla_flags() -> str:
   except (metadata.PackageNotFoundError, ValueError):
     major, minor = 0, 0
   if (major, minor) == (0, 10):
-    flags.append('--xla_cpu_use_fusion_emitters=false')
+    flags += ['--xla_cpu_use_fusion_emitters=false',
+              '--xla_cpu_parallel_codegen_split_count=1']
   return ' '.join(flags)
 
 
