@@ -165,6 +165,38 @@ class TrainLoopTest(absltest.TestCase):
     np.testing.assert_allclose([h['loss'] for h in first + rest],
                                [h['loss'] for h in full], rtol=1e-6)
 
+  def test_a_run_of_the_same_structure_traces_no_new_step(self):
+    # Rows and seeds of one structure (calm over a vanilla or random m_A,
+    # another seed) share the traced update (`train._shared_step`) and the
+    # loss program of the evals (`tasks.nll_program`).
+    traced = []
+
+    def listen(event, _, fun_name='', **__):
+      if event == '/jax/core/compile/jaxpr_trace_duration':
+        traced.append(fun_name)
+
+    evals = self.data.eval(self.config.eval.during_training_split, 8, 8)
+    _, first = self._run(os.path.join(self.workdir, 'a'), eval_batches=evals)
+    other = tasks.composition_task(
+        {'anchor': self.frozen['anchor'],
+         **{f'aug_{a.name}': self._init(a.config, 3)
+            for a in self.augmenting}},
+        self.task.model.anchor, self.augmenting, bridge=C.BridgeConfig())
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+      _, second = train.run_training(
+          other, self.config.train, run_dir=os.path.join(self.workdir, 'b'),
+          data=self.data.train(self.config.train.split), mesh=self.mesh,
+          rules=self.rules, seed=1, eval_batches=evals)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listen)
+    self.assertIn('init_state', traced)  # The listener hears traces.
+    self.assertNotIn('train_step', traced)
+    self.assertNotIn('<lambda>', traced)  # nll_program's loss.
+    # Its own weights and seed all the same.
+    self.assertNotEqual([h['loss'] for h in first],
+                        [h['loss'] for h in second])
+
   def test_an_asynchronous_checkpoint_holds_the_state_of_its_step(self):
     # Checkpoints are written in the background while the next steps run
     # (and donate the state's buffers): the one saved at step 4 (not the
