@@ -102,7 +102,11 @@ def make_optimizer(cfg: ConfigDict) -> tuple[optax.GradientTransformation,
                                              optax.Schedule]:
   """AdamW with warmup and cosine decay, one object per set of fields (so
   runs with the same optimizer share their jitted steps: `_shared_step`)."""
-  return _optimizer(tuple(cfg[k] for k in _OPTIMIZER_FIELDS))
+  return _optimizer(_optimizer_key(cfg))
+
+
+def _optimizer_key(cfg: ConfigDict) -> tuple[Any, ...]:
+  return tuple(cfg[k] for k in _OPTIMIZER_FIELDS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -251,8 +255,7 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   writer.write_text(0, 'params', f'trainable={n_trainable} frozen={n_frozen}')
 
   if task.composed is not None and task.loss is None:
-    step_fn = _shared_step(task.model, task.composed,
-                           tuple(cfg[k] for k in _OPTIMIZER_FIELDS))
+    step_fn = _shared_step(task.model, task.composed, _optimizer_key(cfg))
   else:
     step_fn = make_train_step(task, tx, schedule)
   train_step = jax.jit(
