@@ -15,7 +15,6 @@ import shutil
 from typing import Any, Iterable
 
 
-
 def _fast_compile_xla_flags() -> str:
   """XLA_FLAGS that make XLA:CPU compile tiny programs fast.
 
