@@ -81,6 +81,10 @@ def validate(eval_cfg: Any, check_split: Callable[[str, str], None],
       raise ValueError(f"eval.metrics.{split}='chrf' needs sacrebleu: pip "
                        "install -e '.[code]' (or '.[ntl]').")
   check_sampling(eval_cfg.get('sampling', None))
+  decode = eval_cfg.get('exact_match_decode', False)
+  if not isinstance(decode, bool):
+    raise ValueError(f'eval.exact_match_decode={decode!r} must be True or '
+                     'False.')
   if not isinstance(eval_cfg.max_new_tokens, int) or eval_cfg.max_new_tokens < 1:
     raise ValueError(f'eval.max_new_tokens={eval_cfg.max_new_tokens!r} must '
                      'be a positive int.')
@@ -129,8 +133,7 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
     from calm_jax import aligned_decoding  # Deferred: aligned rows only.
     prompts = [v.decode() if isinstance(v, bytes) else str(v)
                for v in np.asarray(b['prompt_text'])]
-    budget = min(max_new_tokens, decoding.max_len_of(row.model) -
-                 int(np.max(b['prompt_len'])))
+    budget = _budget(row, b, max_new_tokens)
     return aligned_decoding.generate(
         row.model, row.params, prompts, anchor_tokenizer=tokenizer,
         aug_tokenizers=row.aligned, max_new_tokens=budget, rng=rng,
@@ -141,8 +144,7 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
                      tokenizer.pad_id).astype(np.int32)
   # Completions stop where the KV cache ends (the model's max_len): a
   # target never reaches past it, since examples fit data.seq_len.
-  budget = min(max_new_tokens, decoding.max_len_of(row.model) -
-               int(np.max(b['prompt_len'])))
+  budget = _budget(row, b, max_new_tokens)
   out = decoding.generate(
       row.model, row.params,
       sharding.global_batch({'p': prompts}, mesh, whole=True)['p'],
@@ -155,6 +157,49 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
   return decoding.decode_texts(np.asarray(new_tokens), tokenizer)
 
 
+def _budget(row: Row, b: dict[str, np.ndarray], max_new_tokens: int) -> int:
+  """New tokens a batch's completions may have: `max_new_tokens`, or fewer
+  where the KV cache (the model's max_len) ends first."""
+  return min(max_new_tokens, decoding.max_len_of(row.model) -
+             int(np.max(b['prompt_len'])))
+
+
+def greedy_matches(hits: np.ndarray, b: dict[str, np.ndarray], tokenizer,
+                   budget: int) -> list[bool] | None:
+  """Exact match of each valid example's greedy completion, read off the
+  teacher-forced argmaxes `hits` [b, t] (`tasks.nll_program`).
+
+  With a tokenizer whose texts have one id sequence each, greedy decoding
+  returns the target text exactly when it emits the target's ids and then
+  EOS, i.e. when each of them is the argmax at the position that predicts
+  it, given the ones before (which teacher forcing feeds): the same
+  completions as `decoding.generate`, without decoding, up to ties between
+  logits equal to rounding (the cached and the whole forward pass round
+  differently). Decoding stops after `budget` new tokens, so a target of
+  exactly `budget` tokens needs no EOS and a longer one never matches.
+  None when an example's targets do not spell its `target_text` + EOS.
+  """
+  out = []
+  for i in np.flatnonzero(b['valid']):
+    start = int(b['prompt_len'][i]) - 1  # Predicts the first target token.
+    n = int(np.asarray(b['weights'][i]).sum())  # Target tokens and EOS.
+    ids = b['targets'][i, start:start + n]
+    text = b['target_text'][i]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    if (n < 1 or ids[-1] != tokenizer.eos_id
+        or tokenizer.encode(text) != [int(t) for t in ids[:-1]]):
+      return None
+    length = n - 1
+    need = length if length == budget else length + 1
+    out.append(length <= budget and bool(hits[i, start:start + need].all()))
+  return out
+
+
+def _equal(texts: Sequence[str], targets: Sequence[str]) -> list[bool]:
+  """Exact match of each decoded text to its target."""
+  return [t == r for t, r in zip(texts, targets)]
+
+
 def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
            sandbox: dict[str, Any] | None,
            samples: list[list[str]] | None = None,
@@ -162,7 +207,7 @@ def _score(metric: str, texts: list[str], fields: dict[str, list[str]],
   """The metric's numbers over the decoded `texts` of valid examples."""
   targets = fields['target_text']
   if metric == 'exact_match':
-    correct = sum(t == r for t, r in zip(texts, targets))
+    correct = sum(_equal(texts, targets))
     return {'accuracy': 100.0 * correct / max(len(texts), 1)}
   if metric == 'chrf':
     from calm_jax import metrics  # Deferred: sacrebleu is only needed here.
@@ -206,24 +251,33 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
                  tokenizer, mesh, max_new_tokens: int,
                  metric: str = 'exact_match',
                  sandbox: dict[str, Any] | None = None,
-                 sampling: Any = None, seed: int = 0) -> dict[str, float]:
+                 sampling: Any = None, seed: int = 0,
+                 exact_match_decode: bool = False) -> dict[str, float]:
   """The metric, the loss and the example count of one row on one split.
 
   `sampling` ({n, k, temperature, top_k, top_p}) is read by `pass_at_k`:
-  n sampled completions per example besides the greedy one.
+  n sampled completions per example besides the greedy one. Exact match
+  is read off the loss pass's argmaxes (`greedy_matches`) where the
+  tokenizer spells each text one way and the row is not aligned, unless
+  `exact_match_decode`; otherwise every prompt is decoded.
   """
   check_metric(metric, 'metric')
   check_sampling(sampling)
   n_samples = (sampling or {}).get('n', 0) if metric == 'pass_at_k' else 0
+  from_logits = (metric == 'exact_match' and not exact_match_decode
+                 and not row.aligned
+                 and getattr(tokenizer, 'unique_encoding', False))
   loss_sum = weight = 0.0
   texts: list[str] = []
+  matches: list[bool] = []
   samples: list[list[str]] = [[] for _ in range(n_samples)]
   fields: dict[str, list[str]] = {}
   for b in batches:
     # Every process holds the whole eval batch and places its own rows.
     batch = sharding.global_batch(model_inputs(b), mesh,
                                   whole=True)
-    nll, _, w = tasks.nll_program(row.model, row.composed)(row.params, batch)
+    nll, _, w, hits = tasks.nll_program(row.model, row.composed)(
+        row.params, batch)
     loss_sum, weight = loss_sum + float(nll), weight + float(w)
     valid = np.asarray(b['valid'])
     for name in b:
@@ -233,9 +287,19 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
             for v in np.asarray(b[name])[valid])
     if metric == 'loss':
       continue
+    if from_logits:
+      found = greedy_matches(
+          np.asarray(multihost_utils.process_allgather(hits, tiled=True)), b,
+          tokenizer, _budget(row, b, max_new_tokens))
+      if found is not None:
+        matches.extend(found)
+        continue
     kw = dict(tokenizer=tokenizer, mesh=mesh, max_new_tokens=max_new_tokens)
-    decoded = _decode(row, b, batch, **kw)
-    texts.extend(t for t, v in zip(decoded, valid) if v)
+    decoded = [t for t, v in zip(_decode(row, b, batch, **kw), valid) if v]
+    if metric == 'exact_match':
+      matches.extend(_equal(decoded, fields['target_text'][-len(decoded):]))
+      continue
+    texts.extend(decoded)
     for i in range(n_samples):
       rng = jax.random.fold_in(jax.random.key(seed), i)
       rng = jax.random.fold_in(rng, len(texts))  # This batch's own stream.
@@ -246,7 +310,9 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
       samples[i].extend(t for t, v in zip(decoded, valid) if v)
   result = {'loss': loss_sum / max(weight, 1.0),
             'examples': len(fields.get('target_text', ()))}
-  if metric != 'loss':
+  if metric == 'exact_match':
+    result['accuracy'] = 100.0 * sum(matches) / max(len(matches), 1)
+  elif metric != 'loss':
     result.update(_score(metric, texts, fields, sandbox, samples,
                          tuple((sampling or {}).get('k', (1,)))))
   return result
@@ -256,10 +322,12 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
              tokenizer, mesh, max_new_tokens: int,
              metrics: dict[str, str] | None = None,
              sandbox: dict[str, Any] | None = None,
-             sampling: Any = None, seed: int = 0) -> dict[str, Any]:
+             sampling: Any = None, seed: int = 0,
+             exact_match_decode: bool = False) -> dict[str, Any]:
   """Scores every row on every split: {'rows': {row: {split: metrics}}}.
 
-  `metrics` maps a split to its metric (default 'exact_match').
+  `metrics` maps a split to its metric (default 'exact_match');
+  `exact_match_decode` as in `evaluate_row`.
   """
   metrics = metrics or {}
   results = {'rows': {}, 'splits': list(splits)}
@@ -274,7 +342,8 @@ def evaluate(rows: Sequence[Row], splits: dict[str, list[dict[str, Any]]], *,
                             tokenizer=row.tokenizer or tokenizer, mesh=mesh,
                             max_new_tokens=max_new_tokens,
                             metric=metrics.get(split, 'exact_match'),
-                            sandbox=sandbox, sampling=sampling, seed=seed)
+                            sandbox=sandbox, sampling=sampling, seed=seed,
+                            exact_match_decode=exact_match_decode)
         for split, batches in splits.items()}
   return results
 

@@ -50,15 +50,20 @@ def token_nll(logits: jax.Array, batch: Batch
 @functools.lru_cache(maxsize=None)
 def nll_program(model: nn.Module, composed: bool
                 ) -> Callable[[Params, Batch], tuple[jax.Array, ...]]:
-  """Jitted `(all params, batch) -> token_nll` of a plain or composed LM.
+  """Jitted `(all params, batch) -> (*token_nll, hits)` of a plain or
+  composed LM, `hits` [b, t] where the argmax is the target token.
 
   One program per model (modules are hashable), shared by the training
   loop's evals and the table's scoring: a trained row is then scored
-  without tracing its model again.
+  without tracing its model again. `hits` is what exact match reads
+  (calm_jax/evaluation.py); the training loop's evals drop it.
   """
   apply = composed_apply if composed else decoder_apply
-  return jax.jit(lambda params, batch: token_nll(
-      apply(model, params, batch), batch))
+
+  def program(params, batch):
+    logits = apply(model, params, batch)
+    return (*token_nll(logits, batch), argmax(logits) == batch['targets'])
+  return jax.jit(program)
 
 
 def argmax(logits: jax.Array) -> jax.Array:

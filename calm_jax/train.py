@@ -175,7 +175,7 @@ def make_eval_step(task: Task):
     program = tasks.nll_program(task.model, task.composed)
 
   def eval_step(params, batch):
-    nll, correct, weight = program(params, batch)
+    nll, correct, weight = program(params, batch)[:3]
     return {'loss_sum': nll, 'correct_sum': correct, 'weight': weight}
   return eval_step
 
@@ -754,7 +754,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
         row.to_eval(trained), splits, tokenizer=data.tokenizer,
         mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
         metrics=metrics, sandbox=sandbox,
-        sampling=config.eval.get('sampling', None), seed=seed)
+        sampling=config.eval.get('sampling', None), seed=seed,
+        exact_match_decode=config.eval.get('exact_match_decode', False))
     own_tokenizer.update(scored.get('own_tokenizer', {}))
     for name, scores in scored['rows'].items():
       per_seed.setdefault(name, []).append(scores)

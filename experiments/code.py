@@ -133,6 +133,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.num_examples = 16 if smoke else 128
   config.eval.batch_size = 8 if smoke else 32
   config.eval.max_new_tokens = 32 if smoke else 192
+  # Exact match is read off the loss pass's argmaxes when the tokenizer
+  # spells each text one way (byte, char): the same completions as
+  # greedy decoding, without decoding (calm_jax/evaluation.py). True
+  # decodes every prompt instead.
+  config.eval.exact_match_decode = False
   # Loss on `pairs_dev` (pairs of non-compose training files) while
   # training: D_C is small, so this shows when the bridge memorises it.
   config.eval.during_training_split = 'pairs_dev'

@@ -91,6 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 8 if smoke else 32
   # Greedy decoding budget per completion.
   config.eval.max_new_tokens = 32 if smoke else 128
+  # Exact match is read off the loss pass's argmaxes when the tokenizer
+  # spells each text one way (byte, char): the same completions as
+  # greedy decoding, without decoding (calm_jax/evaluation.py). True
+  # decodes every prompt instead.
+  config.eval.exact_match_decode = False
   # Loss on this split while the bridges train ('' = none).
   config.eval.during_training_split = 'eval'
 

@@ -175,6 +175,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 32 if smoke else 64
   # Greedy decoding budget for exact match.
   config.eval.max_new_tokens = 24 if smoke else 16
+  # Exact match is read off the loss pass's argmaxes when the tokenizer
+  # spells each text one way (byte, char): the same completions as
+  # greedy decoding, without decoding (calm_jax/evaluation.py). True
+  # decodes every prompt instead.
+  config.eval.exact_match_decode = False
   # Split used for the periodic eval during training (loss/accuracy only).
   config.eval.during_training_split = 'kv_math_dev'
 

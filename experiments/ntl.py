@@ -129,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.num_examples = 0  # All (capped per language by data.ntl).
   config.eval.batch_size = 16 if smoke else 64
   config.eval.max_new_tokens = 48 if smoke else 100
+  # Exact match is read off the loss pass's argmaxes when the tokenizer
+  # spells each text one way (byte, char): the same completions as
+  # greedy decoding, without decoding (calm_jax/evaluation.py). True
+  # decodes every prompt instead.
+  config.eval.exact_match_decode = False
   # Loss on `dev` (pairs of train msgids, never trained on) while training:
   # D_C is small, so this shows when the bridge starts memorising it.
   config.eval.during_training_split = 'dev'

@@ -7,11 +7,21 @@ import os
 from unittest import mock
 
 from absl.testing import absltest
+from calm_jax import decoding
 from calm_jax import evaluation
 from calm_jax import metrics
 from calm_jax import sandbox
+from calm_jax import sharding
+from calm_jax import tasks
+from calm_jax import data as data_lib
 from calm_jax.data import code_corpus
+from calm_jax.data import pipeline
+from calm_jax.data import tokenizers
+from calm_jax.models import transformer
+import flax.linen as nn
+import jax
 import ml_collections
+import numpy as np
 
 
 def _fields(targets, **extra):
@@ -64,6 +74,78 @@ class ScoreTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"eval\.metrics\.x='bleu' is not "
                                 r'a metric'):
       evaluation.check_metric('bleu', 'eval.metrics.x')
+
+
+class ExactMatchFromLogitsTest(absltest.TestCase):
+  """Exact match read off teacher-forced argmaxes is greedy decoding's."""
+
+  def test_the_same_examples_match_as_when_decoding(self):
+    tok = tokenizers.get_tokenizer('char:128')
+    arch = transformer.DecoderConfig(vocab_size=tok.vocab_size, d_model=32,
+                                     num_layers=2, num_heads=2, d_ff=64,
+                                     max_len=24)
+    task = tasks.decoder_task('m', arch)
+    params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
+        jax.random.key(3))
+    row = evaluation.Row('m', task.model, params)
+    mesh = sharding.make_mesh({'data': -1}, jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    prompts = [''.join(rng.choice(list('abcdefgh+-='), rng.integers(1, 9)))
+               for _ in range(12)]
+    # This random model's own greedy completions of 6 tokens: as targets
+    # they match (6 = max_new_tokens, so no EOS is needed) unless changed.
+    budget = 6
+    ids = tok.encode
+    out = decoding.generate(
+        task.model, params, np.array(
+            [[tok.bos_id] + ids(p) + [tok.pad_id] * (8 - len(p))
+             for p in prompts], np.int32),
+        np.array([1 + len(p) for p in prompts], np.int32),
+        max_new_tokens=budget, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    examples = []
+    for p, new in zip(prompts, np.asarray(out['new_tokens'])):
+      if min(new) < tok.num_special:  # A special id: no text spells it.
+        continue
+      text = tok.decode(new)
+      examples += [{'prompt': p, 'target': text},  # Matches.
+                   {'prompt': p, 'target': text[:-1] + chr(ord(text[-1]) ^ 1)},
+                   {'prompt': p, 'target': text[:-1]},  # Needs EOS next.
+                   {'prompt': p, 'target': text + 'a'}]  # Past the budget.
+    self.assertGreaterEqual(len(examples), 16)
+    batches = pipeline.eval_batches(examples, tokenizer=tok, seq_len=16,
+                                    batch_size=8)
+    kw = dict(tokenizer=tok, mesh=mesh, max_new_tokens=budget)
+    by_logits, by_decoding = [], []
+    for b in batches:
+      batch = sharding.global_batch(data_lib.model_inputs(b), mesh,
+                                    whole=True)
+      hits = np.asarray(tasks.nll_program(row.model, False)(params, batch)[3])
+      by_logits += evaluation.greedy_matches(hits, b, tok, budget)
+      texts = evaluation._decode(row, b, batch, **kw)
+      by_decoding += [t == r for t, r, v in zip(
+          texts, b['target_text'], b['valid']) if v]
+    self.assertEqual(by_logits, by_decoding)
+    self.assertEqual(by_logits, [True, False, False, False] * (
+        len(examples) // 4))
+    # Through evaluate_row, both ways; a budget of 7 then needs the EOS.
+    for budget, accuracy in ((6, 25.0), (7, 0.0)):
+      kw['max_new_tokens'] = budget
+      fast = evaluation.evaluate_row(row, batches, **kw)
+      slow = evaluation.evaluate_row(row, batches, exact_match_decode=True,
+                                     **kw)
+      self.assertEqual(fast, slow)
+      self.assertEqual(fast['accuracy'], accuracy)
+
+  def test_targets_that_do_not_spell_their_text_are_decoded(self):
+    tok = tokenizers.get_tokenizer('byte')
+    b = pipeline.eval_batches([{'prompt': 'a', 'target': 'bc'}],
+                              tokenizer=tok, seq_len=8, batch_size=1)[0]
+    hits = np.ones((1, 8), bool)
+    self.assertEqual(evaluation.greedy_matches(hits, b, tok, 4), [True])
+    self.assertEqual(evaluation.greedy_matches(hits, b, tok, 2), [True])
+    self.assertEqual(evaluation.greedy_matches(hits, b, tok, 1), [False])
+    b['target_text'][0] = 'bd'
+    self.assertIsNone(evaluation.greedy_matches(hits, b, tok, 4))
 
 
 class ValidateTest(absltest.TestCase):

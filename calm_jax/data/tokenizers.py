@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 # What `data.tokenizer` may be besides a registered name or a path.
 ANCHOR = 'anchor'
@@ -38,6 +38,12 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int
   eos_id: int
+  # True when a text has exactly one id sequence (one id per byte or per
+  # character): a completion then equals a target text exactly when its
+  # ids are the target's, so exact match can be read off teacher-forced
+  # argmaxes (calm_jax/evaluation.py). Subword tokenizers may spell a text
+  # several ways; theirs is False (the default where it is missing).
+  unique_encoding: bool
 
   @property
   def spec(self) -> str:
@@ -68,6 +74,8 @@ class ByteTokenizer:
   eos_id: int = 2
   # Number of ids reserved below the first byte id.
   num_special: int = 3
+  # Every text has one id sequence (`unique_encoding` in `Tokenizer`).
+  unique_encoding: ClassVar[bool] = True
 
   @property
   def vocab_size(self) -> int:
@@ -124,6 +132,8 @@ class CharTokenizer:
   eos_id: int = 2
   num_special: int = 3
   num_code_points: int = 768
+  # Every text has one id sequence (`unique_encoding` in `Tokenizer`).
+  unique_encoding: ClassVar[bool] = True
 
   @property
   def vocab_size(self) -> int:
@@ -183,6 +193,8 @@ class CheckpointTokenizer:
   pads with EOS, as transformers' generate does; the loss weights do not
   depend on the pad id.
   """
+
+  unique_encoding = False  # Subwords: a text may have several spellings.
 
   def __init__(self, path: str | os.PathLike):
     path = os.path.abspath(os.fspath(path))
