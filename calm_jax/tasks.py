@@ -58,10 +58,10 @@ def nll_program(model: nn.Module, composed: bool
   without tracing its model again. `hits` is what exact match reads
   (calm_jax/evaluation.py); the training loop's evals drop it.
   """
-  apply = composed_apply if composed else decoder_apply
+  apply = model_apply(model, composed)
 
   def program(params, batch):
-    logits = apply(model, params, batch)
+    logits = apply(params, batch)
     return (*token_nll(logits, batch), argmax(logits) == batch['targets'])
   return jax.jit(program)
 
@@ -102,8 +102,8 @@ class Task:
   # `accuracy`); None: the cross-entropy of `apply`'s logits.
   loss: Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.Array]]
                  ] | None = None
-  # `apply` is `decoder_apply` (False) or `composed_apply` (True) of
-  # `model`, so its evals can run `nll_program`; None: another `apply`.
+  # `apply` is `model_apply(model, composed)`, so its evals can run
+  # `nll_program(model, composed)`; None: another `apply`.
   composed: bool | None = None
 
   def loss_fn(self, params: Params, batch: Batch
@@ -123,12 +123,20 @@ def decoder_apply(model: nn.Module, params: Params, batch: Batch
                      segment_ids=batch.get('segment_ids'))
 
 
+def model_apply(model: nn.Module, composed: bool
+                ) -> Callable[[Params, Batch], jax.Array]:
+  """`(all params, batch) -> logits` of a plain (`composed` False) or a
+  composed LM: what `Task.apply` is for every task but LoRA's."""
+  return functools.partial(composed_apply if composed else decoder_apply,
+                           model)
+
+
 def decoder_task(name: str, config: transformer.DecoderConfig) -> Task:
   """A plain LM trained from scratch: everything trainable."""
   model = transformer.Decoder(config)
   return Task(
       name=name, model=model, frozen={}, composed=False,
-      apply=lambda p, b: decoder_apply(model, p, b),
+      apply=model_apply(model, False),
       init_trainable=lambda r: model.init(
           r, jnp.zeros((1, 8), jnp.int32))['params'])
 
@@ -190,7 +198,7 @@ def composition_task(frozen: Params, anchor: transformer.DecoderConfig,
 
   return Task(name=name, model=model, frozen=frozen,
               init_trainable=init_trainable, composed=True,
-              apply=lambda p, b: composed_apply(model, p, b),
+              apply=model_apply(model, True),
               loss=loss if write_penalty else None)
 
 
@@ -220,7 +228,7 @@ def full_ft_task(anchor_cfg: transformer.DecoderConfig, anchor: Params
 
   return Task(name='full_ft', model=model, frozen={},
               init_trainable=init_trainable, composed=False,
-              apply=lambda p, b: decoder_apply(model, p, b))
+              apply=model_apply(model, False))
 
 
 def trainable_size(task: Task) -> int:

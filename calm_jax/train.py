@@ -160,9 +160,8 @@ def _shared_step(model: nn.Module, composed: bool,
   rows and seeds of one structure (calm, calm_vanilla_aug and
   calm_random_aug; every seed of a row) share one trace, jit's caches
   being keyed by function. It holds no parameters."""
-  apply = tasks.composed_apply if composed else tasks.decoder_apply
   task = Task(name='', model=model, frozen={}, composed=composed,
-              apply=functools.partial(apply, model), init_trainable=None)
+              apply=tasks.model_apply(model, composed), init_trainable=None)
   return make_train_step(task, *_optimizer(optimizer))
 
 
