@@ -7,21 +7,19 @@ import os
 from unittest import mock
 
 from absl.testing import absltest
+from calm_jax import data as data_lib
 from calm_jax import decoding
 from calm_jax import evaluation
 from calm_jax import metrics
 from calm_jax import sandbox
 from calm_jax import sharding
 from calm_jax import tasks
-from calm_jax import data as data_lib
 from calm_jax.data import code_corpus
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
-from calm_jax.models import transformer
-import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
+from tests import fixtures
 
 
 def _fields(targets, **extra):
@@ -81,14 +79,9 @@ class ExactMatchFromLogitsTest(absltest.TestCase):
 
   def test_the_same_examples_match_as_when_decoding(self):
     tok = tokenizers.get_tokenizer('char:128')
-    arch = transformer.DecoderConfig(vocab_size=tok.vocab_size, d_model=32,
-                                     num_layers=2, num_heads=2, d_ff=64,
-                                     max_len=24)
-    task = tasks.decoder_task('m', arch)
-    params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
-        jax.random.key(3))
-    row = evaluation.Row('m', task.model, params)
-    mesh = sharding.make_mesh({'data': -1}, jax.devices()[:1])
+    row, mesh = fixtures.random_decoder_row(
+        3, vocab_size=tok.vocab_size, d_model=32, num_layers=2, num_heads=2,
+        d_ff=64, max_len=24)
     rng = np.random.default_rng(0)
     prompts = [''.join(rng.choice(list('abcdefgh+-='), rng.integers(1, 9)))
                for _ in range(12)]
@@ -97,7 +90,7 @@ class ExactMatchFromLogitsTest(absltest.TestCase):
     budget = 6
     ids = tok.encode
     out = decoding.generate(
-        task.model, params, np.array(
+        row.model, row.params, np.array(
             [[tok.bos_id] + ids(p) + [tok.pad_id] * (8 - len(p))
              for p in prompts], np.int32),
         np.array([1 + len(p) for p in prompts], np.int32),
@@ -119,7 +112,8 @@ class ExactMatchFromLogitsTest(absltest.TestCase):
     for b in batches:
       batch = sharding.global_batch(data_lib.model_inputs(b), mesh,
                                     whole=True)
-      hits = np.asarray(tasks.nll_program(row.model, False)(params, batch)[3])
+      hits = np.asarray(tasks.nll_program(row.model, False)(row.params,
+                                                           batch)[3])
       by_logits += evaluation.greedy_matches(hits, b, tok, budget)
       texts = evaluation._decode(row, b, batch, **kw)
       by_decoding += [t == r for t, r, v in zip(

@@ -45,6 +45,21 @@ FAST_COMPILE_XLA_FLAGS = _fast_compile_xla_flags()
 # without conftest.py's eight simulated devices.
 ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
 
+def random_decoder_row(seed: int = 0, **arch: Any) -> tuple[Any, Any]:
+  """A randomly initialised decoder (`arch`: DecoderConfig fields) as an
+  `evaluation.Row` named 'm', and a one-device mesh to score it on."""
+  # Deferred: this module is imported before JAX is configured.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from calm_jax import evaluation, sharding, tasks  # pylint: disable=g-import-not-at-top
+  from calm_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  task = tasks.decoder_task('m', transformer.DecoderConfig(**arch))
+  params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
+      jax.random.key(seed))
+  return (evaluation.Row('m', task.model, params),
+          sharding.make_mesh({'data': -1}, jax.devices()[:1]))
+
+
 WORDS = ('red green blue cat dog bird fish tree house river stone cloud '
          'apple bread milk key door lamp book ship road').split()
 

@@ -2,16 +2,12 @@
 
 from absl import flags
 from absl.testing import absltest
-import flax.linen as nn
-import jax
 
 from calm_jax import evaluation
-from calm_jax import sharding
-from calm_jax import tasks
 from calm_jax.data import humaneval
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
-from calm_jax.models import transformer
+from tests import fixtures
 
 
 def setUpModule():
@@ -96,14 +92,9 @@ class HumanEvalTest(absltest.TestCase):
            if pipeline.fits(p, tok, 256)][:2]
     batches = pipeline.eval_batches(fit, tokenizer=tok, seq_len=256,
                                     batch_size=2)
-    arch = transformer.DecoderConfig(vocab_size=259, d_model=16,
-                                     num_layers=1, num_heads=2, d_ff=16,
-                                     max_len=264)
-    task = tasks.decoder_task('m', arch)
-    params = jax.jit(lambda r: nn.meta.unbox(task.init_trainable(r)))(
-        jax.random.key(0))
-    row = evaluation.Row('m', task.model, params)
-    mesh = sharding.make_mesh({'data': -1}, jax.devices()[:1])
+    row, mesh = fixtures.random_decoder_row(
+        vocab_size=259, d_model=16, num_layers=1, num_heads=2, d_ff=16,
+        max_len=264)
     got = evaluation.evaluate_row(
         row, batches, tokenizer=tok, mesh=mesh, max_new_tokens=8,
         metric='pass_at_k', sampling={'n': 2, 'k': (1, 2),
