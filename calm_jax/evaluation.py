@@ -8,6 +8,8 @@ decoder and the completion is scored by the split's metric
 (`config.eval.metrics[split]`, 'exact_match' by default):
 
   exact_match  % of completions equal to the target string    -> 'accuracy'
+               (with a byte or char tokenizer read off the loss pass's
+               argmaxes, without decoding: `greedy_matches`)
   chrf         corpus chrF (sacrebleu); with a `lang` field, the unweighted
                mean over languages, each also reported as 'chrf/<lang>'
   pass_rate    % of generated function bodies whose doctests pass in a
@@ -124,6 +126,11 @@ class Row:
     return {'prompt_len': batch['prompt_len']} if self.composed else {}
 
 
+def _str(value: Any) -> str:
+  """A text column's value (numpy object arrays may hold bytes)."""
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
             *, tokenizer, mesh, max_new_tokens: int, rng=None,
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
@@ -131,8 +138,7 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
   """The completions of one eval batch's prompts (every row, padding too)."""
   if row.aligned:
     from calm_jax import aligned_decoding  # Deferred: aligned rows only.
-    prompts = [v.decode() if isinstance(v, bytes) else str(v)
-               for v in np.asarray(b['prompt_text'])]
+    prompts = [_str(v) for v in np.asarray(b['prompt_text'])]
     budget = _budget(row, b, max_new_tokens)
     return aligned_decoding.generate(
         row.model, row.params, prompts, anchor_tokenizer=tokenizer,
@@ -184,8 +190,7 @@ def greedy_matches(hits: np.ndarray, b: dict[str, np.ndarray], tokenizer,
     start = int(b['prompt_len'][i]) - 1  # Predicts the first target token.
     n = int(np.asarray(b['weights'][i]).sum())  # Target tokens and EOS.
     ids = b['targets'][i, start:start + n]
-    text = b['target_text'][i]
-    text = text.decode() if isinstance(text, bytes) else str(text)
+    text = _str(b['target_text'][i])
     if (n < 1 or ids[-1] != tokenizer.eos_id
         or tokenizer.encode(text) != [int(t) for t in ids[:-1]]):
       return None
@@ -283,8 +288,7 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
     for name in b:
       if name.endswith('_text'):
         fields.setdefault(name, []).extend(
-            v.decode() if isinstance(v, bytes) else str(v)
-            for v in np.asarray(b[name])[valid])
+            _str(v) for v in np.asarray(b[name])[valid])
     if metric == 'loss':
       continue
     if from_logits:
@@ -297,7 +301,8 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
     kw = dict(tokenizer=tokenizer, mesh=mesh, max_new_tokens=max_new_tokens)
     decoded = [t for t, v in zip(_decode(row, b, batch, **kw), valid) if v]
     if metric == 'exact_match':
-      matches.extend(_equal(decoded, fields['target_text'][-len(decoded):]))
+      matches.extend(_equal(decoded, [
+          _str(v) for v in np.asarray(b['target_text'])[valid]]))
       continue
     texts.extend(decoded)
     for i in range(n_samples):
