@@ -45,6 +45,7 @@ FAST_COMPILE_XLA_FLAGS = _fast_compile_xla_flags()
 # without conftest.py's eight simulated devices.
 ONE_DEVICE_XLA_FLAGS = FAST_COMPILE_XLA_FLAGS
 
+
 def random_decoder_row(seed: int = 0, **arch: Any) -> tuple[Any, Any]:
   """A randomly initialised decoder (`arch`: DecoderConfig fields) as an
   `evaluation.Row` named 'm', and a one-device mesh to score it on."""
