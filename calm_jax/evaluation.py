@@ -139,7 +139,7 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
   if row.aligned:
     from calm_jax import aligned_decoding  # Deferred: aligned rows only.
     prompts = [_str(v) for v in np.asarray(b['prompt_text'])]
-    budget = _budget(row, b, max_new_tokens)
+    budget = _budget(row.model, b, max_new_tokens)
     return aligned_decoding.generate(
         row.model, row.params, prompts, anchor_tokenizer=tokenizer,
         aug_tokenizers=row.aligned, max_new_tokens=budget, rng=rng,
@@ -150,7 +150,7 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
                      tokenizer.pad_id).astype(np.int32)
   # Completions stop where the KV cache ends (the model's max_len): a
   # target never reaches past it, since examples fit data.seq_len.
-  budget = _budget(row, b, max_new_tokens)
+  budget = _budget(row.model, b, max_new_tokens)
   out = decoding.generate(
       row.model, row.params,
       sharding.global_batch({'p': prompts}, mesh, whole=True)['p'],
@@ -163,11 +163,24 @@ def _decode(row: Row, b: dict[str, np.ndarray], batch: dict[str, jax.Array],
   return decoding.decode_texts(np.asarray(new_tokens), tokenizer)
 
 
-def _budget(row: Row, b: dict[str, np.ndarray], max_new_tokens: int) -> int:
+def _budget(model: nn.Module, b: dict[str, np.ndarray],
+            max_new_tokens: int) -> int:
   """New tokens a batch's completions may have: `max_new_tokens`, or fewer
   where the KV cache (the model's max_len) ends first."""
-  return min(max_new_tokens, decoding.max_len_of(row.model) -
+  return min(max_new_tokens, decoding.max_len_of(model) -
              int(np.max(b['prompt_len'])))
+
+
+def exact_matches(model: nn.Module, hits: np.ndarray,
+                  b: dict[str, np.ndarray], *, tokenizer,
+                  max_new_tokens: int) -> list[bool] | None:
+  """`greedy_matches` of `model`'s hits on batch `b` with the decoding
+  budget scoring gives it; None where the batch has no targets to match
+  (documents) or they do not spell their text."""
+  if 'target_text' not in b:
+    return None
+  return greedy_matches(hits, b, tokenizer,
+                        _budget(model, b, max_new_tokens))
 
 
 def greedy_matches(hits: np.ndarray, b: dict[str, np.ndarray], tokenizer,
@@ -292,9 +305,10 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
     if metric == 'loss':
       continue
     if from_logits:
-      found = greedy_matches(
+      found = exact_matches(
+          row.model,
           np.asarray(multihost_utils.process_allgather(hits, tiled=True)), b,
-          tokenizer, _budget(row, b, max_new_tokens))
+          tokenizer=tokenizer, max_new_tokens=max_new_tokens)
       if found is not None:
         matches.extend(found)
         continue

@@ -59,11 +59,13 @@ def nll_program(model: nn.Module, composed: bool
   (calm_jax/evaluation.py); the training loop's evals drop it.
   """
   apply = model_apply(model, composed)
+  return jax.jit(lambda params, batch: nll_and_hits(apply(params, batch),
+                                                    batch))
 
-  def program(params, batch):
-    logits = apply(params, batch)
-    return (*token_nll(logits, batch), argmax(logits) == batch['targets'])
-  return jax.jit(program)
+
+def nll_and_hits(logits: jax.Array, batch: Batch) -> tuple[jax.Array, ...]:
+  """`token_nll`, and `hits` [b, t]: where the argmax is the target."""
+  return (*token_nll(logits, batch), argmax(logits) == batch['targets'])
 
 
 def argmax(logits: jax.Array) -> jax.Array:

@@ -166,16 +166,18 @@ def _shared_step(model: nn.Module, composed: bool,
 
 
 def make_eval_step(task: Task):
-  """(all params, batch) -> summed loss, correct tokens and weight; the
-  table scores a trained row with the same program (`tasks.nll_program`)."""
+  """(all params, batch) -> summed loss, correct tokens and weight, and
+  where the argmax is the target (`hits`); the table scores a trained row
+  with the same program (`tasks.nll_program`)."""
   if task.composed is None:
-    program = jax.jit(lambda p, b: tasks.token_nll(task.apply(p, b), b))
+    program = jax.jit(lambda p, b: tasks.nll_and_hits(task.apply(p, b), b))
   else:
     program = tasks.nll_program(task.model, task.composed)
 
   def eval_step(params, batch):
-    nll, correct, weight = program(params, batch)[:3]
-    return {'loss_sum': nll, 'correct_sum': correct, 'weight': weight}
+    nll, correct, weight, hits = program(params, batch)
+    return {'loss_sum': nll, 'correct_sum': correct, 'weight': weight,
+            'hits': hits}
   return eval_step
 
 
@@ -199,11 +201,14 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
                  rules: Any, seed: int,
                  eval_batches: list[dict[str, np.ndarray]] | None = None,
                  stop_after: int | None = None,
+                 exact_match: Callable[..., list[bool] | None] | None = None,
                  ) -> tuple[Params, list[dict[str, float]]]:
   """Trains `task` for `cfg.steps`, resuming from `run_dir` if it can.
 
   `stop_after` ends this invocation early (after checkpointing), as a
-  preemption would; the schedule still spans `cfg.steps`.
+  preemption would; the schedule still spans `cfg.steps`. `exact_match`
+  (hits, batch) -> matches (`evaluation.exact_matches`) adds the exact
+  match of greedy completions to the evals of `eval_batches`.
 
   Returns the trained (unboxed, sharded) trainable params and the logged
   metrics, one dict per log line.
@@ -266,9 +271,11 @@ def _run_training(task: Task, cfg: ConfigDict, *, run_dir: str,
   # ---- the loop.
   def run_eval(done: int) -> None:
     ev = evaluate_loss(eval_step, {**task.frozen, **state['params']},
-                       eval_batches, mesh)
-    logging.info('[%s] eval step %d | loss %.4f | token acc %.3f',
-                 task.name, done, ev['loss'], ev['accuracy'])
+                       eval_batches, mesh, exact_match)
+    logging.info('[%s] eval step %d | loss %.4f | token acc %.3f%s',
+                 task.name, done, ev['loss'], ev['accuracy'],
+                 f" | exact match {ev['exact_match']:.1f}%"
+                 if 'exact_match' in ev else '')
     writer.write_scalars(done, {f'eval/{k}': v for k, v in ev.items()})
 
   if eval_batches and start == 0 and cfg.eval_every:
@@ -361,17 +368,31 @@ class _Profile:
       self.first = self.last = None
 
 
-def evaluate_loss(eval_step, params: Params, batches, mesh
+def evaluate_loss(eval_step, params: Params, batches, mesh,
+                  exact_match: Callable[..., list[bool] | None] | None = None
                   ) -> dict[str, float]:
-  """Teacher-forced loss and token accuracy over `batches`."""
+  """Teacher-forced loss and token accuracy over `batches`, and with
+  `exact_match` (hits, batch) -> matches, the % of examples whose greedy
+  completion is the target (where every batch gives its matches)."""
   totals = {'loss_sum': 0.0, 'correct_sum': 0.0, 'weight': 0.0}
+  matches = [] if exact_match else None
   for b in batches:
-    out = jax.device_get(eval_step(params, sharding.global_batch(
-        data_lib.model_inputs(b), mesh, whole=True)))
+    out = eval_step(params, sharding.global_batch(
+        data_lib.model_inputs(b), mesh, whole=True))
+    hits = out.pop('hits')
+    out = jax.device_get(out)
     for k in totals:
       totals[k] += float(out[k])
+    if matches is not None:
+      found = exact_match(np.asarray(multihost_utils.process_allgather(
+          hits, tiled=True)), b)
+      matches = None if found is None else matches + found
   w = max(totals['weight'], 1.0)
-  return {'loss': totals['loss_sum'] / w, 'accuracy': totals['correct_sum'] / w}
+  result = {'loss': totals['loss_sum'] / w,
+            'accuracy': totals['correct_sum'] / w}
+  if matches:
+    result['exact_match'] = 100.0 * sum(matches) / len(matches)
+  return result
 
 
 def _fmt_time(seconds: float) -> str:
@@ -659,6 +680,14 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
                          metric=metrics.get(s, 'exact_match'))
             for s in config.eval.splits}
   eval_split = config.eval.during_training_split
+  # The training evals also report the exact match of greedy completions
+  # where it costs nothing: read off their own argmaxes (one tokenizer
+  # that spells each text one way; `evaluation.exact_matches`).
+  dev_exact_match = bool(
+      eval_split and not aligned
+      and metrics.get(eval_split, 'exact_match') == 'exact_match'
+      and not config.eval.get('exact_match_decode', False)
+      and getattr(data.tokenizer, 'unique_encoding', False))
 
   _check_training_data(config, workdir, data, own_data)
 
@@ -747,7 +776,12 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
           data=train_data(row.task, row_name, row.split), mesh=mesh,
           rules=rules, seed=seed, eval_batches=data.eval(
               eval_split, config.eval.batch_size, config.eval.num_examples)
-          if eval_split else None)
+          if eval_split else None,
+          exact_match=functools.partial(
+              evaluation.exact_matches, row.task.model,
+              tokenizer=data.tokenizer,
+              max_new_tokens=config.eval.max_new_tokens)
+          if dev_exact_match else None)
       sizes[row_name] = transformer.count_params(trained)
     scored = evaluation.evaluate(
         row.to_eval(trained), splits, tokenizer=data.tokenizer,

@@ -180,7 +180,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # greedy decoding, without decoding (calm_jax/evaluation.py). True
   # decodes every prompt instead.
   config.eval.exact_match_decode = False
-  # Split used for the periodic eval during training (loss/accuracy only).
+  # Split used for the periodic eval during training: loss, token
+  # accuracy and, read off the same pass, exact match.
   config.eval.during_training_split = 'kv_math_dev'
 
   # ---------------------------------------------------------------- mesh

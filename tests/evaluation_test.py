@@ -1,6 +1,7 @@
 """Scoring and reporting: metrics by split, aggregation, tables, plots."""
 
 import difflib
+import functools
 import inspect
 import json
 import os
@@ -14,6 +15,7 @@ from calm_jax import metrics
 from calm_jax import sandbox
 from calm_jax import sharding
 from calm_jax import tasks
+from calm_jax import train
 from calm_jax.data import code_corpus
 from calm_jax.data import pipeline
 from calm_jax.data import tokenizers
@@ -129,6 +131,18 @@ class ExactMatchFromLogitsTest(absltest.TestCase):
                                      **kw)
       self.assertEqual(fast, slow)
       self.assertEqual(fast['accuracy'], accuracy)
+    # The training loop's evals report it as well, from their own pass.
+    task = tasks.Task(name='m', model=row.model, frozen={}, composed=False,
+                      apply=tasks.model_apply(row.model, False),
+                      init_trainable=None)
+    ev = train.evaluate_loss(
+        train.make_eval_step(task), row.params, batches, mesh,
+        functools.partial(evaluation.exact_matches, row.model,
+                          tokenizer=tok, max_new_tokens=6))
+    self.assertEqual(ev['exact_match'], 25.0)
+    self.assertAlmostEqual(ev['loss'], fast['loss'], places=5)
+    self.assertNotIn('exact_match', train.evaluate_loss(
+        train.make_eval_step(task), row.params, batches, mesh))
 
   def test_targets_that_do_not_spell_their_text_are_decoded(self):
     tok = tokenizers.get_tokenizer('byte')

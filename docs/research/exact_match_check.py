@@ -7,7 +7,7 @@ Reruns `calm_jax.main` on a finished workdir (nothing trains again; it
 scores every row, and may rewrite W's results files with the same
 numbers, so point it at a copy to keep them untouched). For every row and
 exact-match split it scores each eval example both ways before the table
-does (`evaluation.greedy_matches` from `tasks.nll_program`'s hits, and
+does (`evaluation.exact_matches` from `tasks.nll_program`'s hits, and
 `decoding.generate` with the completion compared to the target text) and
 prints one line per row and split:
 
@@ -43,9 +43,10 @@ def _compare(row, split, batches, *, tokenizer, mesh, max_new_tokens):
     batch = sharding.global_batch(data_lib.model_inputs(b), mesh, whole=True)
     t = time.time()
     hits = tasks.nll_program(row.model, row.composed)(row.params, batch)[3]
-    fast = evaluation.greedy_matches(
+    fast = evaluation.exact_matches(
+        row.model,
         np.asarray(multihost_utils.process_allgather(hits, tiled=True)), b,
-        tokenizer, evaluation._budget(row, b, max_new_tokens))  # pylint: disable=protected-access
+        tokenizer=tokenizer, max_new_tokens=max_new_tokens)
     t_logits += time.time() - t
     t = time.time()
     texts = evaluation._decode(row, b, batch, tokenizer=tokenizer, mesh=mesh,  # pylint: disable=protected-access
