@@ -171,6 +171,16 @@ def _budget(model: nn.Module, b: dict[str, np.ndarray],
              int(np.max(b['prompt_len'])))
 
 
+def reads_argmaxes(metric: str, tokenizer, *, aligned: bool,
+                   decode: bool) -> bool:
+  """Whether exact match is read off the loss pass's argmaxes
+  (`exact_matches`) instead of decoded: a split scored by exact match, a
+  tokenizer that spells each text one way, one token stream (not aligned),
+  and `eval.exact_match_decode` (`decode`) off."""
+  return (metric == 'exact_match' and not decode and not aligned
+          and getattr(tokenizer, 'unique_encoding', False))
+
+
 def exact_matches(model: nn.Module, hits: np.ndarray,
                   b: dict[str, np.ndarray], *, tokenizer,
                   max_new_tokens: int) -> list[bool] | None:
@@ -282,9 +292,8 @@ def evaluate_row(row: Row, batches: Sequence[dict[str, np.ndarray]], *,
   check_metric(metric, 'metric')
   check_sampling(sampling)
   n_samples = (sampling or {}).get('n', 0) if metric == 'pass_at_k' else 0
-  from_logits = (metric == 'exact_match' and not exact_match_decode
-                 and not row.aligned
-                 and getattr(tokenizer, 'unique_encoding', False))
+  from_logits = reads_argmaxes(metric, tokenizer, aligned=bool(row.aligned),
+                               decode=exact_match_decode)
   loss_sum = weight = 0.0
   texts: list[str] = []
   matches: list[bool] = []

@@ -680,14 +680,12 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
                          metric=metrics.get(s, 'exact_match'))
             for s in config.eval.splits}
   eval_split = config.eval.during_training_split
+  exact_match_decode = config.eval.get('exact_match_decode', False)
   # The training evals also report the exact match of greedy completions
-  # where it costs nothing: read off their own argmaxes (one tokenizer
-  # that spells each text one way; `evaluation.exact_matches`).
-  dev_exact_match = bool(
-      eval_split and not aligned
-      and metrics.get(eval_split, 'exact_match') == 'exact_match'
-      and not config.eval.get('exact_match_decode', False)
-      and getattr(data.tokenizer, 'unique_encoding', False))
+  # where it costs nothing: read off their own argmaxes, as scoring does.
+  dev_exact_match = bool(eval_split) and evaluation.reads_argmaxes(
+      metrics.get(eval_split, 'exact_match'), data.tokenizer,
+      aligned=bool(aligned), decode=exact_match_decode)
 
   _check_training_data(config, workdir, data, own_data)
 
@@ -788,7 +786,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str,
         mesh=mesh, max_new_tokens=config.eval.max_new_tokens,
         metrics=metrics, sandbox=sandbox,
         sampling=config.eval.get('sampling', None), seed=seed,
-        exact_match_decode=config.eval.get('exact_match_decode', False))
+        exact_match_decode=exact_match_decode)
     own_tokenizer.update(scored.get('own_tokenizer', {}))
     for name, scores in scored['rows'].items():
       per_seed.setdefault(name, []).append(scores)

@@ -71,10 +71,11 @@ def _evaluate(rows, splits, **kw):
   metrics = kw.get('metrics') or {}
   for row in rows:
     tokenizer = row.tokenizer or kw['tokenizer']
-    if row.aligned or not getattr(tokenizer, 'unique_encoding', False):
-      continue  # These rows decode.
     for split, batches in splits.items():
-      if metrics.get(split, 'exact_match') == 'exact_match':
+      # Only where scoring reads the argmaxes; elsewhere it decodes.
+      if evaluation.reads_argmaxes(
+          metrics.get(split, 'exact_match'), tokenizer,
+          aligned=bool(row.aligned), decode=False):
         _compare(row, split, (row.splits or {}).get(split, batches),
                  tokenizer=tokenizer, mesh=kw['mesh'],
                  max_new_tokens=kw['max_new_tokens'])
