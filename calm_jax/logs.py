@@ -162,6 +162,8 @@ def parse_flags(argv: list[str]) -> list[str]:
                  if near else
                  f'{flag}: there is no field {wrong!r} in {where}; its '
                  f'fields are {", ".join(sorted(names))}.')
+    elif unparsable := _first_unparsable(config, argv):
+      message = unparsable
     elif config is None and bad and (
         'Did you mean' in message or 'does not exist' in message):
       message = (f'{bad[0]}: no such field in the config (a mistyped name?);'
@@ -185,6 +187,38 @@ def _config_of(argv: list[str]):
     return module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+# What an override of a field of each type must look like, for the message.
+_EXPECTED = {bool: (flags.BooleanParser(), 'true or false'),
+             int: (flags.IntegerParser(), 'an integer'),
+             float: (flags.FloatParser(), 'a number')}
+
+
+def _first_unparsable(config, argv: list[str]) -> str | None:
+  """The error of the first `--config.FIELD=VALUE` whose VALUE does not
+  parse as FIELD's type (None if all parse): absl's own message names
+  neither."""
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    flag, eq, value = arg.partition('=')
+    if not (flag.startswith('--config.') and eq):
+      continue
+    *parents, leaf = flag[len('--config.'):].split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    kind = node.get_type(leaf)
+    if kind not in _EXPECTED:
+      continue
+    parser, expected = _EXPECTED[kind]
+    try:
+      parser.parse(value)
+    except ValueError:
+      return (f'{flag}={value}: the field is {kind.__name__}; give '
+              f'{expected}, e.g. {flag}={node[leaf]}')
+  return None
 
 
 def _first_unknown(config, dotted: str):

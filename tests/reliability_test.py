@@ -292,6 +292,12 @@ class OneLineErrorsTest(absltest.TestCase):
              '--config.train.zzzz=3'),
         r'^FATAL --config\.train\.zzzz: there is no field .zzzz. in '
         r'--config\.train; its fields are b1, b2, batch_size, .*steps')
+    # A value that is not of the field's type: absl's message names neither.
+    self.assertOneLine(
+        _run('calm_jax.main', smoke, f'--workdir={workdir}',
+             '--config.eval.exact_match_decode=yes'),
+        r'^FATAL --config\.eval\.exact_match_decode=yes: the field is bool; '
+        r'give true or false, e\.g\. --config\.eval\.exact_match_decode=False$')
     self.assertOneLine(
         _run('calm_jax.main', smoke, f'--workdir={workdir}',
              '--config.models.augmenting.kv.pairs=(1,2)'),
