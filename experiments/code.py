@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_pairs_eval=16 if smoke else 256,
       # 0 = every file; smoke reads a deterministic subset.
       max_files=80 if smoke else 0,
+      max_prose_records=1500 if smoke else 0,
       check_doctests=True,
   ))
 

@@ -412,6 +412,16 @@ class SplitsTest(CorpusTestCase):
     self.assertEqual(packed, '\n\n'.join(train))
     self.assertLess(len(out['prose_train']), len(train))  # Packed.
 
+  def test_max_prose_records_subset_before_split(self):
+    records = cc.load_prose(self.config())
+    config = self.config(max_prose_records=len(records) - 1)
+    train, held = cc.split_prose(config)
+    self.assertLen(train + held, len(records) - 1)
+    self.assertContainsSubset(train + held, records)
+    self.assertEqual(cc.split_prose(config), (train, held))  # Deterministic.
+    # Prepared data of another subset has another directory.
+    self.assertNotEqual(config.name, self.config().name)
+
 
 class ConfigTest(CorpusTestCase):
 
@@ -425,6 +435,7 @@ class ConfigTest(CorpusTestCase):
       ('num_code_eval', 'num_code_eval', {'num_code_eval': 0}),
       ('num_pairs_eval', 'num_pairs_eval', {'num_pairs_eval': -1}),
       ('max_files', 'max_files', {'max_files': -1}),
+      ('max_prose_records', 'max_prose_records', {'max_prose_records': -1}),
       ('seed', 'seed', {'seed': -2}),
       ('stdlib_dir', 'stdlib_dir', {'stdlib_dir': '/nonexistent/stdlib'}),
   )

@@ -36,7 +36,7 @@ PROSE_SEPARATOR = '\n\n'
 # Independent random streams: changing one choice leaves the others alone.
 (MAX_FILES_STREAM, FILE_SPLIT_STREAM, PROSE_SPLIT_STREAM, CODE_EVAL_STREAM,
  DOC2CODE_EVAL_STREAM, CODE2DOC_EVAL_STREAM, DOC2CODE_DEV_STREAM,
- CODE2DOC_DEV_STREAM) = range(8)
+ CODE2DOC_DEV_STREAM, PROSE_SUBSET_STREAM) = range(9)
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,6 +60,9 @@ class CodeCorpusConfig(tfds.core.BuilderConfig):
   num_pairs_eval: int = 256
   # If > 0, a deterministic subset of this many files, before splitting.
   max_files: int = 0
+  # If > 0, a deterministic subset of this many prose records, before
+  # splitting (a smoke run needs a few thousand chunks, not all ~29K).
+  max_prose_records: int = 0
   # Keep in doctest_eval only functions whose own body passes its doctests
   # in the sandbox (some depend on the platform or the environment).
   check_doctests: bool = True
@@ -74,7 +77,7 @@ FIELDS = tuple(
     if f.name not in _BASE_FIELDS
 )
 _INT_FIELDS = ('seed', 'max_chars', 'num_code_eval', 'num_pairs_eval',
-               'max_files')
+               'max_files', 'max_prose_records')
 _FRACTION_FIELDS = ('eval_file_fraction', 'compose_file_fraction',
                     'prose_eval_fraction')
 # Smallest max_chars: room for any UTF-8 character and a short line.
@@ -127,6 +130,8 @@ def validate_config(config: CodeCorpusConfig, *,
       fail(field, 'must be >= 1.')
   if config.max_files < 0:
     fail('max_files', 'must be >= 0 (0 = all files).')
+  if config.max_prose_records < 0:
+    fail('max_prose_records', 'must be >= 0 (0 = all records).')
   for field in ('prose_dir', 'stdlib_dir'):
     if not isinstance(getattr(config, field), str):
       fail(field, 'must be a string path.')
@@ -162,6 +167,10 @@ def make_config(**fields: Any) -> CodeCorpusConfig:
   validate_config(config)
   values = config_fields(config)
   version = f'{sys.version_info.major}{sys.version_info.minor}'
+  if not values['max_prose_records']:
+    # Left out at its default: data prepared before the field existed
+    # keeps its name.
+    del values['max_prose_records']
   key = dict(values, resolved_stdlib=os.path.abspath(stdlib_root(config)),
              resolved_prose=os.path.abspath(config.prose_dir), python=version)
   digest = hashlib.sha256(

@@ -10,6 +10,7 @@ import numpy as np
 
 from calm_jax.data.code.base import CodeCorpusConfig
 from calm_jax.data.code.base import PROSE_SPLIT_STREAM
+from calm_jax.data.code.base import PROSE_SUBSET_STREAM
 from calm_jax.data.code.base import validate_config
 from calm_jax.data.code.texts import make_example
 from calm_jax.data.code.texts import pack_records
@@ -98,6 +99,11 @@ def split_prose(config: CodeCorpusConfig, records: Sequence[str] | None = None
   """(train, eval) prose records, each in original order."""
   if records is None:
     records = load_prose(config)
+  if config.max_prose_records and len(records) > config.max_prose_records:
+    rng = np.random.default_rng([config.seed, PROSE_SUBSET_STREAM])
+    keep = np.sort(rng.choice(len(records), config.max_prose_records,
+                              replace=False))
+    records = [records[i] for i in keep]
   n = len(records)
   n_eval = min(n - 1, max(1, int(round(config.prose_eval_fraction * n))))
   rng = np.random.default_rng([config.seed, PROSE_SPLIT_STREAM])
