@@ -26,6 +26,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from calm_jax import paths
 from calm_jax.models import transformer
@@ -258,7 +259,13 @@ class RunCheckpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(1, save_every),
+            max_to_keep=keep,
+            # Every `save_every` steps and at preemption; not Orbax's
+            # default save at the first step, which holds nothing worth
+            # resuming and costs each run a write (the last step is forced).
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(max(1, save_every)),
+                policies.PreemptionCheckpointingPolicy()]),
             create=True, enable_async_checkpointing=True,
             cleanup_tmp_directories=True),
         item_handlers={'state': pytree_handler(),
