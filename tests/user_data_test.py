@@ -104,8 +104,9 @@ class FilesTest(absltest.TestCase):
         ('{"question": "x", "answer": "y"}',
          r"bad\.jsonl:1 has neither 'text' nor 'prompt' and 'completion' "
          r"\(its fields: \['answer', 'question'\]\); set data\.text_key"),
-        ('{"text": 3}', r"field 'text' is a int, not a string"),
-        ('[1, 2]', r'bad\.jsonl:1 is a JSON list, not an object'),
+        ('{"text": 3}', r"field 'text' is of type int, not a string"),
+        ('[1, 2]', r'bad\.jsonl:1 is a JSON value of type list, not an object'),
+        ('', r'bad\.jsonl holds no examples; give files with at least one'),
     ]
     for line, pattern in cases:
       with self.subTest(line):

@@ -161,7 +161,7 @@ def _example(record: dict[str, Any], config: UserFilesConfig, origin: str,
     if isinstance(value, bytes):
       value = value.decode('utf-8')
     if not isinstance(value, str):
-      raise ValueError(f'{field}: {origin}: field {key!r} is a '
+      raise ValueError(f'{field}: {origin}: field {key!r} is of type '
                        f'{type(value).__name__}, not a string; fix the '
                        'data or set data.text_key / prompt_key / '
                        'completion_key to a string field.')
@@ -205,11 +205,13 @@ def read_files(config: UserFilesConfig, files: Sequence[str], field: str
           raise ValueError(f'{field}: {origin} is not a JSON object ({e}); '
                            'each line of a JSONL file holds one.') from e
         if not isinstance(record, dict):
-          raise ValueError(f'{field}: {origin} is a JSON '
+          raise ValueError(f'{field}: {origin} is a JSON value of type '
                            f'{type(record).__name__}, not an object.')
         out.append(_example(record, config, origin, field))
   if not out:
-    raise ValueError(f'{field}: {", ".join(files)} hold no examples.')
+    raise ValueError(f'{field}: {", ".join(files)} '
+                     f'{"holds" if len(files) == 1 else "hold"} no examples; '
+                     'give files with at least one line each.')
   return out
 
 
