@@ -21,6 +21,7 @@ fingerprints match.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -165,12 +166,31 @@ def find(path: str) -> str | None:
   return None
 
 
+def runs_below(path: str, limit: int = 6) -> list[str]:
+  """Run directories under `path` (a workdir or a row's directory), at most
+  `limit`, sorted: where a user who gave the directory above one meant to
+  point."""
+  path = os.path.abspath(os.fspath(path))
+  found = []
+  for pattern in ('*', os.path.join('*', '*'), os.path.join('runs', '*', '*')):
+    found += [os.path.dirname(f) for f in glob.glob(
+        os.path.join(path, pattern, FILE))]
+  return sorted(set(found))[:limit]
+
+
+def not_found(path: str) -> str:
+  """Why `path` is no run directory, and which ones lie below it."""
+  below = runs_below(path)
+  hint = (f'the runs below it: {", ".join(below)}' if below else
+          'give a run directory, e.g. WORKDIR/runs/calm/seed_0')
+  return f'{path!r} holds no {FILE}; {hint}.'
+
+
 def read(path: str) -> dict[str, Any]:
   """The parsed composition file of a run directory."""
   file = find(path)
   if file is None:
-    raise ValueError(f'{path!r} holds no {FILE}; give a run directory, '
-                     'e.g. WORKDIR/runs/calm/seed_0.')
+    raise ValueError(not_found(path))
   try:
     info = json.loads(epath.Path(file).read_text())
   except ValueError as e:

@@ -115,6 +115,9 @@ def _model_tokenizer(path: str):
 
 def _legacy(augmenting: dict[str, str]):
   """A checkpoints folder of a run that predates composition.json."""
+  if compositions.runs_below(_COMPOSITION.value):
+    raise ValueError(
+        f'--composition: {compositions.not_found(_COMPOSITION.value)}')
   if not _ANCHOR.value:
     raise ValueError(
         f'--composition: {_COMPOSITION.value} holds no {compositions.FILE} '

@@ -9,6 +9,7 @@ the public API, and the refusals that come before any compute.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,12 @@ class ComposeTest(absltest.TestCase):
     self.assertEqual(info['augmenting'][0]['name'], 'aug')
     self.assertEqual(info['augmenting'][0]['pairs'], [[3, 3]])
     self.assertEqual(info['tokenizer']['fingerprint'], tok.fingerprint)
+    # The workdir or the row's directory instead of a run: the runs below.
+    for above in (workdir, os.path.dirname(run)):
+      with self.assertRaisesRegex(
+          ValueError, r"holds no composition\.json; the runs below it: "
+          + re.escape(run) + r'\.$'):
+        calm_jax.load_composition(above)
     # ... so generate needs no other flag, and decodes what the trained
     # model decodes in process.
     prompt = 'reverse: red cat =>'
