@@ -149,6 +149,15 @@ def parse_flags(argv: list[str]) -> list[str]:
       # its last line is the error itself.
       last = [l for l in message.splitlines() if l.strip()][-1]
       message = re.sub(r'^\w+(Error|Exception): ', '', last.strip())
+    plain = re.match(r'flag (--(?!config[.=])[^:]*): ', str(e))
+    if isinstance(e, flags.IllegalFlagValueError) and plain:
+      # A plain flag's bad value: absl's own line names the flag (its
+      # cause, above, does not).
+      why = (str(cause.args[0]) if cause is not None and cause.args
+             else str(e)[plain.end():])
+      if 'boolean' in why:
+        why += '; give true or false'
+      message = f'{plain.group(1)}: {why}'
     bad = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
     config = _config_of(argv)
     unknown = [(f, w) for f in bad

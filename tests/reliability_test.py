@@ -269,6 +269,30 @@ class HistoryTest(absltest.TestCase):
     self.assertEqual(seen, [1, 2, 3])  # Not only once at the end.
 
 
+class FlagValueTest(absltest.TestCase):
+  """A plain flag's bad value is one line that names the flag."""
+
+  def test_the_flag_and_its_value(self):
+    script = ('from absl import app, flags\n'
+              'from calm_jax import logs\n'
+              "flags.DEFINE_integer('workers', 2, 'x', lower_bound=1)\n"
+              "flags.DEFINE_boolean('dry_run', False, 'x')\n"
+              'app.run(lambda argv: None, flags_parser=logs.parse_flags)\n')
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop('CALM_TRACEBACK', None)
+    for flag, pattern in (
+        ('--workers=0', r'^FATAL --workers=0: 0 is not a positive integer$'),
+        ('--workers=two', r"^FATAL --workers=two: invalid literal for int"),
+        ('--dry_run=yes', r'^FATAL --dry_run=yes: Non-boolean argument to '
+         r'boolean flag; give true or false$')):
+      with self.subTest(flag):
+        proc = subprocess.run([sys.executable, '-c', script, flag], env=env,
+                              capture_output=True, text=True, timeout=60,
+                              check=False)
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertRegex(proc.stderr.strip(), pattern)
+
+
 class OneLineErrorsTest(absltest.TestCase):
 
   def assertOneLine(self, proc, pattern):
