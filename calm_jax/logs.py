@@ -164,13 +164,19 @@ def parse_flags(argv: list[str]) -> list[str]:
                for w in [_first_unknown(config, f[len('--config.'):])] if w]
     if unknown:
       flag, (path, wrong, names) = unknown[0]
-      near = difflib.get_close_matches(wrong, names, n=3, cutoff=0.5)
       where = f'--config.{path}' if path else '--config'
-      message = (f'{flag}: there is no field {wrong!r} in {where}; did you '
-                 'mean ' + ' or '.join(f'{where}.{n}' for n in near) + '?'
-                 if near else
-                 f'{flag}: there is no field {wrong!r} in {where}; its '
-                 f'fields are {", ".join(sorted(names))}.')
+      near = difflib.get_close_matches(wrong, names or [], n=3, cutoff=0.5)
+      if names is None:  # `path` is a value, not a group of fields.
+        value = _field(config, path)
+        message = (f'{flag}: {where} is a value of type '
+                   f'{type(value).__name__}, not a group of fields; set it '
+                   f'whole, e.g. {where}={value!r}.')
+      else:
+        message = (f'{flag}: there is no field {wrong!r} in {where}; did you '
+                   'mean ' + ' or '.join(f'{where}.{n}' for n in near) + '?'
+                   if near else
+                   f'{flag}: there is no field {wrong!r} in {where}; its '
+                   f'fields are {", ".join(sorted(names))}.')
     elif unparsable := _first_unparsable(config, argv):
       message = unparsable
     elif config is None and bad and (
@@ -215,10 +221,13 @@ def _first_unparsable(config, argv: list[str]) -> str | None:
     if not (flag.startswith('--config.') and eq):
       continue
     *parents, leaf = flag[len('--config.'):].split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    kind = node.get_type(leaf)
+    try:
+      node = config
+      for name in parents:
+        node = node[name]
+      kind = node.get_type(leaf)
+    except (AttributeError, KeyError, TypeError):
+      continue  # Not a field: reported as such, or not ours to explain.
     if kind not in _EXPECTED:
       continue
     parser, expected = _EXPECTED[kind]
@@ -232,13 +241,23 @@ def _first_unparsable(config, argv: list[str]) -> str | None:
 
 def _first_unknown(config, dotted: str):
   """(path so far, the first name that is no field, the fields there), or
-  None when every name of `dotted` exists in `config`."""
+  None when every name of `dotted` exists in `config`. The fields are None
+  where the path so far is a value (`rows.x`: a tuple has no fields)."""
   node, seen = config, []
   if node is None:
     return None
   for name in dotted.split('.'):
-    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if not hasattr(node, 'keys'):
+      return '.'.join(seen), name, None
+    keys = list(node.keys())
     if name not in keys:
       return ('.'.join(seen), name, keys) if keys else None
     node, seen = node[name], seen + [name]
   return None
+
+
+def _field(config, dotted: str):
+  """The value at `dotted` in `config`."""
+  for name in dotted.split('.'):
+    config = config[name]
+  return config

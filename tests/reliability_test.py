@@ -316,6 +316,13 @@ class OneLineErrorsTest(absltest.TestCase):
              '--config.train.zzzz=3'),
         r'^FATAL --config\.train\.zzzz: there is no field .zzzz. in '
         r'--config\.train; its fields are b1, b2, batch_size, .*steps')
+    # A field below a value: there are none.
+    self.assertOneLine(
+        _run('calm_jax.main', smoke, f'--workdir={workdir}',
+             '--config.train.steps.x=3'),
+        r'^FATAL --config\.train\.steps\.x: --config\.train\.steps is a '
+        r'value of type int, not a group of fields; set it whole, e\.g\. '
+        r'--config\.train\.steps=40\.$')
     # A value that is not of the field's type: absl's message names neither.
     self.assertOneLine(
         _run('calm_jax.main', smoke, f'--workdir={workdir}',
