@@ -172,4 +172,4 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
       path) else None
   if record:
     return tokenizers.get_tokenizer(record['spec'])
-  return tokenizers.get_tokenizer(path)
+  return tokenizers.get_tokenizer(path, field='path')
