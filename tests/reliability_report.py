@@ -34,6 +34,7 @@ AREAS = {
         'tests/reliability_test.py::HistoryTest'),
     'bad input: one FATAL line': (
         'tests/reliability_test.py::OneLineErrorsTest',
+        'tests/reliability_test.py::FlagValueTest',
         'tests/reliability_test.py::DiskErrorsTest',
         'tests/config_test.py::ValidateTest'),
 }
