@@ -131,7 +131,7 @@ def compose(anchor: ModelLike,
   model = composition_lib.ComposedLM(
       anchor_cfg, tuple(augs), prompt_only=prompt_only,
       bridge=composition_lib.BridgeConfig.make(bridge, cross_heads, options,
-                                               'bridge'),
+                                               'options', 'bridge'),
       align='chars' if align == 'chars' else 'none')
 
   def init(rng):

@@ -174,6 +174,13 @@ class ComposeTest(absltest.TestCase):
                      tokenizers.get_tokenizer(self.tok).fingerprint)
     with self.assertRaisesRegex(ValueError, 'must be \\(model, pairs\\)'):
       calm_jax.compose(self.anchor, {'aug': self.aug})
+    # Errors name the API's own arguments, not the config's fields.
+    for kw, pattern in ((dict(bridge='nope'), r"^bridge='nope' is not a "),
+                        (dict(cross_heads=-1), r'^cross_heads=-1 must be'),
+                        (dict(bridge='ours', recency_bias='x'),
+                         r"^options\.recency_bias='x' must be a bool")):
+      with self.assertRaisesRegex(ValueError, pattern):
+        calm_jax.compose(self.anchor, {'aug': (self.aug, 4)}, **kw)
 
   def test_refused_before_any_compute(self):
     root = tempfile.mkdtemp()

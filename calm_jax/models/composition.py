@@ -138,9 +138,12 @@ def bridge_class(name: str, field: str = 'composition.bridge') -> type:
   return getattr(importlib.import_module(module), cls)
 
 
-def bridge_defaults(name: str) -> dict[str, Any]:
-  """The options of bridge `name` with their defaults ({} for 'paper')."""
-  return {f.name: f.default for f in dataclasses.fields(bridge_class(name))
+def bridge_defaults(name: str, field: str = 'composition.bridge'
+                    ) -> dict[str, Any]:
+  """The options of bridge `name` with their defaults ({} for 'paper');
+  an unknown name is an error naming `field`."""
+  return {f.name: f.default
+          for f in dataclasses.fields(bridge_class(name, field))
           if f.name not in _BASE_FIELDS}
 
 
@@ -154,9 +157,11 @@ class BridgeConfig:
   @classmethod
   def make(cls, name: str = 'paper', cross_heads: int = 0,
            options: Mapping[str, Any] | None = None,
-           field: str = 'composition') -> 'BridgeConfig':
-    """A validated config; errors name `field`.<option>."""
-    defaults = bridge_defaults(name)
+           field: str = 'composition',
+           name_field: str = 'composition.bridge') -> 'BridgeConfig':
+    """A validated config; errors name `field`.<option>, or `name_field`
+    for an unknown bridge."""
+    defaults = bridge_defaults(name, name_field)
     options = dict(options or {})
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -171,8 +176,11 @@ class BridgeConfig:
                          f'{want.__name__}, like its default '
                          f'{defaults[key]!r}.')
     if not isinstance(cross_heads, int) or cross_heads < 0:
-      raise ValueError(f'{field}.cross_heads={cross_heads!r} must be an int '
-                       ">= 0 (0: the anchor's head count).")
+      # A sibling of the bridge's name: composition.cross_heads.
+      where = name_field.rpartition('.')[0]
+      raise ValueError(f'{where + "." if where else ""}cross_heads='
+                       f"{cross_heads!r} must be an int >= 0 (0: the "
+                       "anchor's head count).")
     check = getattr(bridge_class(name), 'check_options', None)
     if check is not None:
       check({**defaults, **options}, field)
