@@ -165,13 +165,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     if unknown:
       flag, (path, wrong, names) = unknown[0]
       where = f'--config.{path}' if path else '--config'
-      near = difflib.get_close_matches(wrong, names or [], n=3, cutoff=0.5)
       if names is None:  # `path` is a value, not a group of fields.
-        value = _field(config, path)
+        value = _field(config, path.split('.'))
         message = (f'{flag}: {where} is a value of type '
                    f'{type(value).__name__}, not a group of fields; set it '
                    f'whole, e.g. {where}={value!r}.')
       else:
+        near = difflib.get_close_matches(wrong, names, n=3, cutoff=0.5)
         message = (f'{flag}: there is no field {wrong!r} in {where}; did you '
                    'mean ' + ' or '.join(f'{where}.{n}' for n in near) + '?'
                    if near else
@@ -222,9 +222,7 @@ def _first_unparsable(config, argv: list[str]) -> str | None:
       continue
     *parents, leaf = flag[len('--config.'):].split('.')
     try:
-      node = config
-      for name in parents:
-        node = node[name]
+      node = _field(config, parents)
       kind = node.get_type(leaf)
     except (AttributeError, KeyError, TypeError):
       continue  # Not a field: reported as such, or not ours to explain.
@@ -256,8 +254,8 @@ def _first_unknown(config, dotted: str):
   return None
 
 
-def _field(config, dotted: str):
-  """The value at `dotted` in `config`."""
-  for name in dotted.split('.'):
+def _field(config, names: list[str]):
+  """The value at the path `names` in `config` (`config` itself at [])."""
+  for name in names:
     config = config[name]
   return config
